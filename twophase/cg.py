@@ -1,0 +1,536 @@
+"""Nonlinear conjugate gradient as an optax transformation.
+
+Direction rules (the "beta" formulas) are small pure functions sharing one
+signature, :class:`BetaFn`, written in the inner product of a diagonal
+preconditioner ``P`` (``z = P * g`` is the preconditioned gradient, ``P = 1``
+without preconditioning). The search direction is ``d_k = -z_k + beta_k d_{k-1}``.
+
+References:
+  * Fletcher & Reeves (1964), Polak & Ribiere (1969), Hestenes & Stiefel (1952),
+    Dai & Yuan (1999), Hager & Zhang (2005, "CG_DESCENT"); Hager & Zhang (2006),
+    "A survey of nonlinear conjugate gradient methods".
+  * Powell (1977), restart when successive gradients are far from orthogonal.
+  * Nocedal & Wright, *Numerical Optimization* (2006), chapter 5.2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+import optax.tree
+from jax import lax
+
+from twophase import linesearch as _ls
+from twophase.objectives import as_value_and_grad
+
+__all__ = [
+    "BETA_RULES",
+    "BetaFn",
+    "NonlinearCGState",
+    "dai_yuan",
+    "fletcher_reeves",
+    "hager_zhang",
+    "hestenes_stiefel",
+    "nonlinear_cg",
+    "polak_ribiere",
+]
+
+PyTree = Any
+
+
+class BetaFn(Protocol):
+    """Signature of a CG direction rule.
+
+    Args:
+      grad: gradient ``g_k`` at the current point (pytree).
+      grad_prev: gradient ``g_{k-1}`` at the previous point (pytree).
+      direction_prev: previous search direction ``d_{k-1}`` (pytree).
+      precond_grad: ``z_k = P * g_k`` (pytree; equals ``grad`` without
+        preconditioning).
+      precond_grad_prev: ``z_{k-1} = P * g_{k-1}`` (pytree).
+
+    Returns:
+      ``beta_k``, a scalar of the trees' floating dtype. A non-finite value makes
+      the caller restart with steepest descent.
+    """
+
+    def __call__(
+        self,
+        grad: PyTree,
+        grad_prev: PyTree,
+        direction_prev: PyTree,
+        precond_grad: PyTree,
+        precond_grad_prev: PyTree,
+    ) -> jax.Array: ...
+
+
+def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """``numerator / denominator``, or 0 (a steepest-descent restart) when the
+    denominator is too small to trust in its dtype."""
+    dtype = jnp.result_type(numerator, denominator)
+    tiny = jnp.finfo(dtype).tiny / jnp.finfo(dtype).eps
+    ok = jnp.abs(denominator) > tiny
+    return jnp.where(ok, numerator / jnp.where(ok, denominator, 1), 0).astype(dtype)
+
+
+def fletcher_reeves(grad, grad_prev, direction_prev, precond_grad, precond_grad_prev):
+    """Fletcher-Reeves (1964): ``beta = <g_k, z_k> / <g_{k-1}, z_{k-1}>``."""
+    del direction_prev
+    return _safe_divide(
+        optax.tree.vdot(grad, precond_grad), optax.tree.vdot(grad_prev, precond_grad_prev)
+    )
+
+
+def polak_ribiere(grad, grad_prev, direction_prev, precond_grad, precond_grad_prev):
+    """Polak-Ribiere-Polyak with Powell's non-negativity (PR+, Gilbert & Nocedal 1992).
+
+    ``beta = max(0, <z_k, g_k - g_{k-1}> / <g_{k-1}, z_{k-1}>)``.
+    """
+    del direction_prev
+    y = optax.tree.sub(grad, grad_prev)
+    beta = _safe_divide(
+        optax.tree.vdot(precond_grad, y), optax.tree.vdot(grad_prev, precond_grad_prev)
+    )
+    return jnp.maximum(beta, 0)
+
+
+def hestenes_stiefel(grad, grad_prev, direction_prev, precond_grad, precond_grad_prev):
+    """Hestenes-Stiefel (1952): ``beta = <z_k, y> / <d_{k-1}, y>``, ``y = g_k - g_{k-1}``."""
+    del precond_grad_prev
+    y = optax.tree.sub(grad, grad_prev)
+    return _safe_divide(optax.tree.vdot(precond_grad, y), optax.tree.vdot(direction_prev, y))
+
+
+def dai_yuan(grad, grad_prev, direction_prev, precond_grad, precond_grad_prev):
+    """Dai-Yuan (1999): ``beta = <g_k, z_k> / <d_{k-1}, y>``, ``y = g_k - g_{k-1}``."""
+    del precond_grad_prev
+    y = optax.tree.sub(grad, grad_prev)
+    return _safe_divide(optax.tree.vdot(grad, precond_grad), optax.tree.vdot(direction_prev, y))
+
+
+def hager_zhang(grad, grad_prev, direction_prev, precond_grad, precond_grad_prev):
+    """Hager-Zhang CG_DESCENT (2005), preconditioned as in Hager & Zhang (2013).
+
+    With ``y = g_k - g_{k-1}``, ``Py = z_k - z_{k-1}`` and ``dy = <d_{k-1}, y>``::
+
+        beta_N = <y, z_k> / dy - 2 <y, Py> <d_{k-1}, g_k> / dy**2
+        beta   = max(beta_N, -1 / (||d_{k-1}|| * min(0.01, ||g_{k-1}||)))
+
+    the lower bound that gives global convergence without restarts.
+    """
+    y = optax.tree.sub(grad, grad_prev)
+    precond_y = optax.tree.sub(precond_grad, precond_grad_prev)
+    dy = optax.tree.vdot(direction_prev, y)
+    beta_n = _safe_divide(optax.tree.vdot(y, precond_grad), dy) - 2 * _safe_divide(
+        optax.tree.vdot(y, precond_y) * optax.tree.vdot(direction_prev, grad), dy * dy
+    )
+    # Euclidean norms, as in Hager & Zhang (2005); the bound is a safeguard only.
+    g_prev_norm = jnp.sqrt(optax.tree.vdot(grad_prev, grad_prev))
+    d_norm = jnp.sqrt(optax.tree.vdot(direction_prev, direction_prev))
+    eta = _safe_divide(jnp.asarray(-1.0, beta_n.dtype), d_norm * jnp.minimum(0.01, g_prev_norm))
+    return jnp.where(eta < 0, jnp.maximum(beta_n, eta), beta_n)
+
+
+BETA_RULES: dict[str, BetaFn] = {
+    "fletcher_reeves": fletcher_reeves,
+    "polak_ribiere": polak_ribiere,
+    "hestenes_stiefel": hestenes_stiefel,
+    "dai_yuan": dai_yuan,
+    "hager_zhang": hager_zhang,
+}
+
+_LINESEARCHES: dict[str, Callable[[], _ls.LineSearch]] = {
+    "wolfe": _ls.wolfe_linesearch,
+    "golden": _ls.golden_section_linesearch,
+}
+
+
+class NonlinearCGState(NamedTuple):
+    """State of :func:`nonlinear_cg`.
+
+    Parameter-sized buffers: ``grad``, ``grad_prev`` and ``direction`` (three),
+    plus ``preconditioner`` when a stored diagonal preconditioner is used (four).
+    They are kept in the CG arithmetic dtype: float32 for parameters of lower
+    precision (bfloat16, float16), the parameters' dtype otherwise.
+
+    Attributes:
+      value: objective at the current parameters, scalar; ``+inf`` until the
+        first evaluation. Read by ``optax.value_and_grad_from_state``.
+      grad: gradient at the current parameters (pytree like the parameters).
+      grad_prev: gradient at the previous iterate.
+      direction: previous search direction ``d_{k-1}``.
+      value_prev: objective at the previous iterate, scalar.
+      slope_prev: ``<g_{k-1}, d_{k-1}>``, scalar.
+      step: last accepted step size, scalar.
+      preconditioner: diagonal preconditioner ``P`` (positive, pytree like the
+        parameters) when stored in the state, else ``None``.
+      restart_next: bool scalar; the next direction is steepest descent.
+      since_restart: int32 iterations since the last steepest-descent step.
+      cg_iterations: int32 line searches performed (successful or not).
+      value_and_grad_evals: int32 evaluations of the objective with its gradient.
+      restarts: int32 steepest-descent restarts after the first iteration.
+      linesearch_failures: int32 line searches that found no decrease.
+      consecutive_failures: int32 current run of such failures (0 after a success).
+      nonfinite_events: int32 calls where the objective or gradient at the current
+        point was not finite (no step was taken).
+    """
+
+    value: jax.Array
+    grad: PyTree
+    grad_prev: PyTree
+    direction: PyTree
+    value_prev: jax.Array
+    slope_prev: jax.Array
+    step: jax.Array
+    preconditioner: PyTree
+    restart_next: jax.Array
+    since_restart: jax.Array
+    cg_iterations: jax.Array
+    value_and_grad_evals: jax.Array
+    restarts: jax.Array
+    linesearch_failures: jax.Array
+    consecutive_failures: jax.Array
+    nonfinite_events: jax.Array
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """Dtype of the CG arithmetic for parameters of ``dtype``: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _scalar_dtype(params) -> jnp.dtype:
+    leaves = [x for x in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not leaves:
+        return jnp.dtype(jnp.float32)
+    return compute_dtype(jnp.result_type(*leaves))
+
+
+def _to_compute(tree):
+    return jax.tree.map(lambda x: jnp.asarray(x, compute_dtype(jnp.result_type(x))), tree)
+
+
+def _resolve_beta(beta) -> BetaFn:
+    if callable(beta):
+        return beta
+    if isinstance(beta, str) and beta in BETA_RULES:
+        return BETA_RULES[beta]
+    raise ValueError(f"`beta` must be one of {sorted(BETA_RULES)} or a callable, got {beta!r}.")
+
+
+def _resolve_linesearch(linesearch) -> _ls.LineSearch:
+    if isinstance(linesearch, _ls.LineSearch):
+        return linesearch
+    if isinstance(linesearch, str) and linesearch in _LINESEARCHES:
+        return _LINESEARCHES[linesearch]()
+    raise ValueError(
+        f"`linesearch` must be one of {sorted(_LINESEARCHES)} or a twophase.LineSearch, "
+        f"got {linesearch!r}."
+    )
+
+
+_INITIAL_STEP_RULES = ("slope", "quadratic", "max")
+
+
+def nonlinear_cg(
+    beta: str | BetaFn = "hager_zhang",
+    linesearch: str | _ls.LineSearch = "wolfe",
+    *,
+    restart_threshold: float | None = 0.2,
+    restart_every: int | None = None,
+    preconditioner: PyTree | Callable[[PyTree, NonlinearCGState], PyTree] | str | None = None,
+    initial_step: str = "max",
+    grad_tol: float = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+    """Full-batch nonlinear conjugate gradient with a line search.
+
+    Each ``update`` call performs one CG iteration: a new direction
+    ``d_k = -z_k + beta_k d_{k-1}`` (``z = P g``), a line search along it, and
+    the returned update ``step * d_k`` to add with :func:`optax.apply_updates`.
+
+    The transformation evaluates the objective itself: call
+    ``update(updates, state, params, value_fn=f)`` where ``f(params)`` returns
+    the full (full-batch) objective as a scalar. The incoming ``updates`` are
+    ignored (pass the gradient, zeros or ``params``; they only set nothing).
+
+    **Contract (no wasted evaluations).** The value and gradient at the point the
+    line search accepted are stored in the state and reused by the next call,
+    which therefore assumes that the parameters were advanced by *exactly* the
+    returned update (``optax.apply_updates(params, updates)``), and that the
+    objective did not change. Chaining a transformation *after* this one that
+    alters the update (weight decay, clipping) breaks the contract; place such
+    transformations before it or inside ``value_fn``. To change the objective
+    or the parameters otherwise, re-``init`` the state. The cached value is
+    also readable by ``optax.value_and_grad_from_state``.
+
+    **Restarts** to steepest descent (``d = -z``): on the first iteration, after
+    a failed line search, when Powell's (1977) test
+    ``|<z_k, g_{k-1}>| >= restart_threshold * <z_k, g_k>`` fires, every
+    ``restart_every`` iterations, when ``beta`` is not finite, and whenever the
+    new direction is not a descent direction.
+
+    **First trial step** of the line search (``initial_step``): on the first
+    iteration and after restarts caused by failures, Hager & Zhang's (2006)
+    ``0.01 ||x||_inf / ||d||_inf`` (or ``0.01 |f| / ||g||^2`` at ``x = 0``).
+    Afterwards ``"slope"`` is Nocedal & Wright's (3.60)
+    ``step_{k-1} <g_{k-1}, d_{k-1}> / <g_k, d_k>``, ``"quadratic"`` their
+    ``1.01 * 2 (f_k - f_{k-1}) / <g_k, d_k>`` (as scipy's CG) and ``"max"`` the
+    larger of the two.
+
+    Memory: three parameter-sized buffers (four with a stored preconditioner),
+    against about ``2m + 2`` for L-BFGS with memory ``m``; see
+    :class:`NonlinearCGState`.
+
+    Args:
+      beta: direction rule, a name in :data:`BETA_RULES` or a :class:`BetaFn`.
+        Default ``"hager_zhang"`` (fewest evaluations on ``benchmarks/cg_suite.py``).
+      linesearch: ``"wolfe"`` (:func:`twophase.wolfe_linesearch` defaults),
+        ``"golden"`` (the paper's), or a :class:`twophase.LineSearch`.
+      restart_threshold: Powell's restart constant in ``(0, 1]``; ``None`` disables.
+      restart_every: restart every this many iterations (e.g. the number of
+        parameters); ``None`` disables.
+      preconditioner: ``None``; a pytree of positive scales ``P`` like the
+        parameters (an approximate inverse Hessian diagonal), stored in the state;
+        ``"state"`` to store ones, meant to be replaced later with
+        :func:`twophase.set_preconditioner` (how ``two_phase`` hands over Adam's
+        second moments); or a callable ``(params, state) -> P`` evaluated every
+        iteration.
+      initial_step: ``"max"``, ``"slope"`` or ``"quadratic"`` (see above).
+      grad_tol: "zero" gradient norm (the paper's CG parameter): while
+        ``||g||_2 <= grad_tol`` no line search is made and the update is zero.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Raises:
+      ValueError: an unknown ``beta``, ``linesearch`` or ``initial_step``, a
+        ``restart_threshold`` outside ``(0, 1]``, ``restart_every < 1`` or a
+        negative ``grad_tol`` (at construction).
+      TypeError: ``update`` called without ``value_fn``.
+    """
+    beta_fn = _resolve_beta(beta)
+    search = _resolve_linesearch(linesearch)
+    if restart_threshold is not None and not (
+        isinstance(restart_threshold, (int, float)) and 0 < restart_threshold <= 1
+    ):
+        raise ValueError(f"`restart_threshold` must be in (0, 1] or None, got {restart_threshold!r}.")
+    if restart_every is not None and (
+        not isinstance(restart_every, int) or isinstance(restart_every, bool) or restart_every < 1
+    ):
+        raise ValueError(f"`restart_every` must be a positive int or None, got {restart_every!r}.")
+    if initial_step not in _INITIAL_STEP_RULES:
+        raise ValueError(
+            f"`initial_step` must be one of {list(_INITIAL_STEP_RULES)}, got {initial_step!r}."
+        )
+    if not (isinstance(grad_tol, (int, float)) and grad_tol >= 0):
+        raise ValueError(f"`grad_tol` must be a non-negative number, got {grad_tol!r}.")
+    stored_preconditioner = preconditioner is not None and not callable(preconditioner)
+    if isinstance(preconditioner, str) and preconditioner != "state":
+        raise ValueError(
+            f"`preconditioner` must be None, 'state', a pytree or a callable, got {preconditioner!r}."
+        )
+
+    def init_fn(params):
+        dtype = _scalar_dtype(params)
+        zeros = _to_compute(optax.tree.zeros_like(params))
+        if not stored_preconditioner:
+            stored = None
+        elif isinstance(preconditioner, str):
+            stored = _to_compute(optax.tree.ones_like(params))
+        else:
+            stored = jax.tree.map(
+                lambda p, x: jnp.broadcast_to(jnp.asarray(p, compute_dtype(x.dtype)), x.shape),
+                preconditioner,
+                params,
+            )
+        int_zero = jnp.zeros([], jnp.int32)
+        return NonlinearCGState(
+            value=jnp.asarray(jnp.inf, dtype),
+            grad=zeros,
+            grad_prev=zeros,
+            direction=zeros,
+            value_prev=jnp.asarray(jnp.inf, dtype),
+            slope_prev=jnp.zeros([], dtype),
+            step=jnp.zeros([], dtype),
+            preconditioner=stored,
+            restart_next=jnp.asarray(True),
+            since_restart=int_zero,
+            cg_iterations=int_zero,
+            value_and_grad_evals=int_zero,
+            restarts=int_zero,
+            linesearch_failures=int_zero,
+            consecutive_failures=int_zero,
+            nonfinite_events=int_zero,
+        )
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        del updates, extra_args
+        if value_fn is None:
+            raise TypeError(
+                "nonlinear_cg.update requires the keyword argument `value_fn` "
+                "(params -> full-batch objective, a scalar)."
+            )
+        if params is None:
+            raise TypeError("nonlinear_cg.update requires `params`.")
+        dtype = state.value.dtype
+        value_and_grad = as_value_and_grad(value_fn, params)
+
+        def evaluate_here(_):
+            value, grad = value_and_grad(params)
+            return value.astype(dtype), _to_compute(grad), jnp.ones([], jnp.int32)
+
+        cached = jnp.isfinite(state.value)
+        value, grad, new_evals = lax.cond(
+            cached,
+            lambda _: (state.value, state.grad, jnp.zeros([], jnp.int32)),
+            evaluate_here,
+            None,
+        )
+        evals = state.value_and_grad_evals + new_evals
+
+        if state.preconditioner is not None:
+            scales = state.preconditioner
+        elif callable(preconditioner):
+            scales = _to_compute(preconditioner(params, state))
+        else:
+            scales = None
+
+        def apply_scales(tree):
+            return tree if scales is None else optax.tree.mul(scales, tree)
+
+        grad_sq = optax.tree.vdot(grad, grad).astype(dtype)
+        finite_here = jnp.isfinite(value) & jnp.isfinite(grad_sq)
+        converged = grad_sq <= jnp.asarray(grad_tol, dtype) ** 2
+
+        def step_branch(_):
+            z = apply_scales(grad)
+            z_prev = apply_scales(state.grad_prev)
+            gz = optax.tree.vdot(grad, z).astype(dtype)
+            beta_k = beta_fn(grad, state.grad_prev, state.direction, z, z_prev).astype(dtype)
+            candidate = optax.tree.add_scale(optax.tree.scale(-1.0, z), beta_k, state.direction)
+            candidate = jax.tree.map(lambda c, z_: c.astype(z_.dtype), candidate, z)
+            slope_candidate = optax.tree.vdot(grad, candidate).astype(dtype)
+            restart = state.restart_next | ~jnp.isfinite(beta_k)
+            restart |= ~(slope_candidate < -jnp.finfo(dtype).eps * gz)  # not a descent direction
+            if restart_threshold is not None:
+                overlap = jnp.abs(optax.tree.vdot(z, state.grad_prev)).astype(dtype)
+                restart |= overlap >= restart_threshold * gz
+            if restart_every is not None:
+                restart |= state.since_restart + 1 >= restart_every
+            direction = jax.tree.map(lambda c, z_: jnp.where(restart, -z_, c), candidate, z)
+            slope0 = jnp.where(restart, -gz, slope_candidate)
+
+            # First trial step.
+            x_inf = optax.tree.max(jax.tree.map(jnp.abs, params)) if jax.tree.leaves(params) else 0
+            d_inf = optax.tree.max(jax.tree.map(jnp.abs, direction))
+            fresh = jnp.where(
+                x_inf > 0,
+                0.01 * _safe_ratio(x_inf, d_inf),
+                jnp.where(value != 0, 0.01 * _safe_ratio(jnp.abs(value), gz), 1.0),
+            )
+            by_slope = state.step * _safe_ratio(state.slope_prev, slope0)
+            by_quadratic = 1.01 * 2.0 * _safe_ratio(value - state.value_prev, slope0)
+            warm = {
+                "slope": by_slope,
+                "quadratic": by_quadratic,
+                "max": jnp.maximum(by_slope, by_quadratic),
+            }[initial_step]
+            has_history = (state.cg_iterations > 0) & (state.step > 0)
+            trial = jnp.where(has_history & jnp.isfinite(warm) & (warm > 0), warm, fresh)
+            trial = jnp.where(jnp.isfinite(trial) & (trial > 0), trial, 1.0).astype(dtype)
+
+            def evaluate(step):
+                delta = _scaled_update(step, direction, params)
+                f, g = value_and_grad(optax.apply_updates(params, delta))
+                g = _to_compute(g)
+                return f.astype(dtype), g, optax.tree.vdot(g, direction).astype(dtype)
+
+            result = search.search(evaluate, value, grad, slope0, trial)
+            failed = result.failed
+            delta = _scaled_update(jnp.where(failed, 0, result.step), direction, params)
+            new_state = NonlinearCGState(
+                value=jnp.where(failed, value, result.value),
+                grad=_select(failed, grad, result.grad),
+                grad_prev=grad,
+                direction=direction,
+                value_prev=value,
+                slope_prev=slope0,
+                step=jnp.where(failed, 0, result.step).astype(dtype),
+                preconditioner=state.preconditioner,
+                restart_next=failed,
+                since_restart=jnp.where(restart, 0, state.since_restart + 1),
+                cg_iterations=state.cg_iterations + 1,
+                value_and_grad_evals=evals + result.evaluations,
+                restarts=state.restarts + (restart & (state.cg_iterations > 0)).astype(jnp.int32),
+                linesearch_failures=state.linesearch_failures + failed.astype(jnp.int32),
+                consecutive_failures=jnp.where(failed, state.consecutive_failures + 1, 0),
+                nonfinite_events=state.nonfinite_events,
+            )
+            return delta, new_state
+
+        def hold_branch(_):
+            # Converged, or nothing finite to work with: do not move.
+            delta = optax.tree.zeros_like(params)
+            new_state = state._replace(
+                value=jnp.where(finite_here, value, jnp.inf).astype(dtype),
+                grad=_select(finite_here, grad, state.grad),
+                value_and_grad_evals=evals,
+                nonfinite_events=state.nonfinite_events + (~finite_here).astype(jnp.int32),
+                consecutive_failures=state.consecutive_failures + (~finite_here).astype(jnp.int32),
+                restart_next=state.restart_next | ~finite_here,
+            )
+            return delta, new_state
+
+        delta, new_state = lax.cond(finite_here & ~converged, step_branch, hold_branch, None)
+        # A NaN never reaches the parameters.
+        delta = _zero_if_nonfinite(delta)
+        return delta, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _safe_ratio(numerator, denominator):
+    return _safe_divide(jnp.asarray(numerator), jnp.asarray(denominator))
+
+
+def _select(condition, on_true, on_false):
+    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), on_true, on_false)
+
+
+def _scaled_update(step, direction, params):
+    """``step * direction`` cast leafwise to the parameters' dtypes: the exact
+    update returned, and the one the line search evaluates."""
+    return jax.tree.map(lambda d, p: (step * d).astype(jnp.result_type(p)), direction, params)
+
+
+def _zero_if_nonfinite(tree):
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return tree
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    return jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), tree)
+
+
+def set_preconditioner(state: PyTree, scales: PyTree) -> PyTree:
+    """Returns ``state`` with every nested :class:`NonlinearCGState`'s stored
+    preconditioner replaced by ``scales`` (positive, shaped like the parameters)
+    and its next direction reset to steepest descent.
+
+    Requires ``nonlinear_cg(preconditioner="state")`` (or a pytree).
+    """
+
+    def replace(node):
+        if isinstance(node, NonlinearCGState):
+            if node.preconditioner is None:
+                raise ValueError(
+                    "`state` holds a nonlinear_cg state without a stored preconditioner; "
+                    "build it with nonlinear_cg(preconditioner='state')."
+                )
+            new = jax.tree.map(lambda s, old: jnp.asarray(s, old.dtype), scales, node.preconditioner)
+            return node._replace(preconditioner=new, restart_next=jnp.asarray(True))
+        return node
+
+    return jax.tree.map(replace, state, is_leaf=lambda x: isinstance(x, NonlinearCGState))

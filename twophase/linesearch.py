@@ -1,0 +1,459 @@
+"""One-dimensional line searches for nonlinear conjugate gradient.
+
+A line search minimises ``phi(step) = f(x + step * d)`` approximately along a
+descent direction ``d``. Both searches here are written as a single
+``jax.lax.while_loop`` whose body makes exactly one evaluation of the objective
+*with its gradient*, so they run inside ``jit`` with no host callbacks, and the
+value and gradient at the accepted point are returned for reuse by the next
+conjugate-gradient iteration.
+
+* :func:`wolfe_linesearch`: bracketing plus safeguarded cubic interpolation
+  ("zoom"), Nocedal & Wright, *Numerical Optimization* (2006), Algorithms 3.5
+  and 3.6, accepting a point that satisfies the strong Wolfe conditions with a
+  curvature constant fit for CG (default ``c2=0.1``) or Hager & Zhang's
+  (2005) approximate Wolfe conditions.
+* :func:`golden_section_linesearch`: the derivative-free bracketing and golden
+  section search of Press et al., *Numerical Recipes* (1992) section 10.1, as
+  used by the paper this package implements (Hrycej et al., KDIR 2025).
+
+Both are described by a :class:`LineSearch` record and share one calling
+convention, :class:`LineSearchFn`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = [
+    "LineSearch",
+    "LineSearchFn",
+    "LineSearchResult",
+    "golden_section_linesearch",
+    "wolfe_linesearch",
+]
+
+PyTree = Any
+# evaluate(step) -> (value, grad, slope) with slope = <grad, direction>.
+EvaluateFn = Callable[[jax.Array], tuple[jax.Array, PyTree, jax.Array]]
+
+_GOLDEN = 0.5 * (3.0 - math.sqrt(5.0))  # 0.381966..., the golden section fraction
+_GROW = 0.5 * (1.0 + math.sqrt(5.0))  # 1.618..., the golden expansion factor
+
+
+class LineSearchResult(NamedTuple):
+    """Outcome of one line search.
+
+    Attributes:
+      step: accepted step size, a scalar of the search's floating dtype;
+        ``0`` when the search failed to find any decrease.
+      value: objective at the accepted point (``value0`` when ``step == 0``).
+      grad: gradient at the accepted point, a pytree shaped like the
+        parameters (``grad0`` when ``step == 0``).
+      slope: directional derivative ``<grad, direction>`` at the accepted point.
+      evaluations: number of objective-with-gradient evaluations made (int32).
+      failed: bool scalar, ``True`` when no point with a lower objective was
+        found; the caller must then not move.
+      converged: bool scalar, ``True`` when the accepted point satisfies the
+        search's own acceptance test (Wolfe conditions, or the golden section
+        tolerance); ``False`` when the evaluation budget ran out first (the best
+        decreasing point found is then returned).
+    """
+
+    step: jax.Array
+    value: jax.Array
+    grad: PyTree
+    slope: jax.Array
+    evaluations: jax.Array
+    failed: jax.Array
+    converged: jax.Array
+
+
+class LineSearchFn(Protocol):
+    """Calling convention shared by the line searches."""
+
+    def __call__(
+        self,
+        evaluate: EvaluateFn,
+        value0: jax.Array,
+        grad0: PyTree,
+        slope0: jax.Array,
+        initial_step: jax.Array,
+    ) -> LineSearchResult:
+        """Searches along a descent direction.
+
+        Args:
+          evaluate: ``step -> (value, grad, slope)`` at ``x + step * d``; each call
+            is one evaluation of the objective with its gradient.
+          value0: objective at ``step = 0`` (scalar).
+          grad0: gradient at ``step = 0`` (pytree).
+          slope0: ``<grad0, d>``, negative for a descent direction (scalar).
+          initial_step: first trial step, positive scalar.
+
+        Returns:
+          A :class:`LineSearchResult`.
+        """
+
+
+class LineSearch(NamedTuple):
+    """A named line search: ``search`` follows :class:`LineSearchFn`."""
+
+    name: str
+    search: LineSearchFn
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
+
+
+def _check_max_evaluations(max_evaluations: int) -> None:
+    if not isinstance(max_evaluations, int) or isinstance(max_evaluations, bool):
+        raise ValueError(f"`max_evaluations` must be an int, got {max_evaluations!r}.")
+    if max_evaluations < 1:
+        raise ValueError(f"`max_evaluations` must be >= 1, got {max_evaluations}.")
+
+
+def cubic_minimizer(a, fa, sa, b, fb, sb):
+    """Minimiser of the cubic interpolating value and slope at ``a`` and ``b``.
+
+    Nocedal & Wright (2006), equation (3.59). Returns NaN when the cubic has no
+    local minimiser (the caller then falls back to bisection or extrapolation).
+    All arguments are scalars of one floating dtype.
+    """
+    d1 = sa + sb - 3.0 * (fa - fb) / (a - b)
+    radicand = d1 * d1 - sa * sb
+    d2 = jnp.sign(b - a) * jnp.sqrt(radicand)  # NaN when radicand < 0
+    return b - (b - a) * (sb + d2 - d1) / (sb - sa + 2.0 * d2)
+
+
+class _WolfeLoop(NamedTuple):
+    trial: jax.Array  # next step to evaluate
+    lo: jax.Array  # best step so far satisfying sufficient decrease (0 at start)
+    value_lo: jax.Array
+    slope_lo: jax.Array
+    grad_lo: PyTree
+    hi: jax.Array  # other end of the bracket (meaningful when bracketed)
+    value_hi: jax.Array
+    slope_hi: jax.Array
+    bracketed: jax.Array
+    done: jax.Array  # a point satisfying the acceptance test was found
+    evaluations: jax.Array
+
+
+def wolfe_linesearch(
+    *,
+    c1: float = 1e-4,
+    c2: float = 0.1,
+    approximate_wolfe: bool = True,
+    max_evaluations: int = 30,
+    max_growth: float = 10.0,
+) -> LineSearch:
+    """Strong Wolfe line search fit for nonlinear conjugate gradient.
+
+    Bracketing phase: while the trial point decreases the objective sufficiently
+    and the slope is still strongly negative, the step grows by safeguarded cubic
+    extrapolation (at most ``max_growth`` times the last step). Once a bracket
+    containing acceptable points is known, the trial step is the minimiser of the
+    cubic interpolating the bracket's ends, kept at least 10% of the bracket's
+    width away from either end (Nocedal & Wright 2006, Algorithms 3.5-3.6, and
+    More & Thuente 1994 for the safeguards). On a quadratic the second trial is
+    exact.
+
+    A trial step is accepted when the strong Wolfe conditions hold::
+
+        f(step) <= f(0) + c1 * step * f'(0)      (sufficient decrease)
+        |f'(step)| <= c2 * |f'(0)|               (curvature)
+
+    With ``approximate_wolfe`` it is also accepted when the curvature condition
+    holds and ``f(step) <= f(0)``: Hager & Zhang's (2005) observation that near a
+    minimiser the sufficient-decrease test drowns in rounding error while the
+    slope test does not; the objective still never increases.
+
+    CG needs a more exact search than quasi-Newton methods: the default
+    ``c2 = 0.1`` (Nocedal & Wright recommend 0.1 for CG, 0.9 for quasi-Newton).
+
+    Non-finite values at a trial point count as "too far": the step shrinks.
+    When the budget runs out, the best sufficiently decreasing point found so far
+    is returned (``converged=False``); when there is none, ``failed=True`` and
+    ``step=0``.
+
+    Args:
+      c1: sufficient-decrease constant, ``0 < c1 < c2``.
+      c2: curvature constant, ``c1 < c2 < 1``.
+      approximate_wolfe: also accept Hager-Zhang approximate Wolfe points.
+      max_evaluations: evaluations of the objective with its gradient per search.
+      max_growth: largest factor by which the bracketing phase grows the step.
+
+    Returns:
+      A :class:`LineSearch` named ``"wolfe"``.
+    """
+    _check_positive("c1", c1)
+    _check_positive("c2", c2)
+    if not c1 < c2 < 1.0:
+        raise ValueError(f"`c1` and `c2` must satisfy 0 < c1 < c2 < 1, got c1={c1}, c2={c2}.")
+    _check_max_evaluations(max_evaluations)
+    _check_positive("max_growth", max_growth)
+    if max_growth <= 1.0:
+        raise ValueError(f"`max_growth` must be > 1, got {max_growth}.")
+
+    def search(evaluate, value0, grad0, slope0, initial_step):
+        dtype = jnp.result_type(value0)
+        zero = jnp.zeros([], dtype)
+
+        def cond(s: _WolfeLoop):
+            return (~s.done) & (s.evaluations < max_evaluations)
+
+        def body(s: _WolfeLoop):
+            step = s.trial
+            value, grad, slope = evaluate(step)
+            value = value.astype(dtype)
+            slope = slope.astype(dtype)
+            finite = jnp.isfinite(value) & jnp.isfinite(slope)
+            decrease = value <= value0 + c1 * step * slope0
+            flat = jnp.abs(slope) <= c2 * jnp.abs(slope0)
+            accept = finite & flat & (decrease | (approximate_wolfe & (value <= value0)))
+            # Too far: no sufficient decrease, or worse than the best point so far.
+            too_far = (~finite) | (~decrease) | (value >= s.value_lo)
+            # A decreasing point whose slope points back towards `lo` closes the bracket
+            # on the other side: the old `lo` becomes `hi` (Nocedal-Wright Alg. 3.6).
+            turns = (~too_far) & (slope * (step - s.lo) >= 0)
+            new_lo = ~too_far
+            hi = jnp.where(too_far, step, jnp.where(turns, s.lo, s.hi))
+            value_hi = jnp.where(too_far, value, jnp.where(turns, s.value_lo, s.value_hi))
+            slope_hi = jnp.where(too_far, slope, jnp.where(turns, s.slope_lo, s.slope_hi))
+            bracketed = s.bracketed | too_far | turns
+            lo = jnp.where(new_lo, step, s.lo)
+            value_lo = jnp.where(new_lo, value, s.value_lo)
+            slope_lo = jnp.where(new_lo, slope, s.slope_lo)
+            grad_lo = jax.tree.map(lambda g, gl: jnp.where(new_lo, g, gl), grad, s.grad_lo)
+
+            # Next trial when bracketed: safeguarded cubic interpolation.
+            width = hi - lo
+            cubic = cubic_minimizer(lo, value_lo, slope_lo, hi, value_hi, slope_hi)
+            inner_lo = jnp.minimum(lo + 0.1 * width, hi - 0.1 * width)
+            inner_hi = jnp.maximum(lo + 0.1 * width, hi - 0.1 * width)
+            hi_finite = jnp.isfinite(value_hi) & jnp.isfinite(slope_hi)
+            interpolated = jnp.where(
+                jnp.isfinite(cubic) & hi_finite,
+                jnp.clip(cubic, inner_lo, inner_hi),
+                # Non-finite far end: shrink hard towards the known good point.
+                lo + jnp.where(hi_finite, 0.5, 0.2) * width,
+            )
+            # Next trial when not bracketed: extrapolate beyond `step`.
+            reach = step - s.lo
+            extrap = cubic_minimizer(s.lo, s.value_lo, s.slope_lo, step, value, slope)
+            extrapolated = jnp.where(
+                jnp.isfinite(extrap),
+                jnp.clip(extrap, step + 1.1 * reach, step + (max_growth - 1.0) * step),
+                step * max_growth,
+            )
+            extrapolated = jnp.maximum(extrapolated, step * 1.1)
+            trial = jnp.where(bracketed, interpolated, extrapolated)
+            # A bracket narrower than rounding cannot produce a new point.
+            degenerate = bracketed & (jnp.abs(width) <= 10 * jnp.finfo(dtype).eps * jnp.abs(lo))
+            done = accept | degenerate
+            return _WolfeLoop(
+                trial=jnp.where(done, step, trial),
+                lo=jnp.where(accept, step, lo),
+                value_lo=jnp.where(accept, value, value_lo),
+                slope_lo=jnp.where(accept, slope, slope_lo),
+                grad_lo=jax.tree.map(lambda g, gl: jnp.where(accept, g, gl), grad, grad_lo),
+                hi=hi,
+                value_hi=value_hi,
+                slope_hi=slope_hi,
+                bracketed=bracketed,
+                done=done,
+                evaluations=s.evaluations + 1,
+            )
+
+        init = _WolfeLoop(
+            trial=initial_step.astype(dtype),
+            lo=zero,
+            value_lo=value0,
+            slope_lo=slope0.astype(dtype),
+            grad_lo=grad0,
+            hi=zero,
+            value_hi=value0,
+            slope_hi=slope0.astype(dtype),
+            bracketed=jnp.asarray(False),
+            done=jnp.asarray(False),
+            evaluations=jnp.zeros([], jnp.int32),
+        )
+        final = lax.while_loop(cond, body, init)
+        accepted = final.done & (final.lo > 0) & (final.value_lo <= value0)
+        moved = final.lo > 0
+        return LineSearchResult(
+            step=final.lo,
+            value=final.value_lo,
+            grad=final.grad_lo,
+            slope=final.slope_lo,
+            evaluations=final.evaluations,
+            failed=~moved,
+            converged=accepted,
+        )
+
+    return LineSearch("wolfe", search)
+
+
+class _GoldenLoop(NamedTuple):
+    trial: jax.Array
+    a: jax.Array  # left end of the bracket (starts at 0)
+    value_a: jax.Array
+    b: jax.Array  # best point so far (valid when has_b)
+    value_b: jax.Array
+    slope_b: jax.Array
+    grad_b: PyTree
+    c: jax.Array  # right end of the bracket (valid when has_c)
+    value_c: jax.Array
+    has_b: jax.Array
+    has_c: jax.Array
+    done: jax.Array
+    evaluations: jax.Array
+
+
+def golden_section_linesearch(
+    *,
+    tolerance: float = 1e-3,
+    max_evaluations: int = 40,
+) -> LineSearch:
+    """Bracketing and golden section search (Press et al., Numerical Recipes, 10.1).
+
+    The search the paper uses for its CG phase. First a bracket ``a < b < c`` with
+    ``f(b) < f(a)`` and ``f(b) <= f(c)`` is found, starting from ``a = 0`` and the
+    initial step: the step grows by the golden ratio while the objective keeps
+    falling, and shrinks towards 0 by the golden fraction while it does not
+    decrease. Then the larger sub-interval is cut at its golden point until
+    ``c - a <= tolerance * b``. Only objective values steer the search (it
+    ignores slopes); the gradient computed with each value is kept for the
+    accepted point. Non-finite values count as ``+inf``.
+
+    Args:
+      tolerance: relative width of the final bracket, ``0 < tolerance < 1``.
+      max_evaluations: evaluations of the objective with its gradient per search.
+
+    Returns:
+      A :class:`LineSearch` named ``"golden"``.
+    """
+    _check_positive("tolerance", tolerance)
+    if tolerance >= 1.0:
+        raise ValueError(f"`tolerance` must be < 1, got {tolerance}.")
+    _check_max_evaluations(max_evaluations)
+
+    def search(evaluate, value0, grad0, slope0, initial_step):
+        dtype = jnp.result_type(value0)
+        zero = jnp.zeros([], dtype)
+        inf = jnp.asarray(jnp.inf, dtype)
+
+        def cond(s: _GoldenLoop):
+            return (~s.done) & (s.evaluations < max_evaluations)
+
+        def body(s: _GoldenLoop):
+            x = s.trial
+            value, grad, slope = evaluate(x)
+            value = value.astype(dtype)
+            slope = slope.astype(dtype)
+            value = jnp.where(jnp.isfinite(value) & jnp.isfinite(slope), value, inf)
+
+            # Case 1, no point below f(0) yet: x becomes the right end; shrink.
+            # Case 2, best point known, no right end: grow while decreasing.
+            # Case 3, full bracket: golden section update.
+            better = value < jnp.where(s.has_b, s.value_b, s.value_a)
+            sectioning = s.has_b & s.has_c
+            # Where the new point lands relative to b decides which end it replaces.
+            right_of_b = x > s.b
+            # Left end.
+            a = jnp.where(
+                sectioning,
+                jnp.where(better, jnp.where(right_of_b, s.b, s.a), jnp.where(right_of_b, s.a, x)),
+                jnp.where(s.has_b & better, s.b, s.a),
+            )
+            value_a = jnp.where(
+                sectioning,
+                jnp.where(
+                    better,
+                    jnp.where(right_of_b, s.value_b, s.value_a),
+                    jnp.where(right_of_b, s.value_a, value),
+                ),
+                jnp.where(s.has_b & better, s.value_b, s.value_a),
+            )
+            # Right end.
+            c = jnp.where(
+                sectioning,
+                jnp.where(better, jnp.where(right_of_b, s.c, s.b), jnp.where(right_of_b, x, s.c)),
+                jnp.where(better, s.c, x),
+            )
+            value_c = jnp.where(
+                sectioning,
+                jnp.where(
+                    better,
+                    jnp.where(right_of_b, s.value_c, s.value_b),
+                    jnp.where(right_of_b, value, s.value_c),
+                ),
+                jnp.where(better, s.value_c, value),
+            )
+            has_c = s.has_c | ~better
+            # Best point.
+            b = jnp.where(better, x, s.b)
+            value_b = jnp.where(better, value, s.value_b)
+            slope_b = jnp.where(better, slope, s.slope_b)
+            grad_b = jax.tree.map(lambda g, gb: jnp.where(better, g, gb), grad, s.grad_b)
+            has_b = s.has_b | better
+
+            golden_point = jnp.where(
+                (c - b) > (b - a), b + _GOLDEN * (c - b), b - _GOLDEN * (b - a)
+            )
+            trial = jnp.where(
+                has_b & has_c,
+                golden_point,
+                jnp.where(has_b, b + _GROW * (b - a), a + _GOLDEN * (c - a)),
+            )
+            done = has_b & has_c & ((c - a) <= tolerance * b)
+            return _GoldenLoop(
+                trial=trial,
+                a=a,
+                value_a=value_a,
+                b=b,
+                value_b=value_b,
+                slope_b=slope_b,
+                grad_b=grad_b,
+                c=c,
+                value_c=value_c,
+                has_b=has_b,
+                has_c=has_c,
+                done=done,
+                evaluations=s.evaluations + 1,
+            )
+
+        init = _GoldenLoop(
+            trial=initial_step.astype(dtype),
+            a=zero,
+            value_a=value0,
+            b=zero,
+            value_b=value0,
+            slope_b=slope0.astype(dtype),
+            grad_b=grad0,
+            c=zero,
+            value_c=inf,
+            has_b=jnp.asarray(False),
+            has_c=jnp.asarray(False),
+            done=jnp.asarray(False),
+            evaluations=jnp.zeros([], jnp.int32),
+        )
+        final = lax.while_loop(cond, body, init)
+        return LineSearchResult(
+            step=jnp.where(final.has_b, final.b, zero),
+            value=final.value_b,
+            grad=final.grad_b,
+            slope=final.slope_b,
+            evaluations=final.evaluations,
+            failed=~final.has_b,
+            converged=final.done,
+        )
+
+    return LineSearch("golden", search)
