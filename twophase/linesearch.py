@@ -132,6 +132,17 @@ def cubic_minimizer(a, fa, sa, b, fb, sb):
     return b - (b - a) * (sb + d2 - d1) / (sb - sa + 2.0 * d2)
 
 
+def _interpolate(a, fa, sa, b, fb, sb, slack):
+    """Cubic minimiser from values and slopes at ``a``, ``b``; where the values
+    differ by no more than rounding (``slack``) or the cubic has no minimiser,
+    the secant step on the slopes, which stays accurate near a minimiser (Hager &
+    Zhang 2005). May be NaN; callers safeguard."""
+    cubic = cubic_minimizer(a, fa, sa, b, fb, sb)
+    secant = a - sa * (b - a) / (sb - sa)
+    use_cubic = jnp.isfinite(cubic) & (jnp.abs(fb - fa) > slack)
+    return jnp.where(use_cubic, cubic, secant)
+
+
 class _WolfeLoop(NamedTuple):
     trial: jax.Array  # next step to evaluate
     lo: jax.Array  # best step so far satisfying sufficient decrease (0 at start)
@@ -151,19 +162,23 @@ def wolfe_linesearch(
     c1: float = 1e-4,
     c2: float = 0.1,
     approximate_wolfe: bool = True,
+    value_tolerance: float = 1e3,
     max_evaluations: int = 30,
     max_growth: float = 10.0,
 ) -> LineSearch:
     """Strong Wolfe line search fit for nonlinear conjugate gradient.
 
-    Bracketing phase: while the trial point decreases the objective sufficiently
-    and the slope is still strongly negative, the step grows by safeguarded cubic
-    extrapolation (at most ``max_growth`` times the last step). Once a bracket
-    containing acceptable points is known, the trial step is the minimiser of the
-    cubic interpolating the bracket's ends, kept at least 10% of the bracket's
-    width away from either end (Nocedal & Wright 2006, Algorithms 3.5-3.6, and
-    More & Thuente 1994 for the safeguards). On a quadratic the second trial is
-    exact.
+    Bracketing phase: while the trial point has an acceptable value and a
+    negative slope, the step grows by safeguarded cubic extrapolation (at most
+    ``max_growth`` times the last step). The bracket ``[lo, hi]`` keeps at ``lo``
+    the furthest point with an acceptable value and a negative slope, and at
+    ``hi`` the nearest point with a non-negative slope or an unacceptable value
+    (Hager & Zhang 2005's update rule, which decides by slopes first and so keeps
+    working when values differ only by rounding). The next trial is the minimiser
+    of the cubic interpolating both ends (the secant on slopes when their values
+    are equal to rounding), kept at least 10% of the bracket's width from ``hi``
+    and 0.1% from ``lo`` (Nocedal & Wright 2006, Algorithms 3.5-3.6; More & Thuente 1994 for the
+    safeguards). On a quadratic the second trial is exact.
 
     A trial step is accepted when the strong Wolfe conditions hold::
 
@@ -171,9 +186,14 @@ def wolfe_linesearch(
         |f'(step)| <= c2 * |f'(0)|               (curvature)
 
     With ``approximate_wolfe`` it is also accepted when the curvature condition
-    holds and ``f(step) <= f(0)``: Hager & Zhang's (2005) observation that near a
-    minimiser the sufficient-decrease test drowns in rounding error while the
-    slope test does not; the objective still never increases.
+    holds and ``f(step) <= f(0) + value_tolerance * eps * |f(0)|`` (``eps`` the
+    dtype's machine epsilon): Hager & Zhang's (2005) approximate Wolfe
+    conditions, from the observation that near a minimiser the
+    sufficient-decrease test drowns in rounding error while the slope test does
+    not. Hager & Zhang allow ``1e-6 |f(0)|``; the default here allows 1000 ulps
+    (``2.2e-13 |f(0)|`` in float64, ``1.2e-4 |f(0)|`` in float32), the rounding
+    noise of a loss summed over many terms, so the objective never increases by
+    more than that.
 
     CG needs a more exact search than quasi-Newton methods: the default
     ``c2 = 0.1`` (Nocedal & Wright recommend 0.1 for CG, 0.9 for quasi-Newton).
@@ -187,6 +207,8 @@ def wolfe_linesearch(
       c1: sufficient-decrease constant, ``0 < c1 < c2``.
       c2: curvature constant, ``c1 < c2 < 1``.
       approximate_wolfe: also accept Hager-Zhang approximate Wolfe points.
+      value_tolerance: rounding slack of the approximate Wolfe value test, in
+        units of the dtype's machine epsilon relative to ``|f(0)|``.
       max_evaluations: evaluations of the objective with its gradient per search.
       max_growth: largest factor by which the bracketing phase grows the step.
 
@@ -198,6 +220,7 @@ def wolfe_linesearch(
     if not c1 < c2 < 1.0:
         raise ValueError(f"`c1` and `c2` must satisfy 0 < c1 < c2 < 1, got c1={c1}, c2={c2}.")
     _check_max_evaluations(max_evaluations)
+    _check_positive("value_tolerance", value_tolerance)
     _check_positive("max_growth", max_growth)
     if max_growth <= 1.0:
         raise ValueError(f"`max_growth` must be > 1, got {max_growth}.")
@@ -205,6 +228,8 @@ def wolfe_linesearch(
     def search(evaluate, value0, grad0, slope0, initial_step):
         dtype = jnp.result_type(value0)
         zero = jnp.zeros([], dtype)
+        # Rounding slack of the approximate Wolfe test.
+        slack = value_tolerance * jnp.finfo(dtype).eps * jnp.abs(value0)
 
         def cond(s: _WolfeLoop):
             return (~s.done) & (s.evaluations < max_evaluations)
@@ -216,44 +241,49 @@ def wolfe_linesearch(
             slope = slope.astype(dtype)
             finite = jnp.isfinite(value) & jnp.isfinite(slope)
             decrease = value <= value0 + c1 * step * slope0
+            acceptable_value = decrease | (approximate_wolfe & (value <= value0 + slack))
             flat = jnp.abs(slope) <= c2 * jnp.abs(slope0)
-            accept = finite & flat & (decrease | (approximate_wolfe & (value <= value0)))
-            # Too far: no sufficient decrease, or worse than the best point so far.
-            too_far = (~finite) | (~decrease) | (value >= s.value_lo)
-            # A decreasing point whose slope points back towards `lo` closes the bracket
-            # on the other side: the old `lo` becomes `hi` (Nocedal-Wright Alg. 3.6).
-            turns = (~too_far) & (slope * (step - s.lo) >= 0)
-            new_lo = ~too_far
-            hi = jnp.where(too_far, step, jnp.where(turns, s.lo, s.hi))
-            value_hi = jnp.where(too_far, value, jnp.where(turns, s.value_lo, s.value_hi))
-            slope_hi = jnp.where(too_far, slope, jnp.where(turns, s.slope_lo, s.slope_hi))
-            bracketed = s.bracketed | too_far | turns
+            accept = finite & flat & acceptable_value
+            # Bracket update of Hager & Zhang (2005), "update" step: `lo` always has an
+            # acceptable value and a negative slope, so a minimiser lies beyond it;
+            # a point with a non-negative slope, an unacceptable value or a
+            # non-finite value becomes `hi`. Slopes decide before values, which
+            # keeps the search working when values differ only by rounding.
+            new_lo = finite & acceptable_value & (slope < 0)
+            new_hi = ~new_lo
+            hi = jnp.where(new_hi, step, s.hi)
+            value_hi = jnp.where(new_hi, value, s.value_hi)
+            slope_hi = jnp.where(new_hi, slope, s.slope_hi)
+            bracketed = s.bracketed | new_hi
             lo = jnp.where(new_lo, step, s.lo)
             value_lo = jnp.where(new_lo, value, s.value_lo)
             slope_lo = jnp.where(new_lo, slope, s.slope_lo)
             grad_lo = jax.tree.map(lambda g, gl: jnp.where(new_lo, g, gl), grad, s.grad_lo)
 
-            # Next trial when bracketed: safeguarded cubic interpolation.
+            # Next trial when bracketed: safeguarded interpolation inside (lo, hi).
+            # Only 0.1% of the width is kept free at `lo`: after a large overshoot the
+            # minimiser legitimately lies very close to it, and the interpolant,
+            # exact on quadratics, says where.
             width = hi - lo
-            cubic = cubic_minimizer(lo, value_lo, slope_lo, hi, value_hi, slope_hi)
-            inner_lo = jnp.minimum(lo + 0.1 * width, hi - 0.1 * width)
-            inner_hi = jnp.maximum(lo + 0.1 * width, hi - 0.1 * width)
             hi_finite = jnp.isfinite(value_hi) & jnp.isfinite(slope_hi)
             interpolated = jnp.where(
-                jnp.isfinite(cubic) & hi_finite,
-                jnp.clip(cubic, inner_lo, inner_hi),
+                hi_finite,
+                jnp.clip(
+                    _interpolate(lo, value_lo, slope_lo, hi, value_hi, slope_hi, slack),
+                    lo + 1e-3 * width,
+                    hi - 0.1 * width,
+                ),
                 # Non-finite far end: shrink hard towards the known good point.
-                lo + jnp.where(hi_finite, 0.5, 0.2) * width,
+                lo + 0.2 * width,
             )
             # Next trial when not bracketed: extrapolate beyond `step`.
             reach = step - s.lo
-            extrap = cubic_minimizer(s.lo, s.value_lo, s.slope_lo, step, value, slope)
+            extrap = _interpolate(s.lo, s.value_lo, s.slope_lo, step, value, slope, slack)
             extrapolated = jnp.where(
                 jnp.isfinite(extrap),
-                jnp.clip(extrap, step + 1.1 * reach, step + (max_growth - 1.0) * step),
-                step * max_growth,
+                jnp.clip(extrap, step + 1.1 * reach, max_growth * step),
+                max_growth * step,
             )
-            extrapolated = jnp.maximum(extrapolated, step * 1.1)
             trial = jnp.where(bracketed, interpolated, extrapolated)
             # A bracket narrower than rounding cannot produce a new point.
             degenerate = bracketed & (jnp.abs(width) <= 10 * jnp.finfo(dtype).eps * jnp.abs(lo))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-__all__ = ["as_value_and_grad"]
+__all__ = ["as_value_and_grad", "full_batch"]
 
 PyTree = Any
 
@@ -38,3 +41,175 @@ def as_value_and_grad(
         return jnp.reshape(value_fn(p), ())
 
     return jax.value_and_grad(scalar_fn)
+
+
+def _check_loss_output(out: Any) -> None:
+    """Trace-time check that ``loss_fn`` returned a real floating scalar."""
+    if not hasattr(out, "shape") or out.shape not in ((), (1,)):
+        raise TypeError(
+            "`loss_fn` must return a scalar (the mean loss over the batch), got "
+            f"{getattr(out, 'shape', type(out).__name__)}."
+        )
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"`loss_fn` must return a real floating scalar, got dtype {out.dtype}.")
+
+
+def _num_examples(data: PyTree) -> int:
+    """The common leading size of ``data``'s leaves; ``ValueError`` naming ``data`` otherwise."""
+    leaves = jax.tree.leaves(data)
+    if not leaves:
+        raise ValueError("`data` must contain at least one array leaf, got an empty pytree.")
+    sizes = set()
+    for leaf in leaves:
+        shape = jnp.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                "`data` leaves need a leading example axis, got a scalar leaf "
+                f"(shapes: {[jnp.shape(x) for x in leaves]})."
+            )
+        sizes.add(shape[0])
+    if len(sizes) != 1:
+        raise ValueError(
+            "`data` leaves must share the leading (example) size, got leading sizes "
+            f"{sorted(sizes)} (shapes: {[jnp.shape(x) for x in leaves]})."
+        )
+    (n,) = sizes
+    if n == 0:
+        raise ValueError("`data` is empty: its leaves have 0 examples.")
+    return n
+
+
+def _chunk_size(batch_size: Any, n: int) -> int:
+    """Validated chunk size in ``[1, n]``; ``None`` means one chunk of ``n``."""
+    if batch_size is None:
+        return n
+    if isinstance(batch_size, bool):
+        raise ValueError(f"`batch_size` must be a positive int or None, got {batch_size!r}.")
+    try:
+        size = operator.index(batch_size)
+    except TypeError:
+        raise ValueError(
+            f"`batch_size` must be a positive int or None, got {batch_size!r}."
+        ) from None
+    if size <= 0:
+        raise ValueError(f"`batch_size` must be a positive int or None, got {size}.")
+    return min(size, n)
+
+
+def full_batch(
+    loss_fn: Callable[[PyTree, PyTree], jax.Array],
+    data: PyTree,
+    *,
+    batch_size: int | None = None,
+) -> Callable[[PyTree], jax.Array]:
+    """The exact full-data mean of a per-batch mean loss, evaluated chunk by chunk.
+
+    ``value_fn(params)`` equals ``loss_fn(params, data)`` (up to float rounding)
+    without ever feeding more than ``batch_size`` examples to ``loss_fn`` at once.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> jax.Array`` of shape ``()`` (or ``(1,)``),
+        real floating dtype: the MEAN loss over the examples of ``batch``, where
+        ``batch`` has ``data``'s structure with leading size ``B``. The mean is
+        assumed permutation invariant; which examples share a chunk is an
+        implementation detail (see "Chunk layout").
+      data: any pytree of arrays, every leaf of shape ``(N, ...)`` with the same
+        ``N >= 1`` (the example axis). May be concrete arrays (closed over by
+        ``value_fn``) or tracers (build ``full_batch`` inside a jitted function
+        that takes ``data`` as an argument, to avoid baking it in as a constant).
+      batch_size: examples per chunk, a positive int or ``None`` (one chunk: a
+        plain ``loss_fn(params, data)``). Values ``>= N`` also mean one chunk.
+
+    Returns:
+      ``value_fn(params) -> jax.Array`` of shape ``()`` and ``loss_fn``'s dtype.
+      Pure, jit-able, and differentiable in forward and reverse mode with
+      respect to ``params`` (and ``data``).
+
+    Weighting: with ``B = min(batch_size, N)``, ``C = N // B`` full chunks and
+    ``R = N - C * B`` leftover examples,
+    ``value = (B * sum_c loss_fn(params, chunk_c) + R * loss_fn(params, rest)) / N``,
+    i.e. each full chunk has weight ``B / N`` and the remainder chunk (exactly
+    ``R`` real examples, evaluated once outside the loop, no padding) weight
+    ``R / N``. This is the exact mean over all ``N`` examples.
+
+    Memory: the ``C`` full chunks run in a ``lax.scan`` whose body is wrapped in
+    ``jax.checkpoint``, with the chunk sliced inside the checkpointed body. The
+    forward pass therefore holds one chunk's activations at a time, and the
+    backward pass saves only the chunk index per step and recomputes one chunk's
+    forward pass just before its backward pass: peak temporary memory scales
+    with ``B``, not ``N`` (about one extra forward pass of compute under
+    ``jax.grad``). ``data`` itself is never copied.
+
+    Chunk layout and sharding: each leaf is viewed (a free reshape) as
+    ``(Q, N // Q, ...)`` with ``Q = gcd(N, B)``; chunk ``c`` is the column block
+    ``[:, c * B // Q : (c + 1) * B // Q]`` (``Q`` strided groups of ``B // Q``
+    consecutive examples) and the remainder is the last ``R // Q`` columns. For
+    data sharded along the example axis over ``D`` devices (a 1-D mesh,
+    ``PartitionSpec('data')``), when ``D`` divides both ``N`` and ``batch_size``
+    then ``D`` divides ``Q``: the reshape keeps the sharding on the ``Q`` axis,
+    every chunk (and the remainder) is split evenly over all devices, slicing a
+    chunk is device-local, and the only communication is whatever ``loss_fn``'s
+    mean and the gradient reduction need. Otherwise the result is still exact,
+    but XLA may reshard (move) data to build the chunks.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jnp.arange(10.0)[:, None]; y = 2.0 * x[:, 0]
+      >>> def loss_fn(w, batch):
+      ...     xb, yb = batch
+      ...     return jnp.mean((xb @ w - yb) ** 2)
+      >>> value_fn = full_batch(loss_fn, (x, y), batch_size=4)  # chunks 4, 4, rest 2
+      >>> w = jnp.ones(1)
+      >>> bool(jnp.allclose(value_fn(w), loss_fn(w, (x, y))))
+      True
+      >>> g = jax.grad(value_fn)(w)  # exact full-data gradient
+
+    Raises:
+      ValueError: ``data`` has no leaves, a scalar leaf, leaves with different
+        leading sizes, or 0 examples; ``batch_size`` is not a positive int.
+      TypeError: (when ``value_fn`` is traced) ``loss_fn`` returns something
+        other than a real floating scalar.
+    """
+    n = _num_examples(data)
+    b = _chunk_size(batch_size, n)
+    num_chunks, rest = divmod(n, b)
+    groups = math.gcd(n, b)
+    cols = b // groups
+
+    def as_groups(x):  # (N, ...) -> (Q, N // Q, ...): a free row-major reshape.
+        return jnp.reshape(x, (groups, n // groups, *jnp.shape(x)[1:]))
+
+    def merge(x):  # (Q, k, ...) -> (Q * k, ...)
+        return jnp.reshape(x, (-1, *jnp.shape(x)[2:]))
+
+    def scalar_loss(params, batch):
+        return jnp.reshape(loss_fn(params, batch), ())
+
+    def value_fn(params: PyTree) -> jax.Array:
+        chunk_spec = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((b, *jnp.shape(x)[1:]), jnp.result_type(x)), data
+        )
+        out = jax.eval_shape(loss_fn, params, chunk_spec)
+        _check_loss_output(out)
+        if num_chunks == 1 and rest == 0:
+            return scalar_loss(params, data)
+        grouped = jax.tree.map(as_groups, data)
+
+        @jax.checkpoint
+        def chunk_loss(params, c):
+            chunk = jax.tree.map(
+                lambda x: merge(lax.dynamic_slice_in_dim(x, c * cols, cols, axis=1)), grouped
+            )
+            return scalar_loss(params, chunk)
+
+        def body(total, c):
+            return total + chunk_loss(params, c), None
+
+        total, _ = lax.scan(body, jnp.zeros((), out.dtype), jnp.arange(num_chunks))
+        value = total * (b / n)
+        if rest:
+            remainder = jax.tree.map(lambda x: merge(x[:, num_chunks * cols :]), grouped)
+            value = value + scalar_loss(params, remainder) * (rest / n)
+        return value
+
+    return value_fn

@@ -1,0 +1,552 @@
+"""Evaluations to a small gradient: twophase's nonlinear CG against scipy, optax and jaxopt.
+
+What is measured. Each solver starts from the problem's standard point and runs until the
+Euclidean gradient norm at its current iterate is at most ``GTOL = 1e-5`` (float64 throughout).
+A cell reports ``evaluations (iterations)``; a run that hits the cap (``--max-evals``
+evaluations or ``--max-iters`` iterations) or stops early reports ``no conv`` with the gradient
+norm reached. The last rows give the geometric mean of evaluations over the problems (only for
+solvers that converged on all of them) and twophase ``hager_zhang`` (the default rule) relative
+to scipy.
+
+How evaluations are counted. One evaluation is one computation of the objective *with* its
+gradient (every solver here always asks for both). The objective is wrapped by
+:class:`EvalCounter`: a host-side counter incremented by ``jax.debug.callback`` inside the traced
+objective, so it counts exactly the evaluations that the compiled code executes (a callback inside
+an untaken ``lax.cond`` branch or a finished ``while_loop`` does not run; tracing does not count).
+For scipy the counter sits in the Python function passed with ``jac=True``, which returns
+``(f, g)`` together, so one call is one evaluation (it equals ``nfev``). Each solver's own count is
+read as well and any mismatch is printed below the table:
+
+* twophase: ``twophase.info(state).value_and_grad_evals``;
+* optax L-BFGS: ``value_and_grad_from_state`` evaluates only on the first iteration (the state's
+  value is ``inf``); later the zoom line search's value and gradient are reused, and each zoom
+  step makes one evaluation, so the count is ``1 + sum(info.num_linesearch_steps)``;
+* jaxopt NonlinearCG: ``state.num_fun_eval`` (starts at 1 for ``init_state``'s evaluation).
+
+The JAX solvers run one jitted step per iteration from a Python loop that checks the stop
+criterion; each (solver, problem) step compiles once (checked). ``--sweep`` runs a grid of
+twophase variants (beta x c2 x initial_step x restart_threshold), using twophase's own count,
+and ranks them by the geometric mean of their evaluation ratios to scipy CG.
+
+Usage::
+
+    python benchmarks/cg_suite.py [--quick] [--problems NAME ...] [--sweep] [--jobs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import itertools
+import math
+import multiprocessing
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import jaxopt  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import optax.tree  # noqa: E402
+import scipy  # noqa: E402
+import scipy.optimize  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
+
+import twophase  # noqa: E402
+
+GTOL = 1e-5
+BETAS = ("fletcher_reeves", "polak_ribiere", "hestenes_stiefel", "dai_yuan", "hager_zhang")
+DEFAULT_BETA = "hager_zhang"
+
+
+# --------------------------------------------------------------------------- problems
+
+
+class Problem(NamedTuple):
+    """An unconstrained test problem: ``fn`` maps a flat float64 vector to a scalar."""
+
+    name: str
+    fn: Callable[[jax.Array], jax.Array]
+    x0: jax.Array
+
+
+def strongly_typed(tree):
+    """``tree`` with no weak-typed leaves, so that a jitted step's outputs, fed back as its
+    inputs, match the first call's types (a weak type would cost a second compilation)."""
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), tree)
+
+
+def rosenbrock(x: jax.Array) -> jax.Array:
+    """Extended Rosenbrock (More, Garbow & Hillstrom #21): ``n/2`` independent 2-d pairs."""
+    odd, even = x[0::2], x[1::2]
+    return jnp.sum(100.0 * (even - odd**2) ** 2 + (1.0 - odd) ** 2)
+
+
+def chained_rosenbrock(x: jax.Array) -> jax.Array:
+    """Chained Rosenbrock, ``scipy.optimize.rosen``: neighbouring coordinates coupled."""
+    return jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
+
+
+def extended_powell(x: jax.Array) -> jax.Array:
+    """Extended Powell singular function (MGH #22), ``n`` a multiple of 4."""
+    a, b, c, d = x[0::4], x[1::4], x[2::4], x[3::4]
+    return jnp.sum((a + 10 * b) ** 2 + 5 * (c - d) ** 2 + (b - 2 * c) ** 4 + 10 * (a - d) ** 4)
+
+
+def trigonometric(x: jax.Array) -> jax.Array:
+    """Trigonometric function (MGH #26)."""
+    n = x.shape[0]
+    i = jnp.arange(1, n + 1, dtype=x.dtype)
+    residuals = n - jnp.sum(jnp.cos(x)) + i * (1 - jnp.cos(x)) - jnp.sin(x)
+    return jnp.sum(residuals**2)
+
+
+def diagonal_quadratic(eigenvalues: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    """``f(x) = 0.5 * sum(eigenvalues * x**2)``."""
+
+    def fn(x):
+        return 0.5 * jnp.sum(eigenvalues * x**2)
+
+    return fn
+
+
+def _init_mlp(key: jax.Array, inputs: int, hidden: int) -> dict:
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "w1": jax.random.normal(k1, (inputs, hidden)) / math.sqrt(inputs),
+        "b1": 0.1 * jax.random.normal(k2, (hidden,)),
+        "w2": jax.random.normal(k3, (hidden, 1)) / math.sqrt(hidden),
+        "b2": jnp.zeros((1,)),
+    }
+
+
+def _mlp(params: dict, x: jax.Array) -> jax.Array:
+    return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+
+
+def mlp_problem(hidden: int = 16, examples: int = 256, seed: int = 0) -> Problem:
+    """Full-batch MSE of a ``2 -> hidden tanh -> 1`` network fitting a random teacher of the
+    same shape (so a zero-loss minimiser exists); parameters as one flat vector."""
+    key_x, key_teacher, key_student = jax.random.split(jax.random.PRNGKey(seed), 3)
+    inputs = jax.random.normal(key_x, (examples, 2))
+    targets = _mlp(_init_mlp(key_teacher, 2, hidden), inputs)
+    x0, unravel = ravel_pytree(_init_mlp(key_student, 2, hidden))
+
+    def fn(x):
+        return jnp.mean((_mlp(unravel(x), inputs) - targets) ** 2)
+
+    return Problem(f"mlp-tanh-{x0.size}", fn, x0)
+
+
+def make_problems() -> dict[str, Problem]:
+    """The suite, keyed by name."""
+    alternating = jnp.tile(jnp.array([-1.2, 1.0]), 50)
+    problems = [
+        Problem("rosenbrock-2", rosenbrock, jnp.array([-1.2, 1.0])),
+        Problem("rosenbrock-100", rosenbrock, alternating),
+        Problem("chained-rosenbrock-100", chained_rosenbrock, alternating),
+        Problem("ext-powell-100", extended_powell, jnp.tile(jnp.array([3.0, -1.0, 0.0, 1.0]), 25)),
+        Problem("trigonometric-100", trigonometric, jnp.full(100, 1.0 / 100)),
+        Problem(
+            "ill-quadratic-1000",
+            diagonal_quadratic(jnp.logspace(0.0, 4.0, 1000)),
+            jnp.ones(1000),
+        ),
+        mlp_problem(),
+    ]
+    return {p.name: p._replace(x0=strongly_typed(p.x0)) for p in problems}
+
+
+# --------------------------------------------------------------------------- counting
+
+
+class EvalCounter:
+    """Host-side count of objective evaluations, also from inside compiled code."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def _bump(self) -> None:
+        self.count += 1
+
+    def wrap(self, fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+        """``fn`` that increments the counter each time the compiled code evaluates it."""
+
+        def counted(x):
+            jax.debug.callback(self._bump)
+            return fn(x)
+
+        return counted
+
+    def read(self) -> int:
+        jax.effects_barrier()
+        return self.count
+
+
+# --------------------------------------------------------------------------- solvers
+
+
+@dataclasses.dataclass(frozen=True)
+class Caps:
+    evaluations: int
+    iterations: int
+
+
+class Result(NamedTuple):
+    """Outcome of one solver on one problem.
+
+    ``evals`` is the host count when one was kept, else the solver's own count;
+    ``own_evals`` is the solver's own count (``None`` where it has none).
+    """
+
+    evals: int
+    iterations: int
+    grad_norm: float
+    converged: bool
+    seconds: float
+    own_evals: int | None = None
+    notes: str = ""
+
+
+def _iterate(step, carry, caps: Caps):
+    """Calls the jitted ``step(carry) -> (carry, grad_norm, own_evals)`` until the gradient
+    norm is at most ``GTOL`` or a cap is hit. Returns ``(carry, iterations, grad_norm,
+    own_evals)``."""
+    iterations, grad_norm, own_evals = 0, math.inf, 0
+    while iterations < caps.iterations and own_evals < caps.evaluations:
+        carry, grad_norm, own_evals = step(carry)
+        iterations += 1
+        grad_norm, own_evals = float(grad_norm), int(own_evals)
+        if grad_norm <= GTOL or not math.isfinite(grad_norm):
+            break
+    if step._cache_size() != 1:
+        warnings.warn(f"step compiled {step._cache_size()} times", stacklevel=2)
+    return carry, iterations, grad_norm, own_evals
+
+
+@dataclasses.dataclass(frozen=True)
+class CGVariant:
+    """A twophase ``nonlinear_cg`` configuration (``c2`` is the Wolfe curvature constant)."""
+
+    beta: str = DEFAULT_BETA
+    c2: float | None = None  # None: the default line search
+    initial_step: str = "max"
+    restart_threshold: float | None = 0.2
+
+    def build(self) -> optax.GradientTransformationExtraArgs:
+        linesearch = "wolfe" if self.c2 is None else twophase.wolfe_linesearch(c2=self.c2)
+        return twophase.nonlinear_cg(
+            self.beta,
+            linesearch,
+            restart_threshold=self.restart_threshold,
+            initial_step=self.initial_step,
+        )
+
+    def label(self) -> str:
+        c2 = "default" if self.c2 is None else f"{self.c2:g}"
+        return f"{self.beta}, c2={c2}, {self.initial_step}, restart={self.restart_threshold}"
+
+
+def run_twophase(problem: Problem, variant: CGVariant, caps: Caps, count_host=True) -> Result:
+    counter = EvalCounter()
+    fn = counter.wrap(problem.fn) if count_host else problem.fn
+    opt = variant.build()
+
+    @jax.jit
+    def step(carry):
+        x, state = carry
+        updates, state = opt.update(x, state, x, value_fn=fn)
+        info = twophase.info(state)
+        return (optax.apply_updates(x, updates), state), info.grad_norm, info.value_and_grad_evals
+
+    start = time.perf_counter()
+    carry = (problem.x0, opt.init(problem.x0))
+    (_, state), iterations, grad_norm, own = _iterate(step, carry, caps)
+    info = twophase.info(state)
+    notes = [
+        f"{name}={int(value)}"
+        for name, value in (
+            ("ls_failures", info.linesearch_failures),
+            ("nonfinite", info.nonfinite_events),
+        )
+        if int(value)
+    ]
+    return Result(
+        evals=counter.read() if count_host else own,
+        iterations=iterations,
+        grad_norm=grad_norm,
+        converged=grad_norm <= GTOL,
+        seconds=time.perf_counter() - start,
+        own_evals=own,
+        notes=", ".join(notes),
+    )
+
+
+def run_scipy_cg(problem: Problem, caps: Caps) -> Result:
+    value_and_grad = jax.jit(jax.value_and_grad(problem.fn))
+    counter = EvalCounter()
+
+    def fun(x):
+        counter._bump()
+        value, grad = value_and_grad(jnp.asarray(x))
+        return float(value), np.asarray(grad)
+
+    fun(np.asarray(problem.x0))  # compile outside the timing
+    counter.count = 0
+    start = time.perf_counter()
+    res = scipy.optimize.minimize(
+        fun,
+        np.asarray(problem.x0),
+        jac=True,
+        method="CG",
+        options=dict(gtol=GTOL, norm=2, maxiter=caps.iterations),
+    )
+    seconds = time.perf_counter() - start
+    grad_norm = float(np.linalg.norm(value_and_grad(jnp.asarray(res.x))[1]))
+    return Result(
+        evals=counter.count,
+        iterations=int(res.nit),
+        grad_norm=grad_norm,
+        converged=grad_norm <= GTOL,
+        seconds=seconds,
+        own_evals=int(res.nfev),
+        notes="" if res.success else f"status {res.status}",
+    )
+
+
+def run_optax_lbfgs(problem: Problem, caps: Caps) -> Result:
+    counter = EvalCounter()
+    fn = counter.wrap(problem.fn)
+    opt = optax.lbfgs(memory_size=10)
+    value_and_grad = optax.value_and_grad_from_state(fn)
+
+    @jax.jit
+    def step(carry):
+        x, state, evals = carry
+        # Evaluates only while the state's value is inf (the first iteration).
+        evals += jnp.isinf(optax.tree.get(state, "value")).astype(evals.dtype)
+        value, grad = value_and_grad(x, state=state)
+        updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=fn)
+        evals += optax.tree.get(state, "info").num_linesearch_steps.astype(evals.dtype)
+        grad_norm = optax.tree.norm(optax.tree.get(state, "grad"))
+        return (optax.apply_updates(x, updates), state, evals), grad_norm, evals
+
+    start = time.perf_counter()
+    # optax's init state holds weak-typed scalars.
+    carry = strongly_typed((problem.x0, opt.init(problem.x0), jnp.zeros([], jnp.int32)))
+    _, iterations, grad_norm, own = _iterate(step, carry, caps)
+    return Result(
+        evals=counter.read(),
+        iterations=iterations,
+        grad_norm=grad_norm,
+        converged=grad_norm <= GTOL,
+        seconds=time.perf_counter() - start,
+        own_evals=own,
+    )
+
+
+def run_jaxopt_cg(problem: Problem, caps: Caps) -> Result:
+    counter = EvalCounter()
+    solver = jaxopt.NonlinearCG(fun=counter.wrap(problem.fn), maxiter=caps.iterations, tol=GTOL)
+
+    @jax.jit
+    def step(carry):
+        x, state = carry
+        x, state = solver.update(x, state)
+        # state.error is the norm of the *previous* gradient; use the current one.
+        return (x, state), optax.tree.norm(state.grad), state.num_fun_eval
+
+    start = time.perf_counter()
+    state = jax.jit(solver.init_state)(problem.x0)
+    _, iterations, grad_norm, own = _iterate(step, strongly_typed((problem.x0, state)), caps)
+    return Result(
+        evals=counter.read(),
+        iterations=iterations,
+        grad_norm=grad_norm,
+        converged=grad_norm <= GTOL,
+        seconds=time.perf_counter() - start,
+        own_evals=own,
+    )
+
+
+def solvers() -> dict[str, Callable[[Problem, Caps], Result]]:
+    """Columns of the default table."""
+    columns = {
+        f"twophase {beta}": (lambda p, c, b=beta: run_twophase(p, CGVariant(beta=b), c))
+        for beta in BETAS
+    }
+    columns["scipy CG"] = run_scipy_cg
+    columns["optax L-BFGS(10)"] = run_optax_lbfgs
+    columns["jaxopt NonlinearCG"] = run_jaxopt_cg
+    return columns
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def geometric_mean(values: Sequence[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def format_cell(result: Result) -> str:
+    if result.converged:
+        return f"{result.evals} ({result.iterations})"
+    return f"no conv, {result.evals} ({result.iterations}), ‖g‖={result.grad_norm:.1e}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ratio(numerator: Result, denominator: Result) -> float:
+    """Evaluation ratio; ``inf`` when the numerator did not converge."""
+    return numerator.evals / denominator.evals if numerator.converged else math.inf
+
+
+def default_table(results: dict[str, dict[str, Result]], columns: Sequence[str]) -> str:
+    """Rows = problems, columns = solvers, plus the geometric-mean row and the ratio column."""
+    reference, default = "scipy CG", f"twophase {DEFAULT_BETA}"
+    header = ["problem", *columns, f"{DEFAULT_BETA} / scipy"]
+    rows = []
+    for problem, row in results.items():
+        r = ratio(row[default], row[reference])
+        rows.append([problem, *(format_cell(row[c]) for c in columns), f"{r:.2f}"])
+    means = []
+    for column in columns:
+        cells = [row[column] for row in results.values()]
+        failed = sum(not c.converged for c in cells)
+        mean = geometric_mean([c.evals for c in cells])
+        means.append(f"{mean:.0f}" if not failed else f"({mean:.0f}, {failed} no conv)")
+    ratios = [ratio(row[default], row[reference]) for row in results.values()]
+    means.append(f"{geometric_mean(ratios):.2f}")
+    rows.append(["geometric mean (evals)", *means])
+    return markdown_table(header, rows)
+
+
+def consistency_notes(results: dict[str, dict[str, Result]]) -> list[str]:
+    """Solver-internal counts that disagree with the host count, and solver notes."""
+    notes = []
+    for problem, row in results.items():
+        for column, result in row.items():
+            if result.own_evals is not None and result.own_evals != result.evals:
+                notes.append(
+                    f"{problem} / {column}: host count {result.evals} != own count "
+                    f"{result.own_evals}"
+                )
+            if result.notes:
+                notes.append(f"{problem} / {column}: {result.notes}")
+    return notes
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def sweep_variants() -> list[CGVariant]:
+    grid = itertools.product(
+        BETAS, (0.05, 0.1, 0.2, 0.4), ("slope", "quadratic", "max"), (0.2, None)
+    )
+    return [CGVariant(b, c2, s, r) for b, c2, s, r in grid]
+
+
+def _sweep_one(variant: CGVariant, names: Sequence[str], caps: Caps) -> list[Result]:
+    problems = make_problems()
+    return [run_twophase(problems[n], variant, caps, count_host=False) for n in names]
+
+
+def run_sweep(
+    variants: Sequence[CGVariant],
+    names: Sequence[str],
+    caps: Caps,
+    scipy_results: dict[str, Result],
+    jobs: int,
+) -> str:
+    """Runs every variant on every problem (in ``jobs`` processes) and ranks them."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        outcomes = list(
+            pool.map(_sweep_one, variants, itertools.repeat(names), itertools.repeat(caps))
+        )
+    scored = []
+    for variant, results in zip(variants, outcomes, strict=True):
+        ratios = [ratio(r, scipy_results[n]) for n, r in zip(names, results, strict=True)]
+        scored.append((geometric_mean(ratios), max(ratios), variant, results))
+    scored.sort(key=lambda s: (s[0], s[1]))
+    header = ["rank", "variant", *names, "geo-mean ratio", "worst ratio"]
+    rows = [
+        [str(i + 1), v.label(), *(format_cell(r) for r in res), f"{g:.3f}", f"{w:.2f}"]
+        for i, (g, w, v, res) in enumerate(scored)
+    ]
+    return markdown_table(header, rows)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def source_state() -> str:
+    """The git commit of the checkout, marked ``+dirty`` when ``twophase/`` has local changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "twophase"]).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    names = list(make_problems())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="caps of 5000 (default 20000)")
+    parser.add_argument("--problems", nargs="+", choices=names, default=names)
+    parser.add_argument("--sweep", action="store_true", help="also sweep twophase variants")
+    parser.add_argument("--jobs", type=int, default=2, help="processes for the sweep")
+    parser.add_argument("--max-evals", type=int, default=None)
+    parser.add_argument("--max-iters", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str]) -> None:
+    args = parse_args(argv)
+    cap = 5000 if args.quick else 20000
+    caps = Caps(args.max_evals or cap, args.max_iters or cap)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    print("```\npython benchmarks/cg_suite.py " + shlex.join(argv) + "\n```")
+    print(
+        f"\ntwophase {source_state()}, jax {jax.__version__}, optax {optax.__version__}, "
+        f"scipy {scipy.__version__}, "
+        f"float64, stop at ||g||_2 <= {GTOL:g}, caps {caps.evaluations} evaluations / "
+        f"{caps.iterations} iterations. Cells: evaluations (iterations).\n"
+    )
+    problems = make_problems()
+    columns = solvers()
+    results: dict[str, dict[str, Result]] = {}
+    for name in args.problems:
+        results[name] = {c: run(problems[name], caps) for c, run in columns.items()}
+    print(default_table(results, list(columns)))
+    notes = consistency_notes(results)
+    if notes:
+        print("\nNotes:\n" + "\n".join(f"- {n}" for n in notes))
+    if args.sweep:
+        scipy_results = {n: results[n]["scipy CG"] for n in args.problems}
+        start = time.perf_counter()
+        table = run_sweep(sweep_variants(), args.problems, caps, scipy_results, args.jobs)
+        print(f"\nSweep of twophase variants ({time.perf_counter() - start:.0f} s), ranked by the")
+        print("geometric mean of evaluation ratios to scipy CG (no conv counts as inf):\n")
+        print(table)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,52 @@
+"""Classic unconstrained test problems (More, Garbow & Hillstrom 1981) in JAX."""
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def rosenbrock(x):
+    return jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
+
+
+def rosenbrock_x0(n):
+    x0 = np.ones(n)
+    x0[::2] = -1.2
+    return jnp.asarray(x0)
+
+
+def extended_powell(x):
+    x = x.reshape(-1, 4)
+    a, b, c, d = x[:, 0], x[:, 1], x[:, 2], x[:, 3]
+    return jnp.sum((a + 10 * b) ** 2 + 5 * (c - d) ** 2 + (b - 2 * c) ** 4 + 10 * (a - d) ** 4)
+
+
+def extended_powell_x0(n):
+    return jnp.asarray(np.tile([3.0, -1.0, 0.0, 1.0], n // 4))
+
+
+def trigonometric(x):
+    n = x.shape[0]
+    i = jnp.arange(1, n + 1, dtype=x.dtype)
+    r = n - jnp.sum(jnp.cos(x)) + i * (1.0 - jnp.cos(x)) - jnp.sin(x)
+    return jnp.sum(r**2)
+
+
+def beale(x):
+    a, b = x[0], x[1]
+    return (1.5 - a + a * b) ** 2 + (2.25 - a + a * b**2) ** 2 + (2.625 - a + a * b**3) ** 2
+
+
+def spd_quadratic(n, condition, seed, dtype=jnp.float64):
+    """``f(x) = 0.5 x^T A x - b^T x`` with a random SPD ``A`` of the given condition."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    eig = np.logspace(0, np.log10(condition), n)
+    a = (q * eig) @ q.T
+    a = 0.5 * (a + a.T)
+    b = rng.standard_normal(n)
+    a_j, b_j = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+
+    def f(x):
+        return 0.5 * x @ (a_j @ x) - b_j @ x
+
+    return f, a, b
