@@ -38,11 +38,12 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import itertools
 import math
 import multiprocessing
+import pathlib
 import shlex
-import subprocess
 import sys
 import time
 import warnings
@@ -495,15 +496,12 @@ def run_sweep(
 
 
 def source_state() -> str:
-    """The git commit of the checkout, marked ``+dirty`` when ``twophase/`` has local changes."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "twophase"]).returncode
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
+    """Where ``twophase`` was imported from, with a hash of its sources (the code measured)."""
+    root = pathlib.Path(twophase.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return f"{root} (sources sha256 {digest.hexdigest()[:12]})"
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -525,7 +523,7 @@ def main(argv: Sequence[str]) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     print("```\npython benchmarks/cg_suite.py " + shlex.join(argv) + "\n```")
     print(
-        f"\ntwophase {source_state()}, jax {jax.__version__}, optax {optax.__version__}, "
+        f"\ntwophase from {source_state()},\njax {jax.__version__}, optax {optax.__version__}, "
         f"scipy {scipy.__version__}, "
         f"float64, stop at ||g||_2 <= {GTOL:g}, caps {caps.evaluations} evaluations / "
         f"{caps.iterations} iterations. Cells: evaluations (iterations).\n"

@@ -16,6 +16,14 @@ from twophase.cg import (
     polak_ribiere,
     set_preconditioner,
 )
+from twophase.detectors import (
+    Detector,
+    all_of,
+    any_of,
+    grad_norm_peak,
+    norm_loss_slope,
+    switch_at,
+)
 from twophase.info import Info, info
 from twophase.linesearch import (
     LineSearch,
@@ -23,24 +31,45 @@ from twophase.linesearch import (
     golden_section_linesearch,
     wolfe_linesearch,
 )
+from twophase.objectives import as_value_and_grad, full_batch
+from twophase.switch import (
+    TwoPhaseState,
+    adam_cg,
+    adam_lbfgs,
+    adam_second_moment_preconditioner,
+    two_phase,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BETA_RULES",
     "BetaFn",
+    "Detector",
     "Info",
     "LineSearch",
     "LineSearchResult",
     "NonlinearCGState",
+    "TwoPhaseState",
+    "adam_cg",
+    "adam_lbfgs",
+    "adam_second_moment_preconditioner",
+    "all_of",
+    "any_of",
+    "as_value_and_grad",
     "dai_yuan",
     "fletcher_reeves",
+    "full_batch",
     "golden_section_linesearch",
+    "grad_norm_peak",
     "hager_zhang",
     "hestenes_stiefel",
     "info",
     "nonlinear_cg",
+    "norm_loss_slope",
     "polak_ribiere",
     "set_preconditioner",
+    "switch_at",
+    "two_phase",
     "wolfe_linesearch",
 ]

@@ -152,23 +152,27 @@ _LINESEARCHES: dict[str, Callable[[], _ls.LineSearch]] = {
 class NonlinearCGState(NamedTuple):
     """State of :func:`nonlinear_cg`.
 
-    Parameter-sized buffers: ``grad``, ``grad_prev`` and ``direction`` (three),
-    plus ``preconditioner`` when a stored diagonal preconditioner is used (four).
-    They are kept in the CG arithmetic dtype: float32 for parameters of lower
+    Parameter-sized buffers: ``grad`` and ``direction`` (two), plus
+    ``preconditioner`` when a stored diagonal preconditioner is used (three).
+    The next direction is computed at the end of each iteration, while both the
+    old and the new gradient are at hand, so the previous gradient need not be
+    kept. Buffers are in the CG arithmetic dtype: float32 for parameters of lower
     precision (bfloat16, float16), the parameters' dtype otherwise.
 
     Attributes:
       value: objective at the current parameters, scalar; ``+inf`` until the
         first evaluation. Read by ``optax.value_and_grad_from_state``.
       grad: gradient at the current parameters (pytree like the parameters).
-      grad_prev: gradient at the previous iterate.
-      direction: previous search direction ``d_{k-1}``.
+      direction: search direction for the next iteration, ``d_k``.
+      slope: ``<g_k, d_k>``, scalar (negative).
       value_prev: objective at the previous iterate, scalar.
       slope_prev: ``<g_{k-1}, d_{k-1}>``, scalar.
       step: last accepted step size, scalar.
       preconditioner: diagonal preconditioner ``P`` (positive, pytree like the
         parameters) when stored in the state, else ``None``.
-      restart_next: bool scalar; the next direction is steepest descent.
+      restart_next: bool scalar; the next direction is steepest descent computed
+        afresh (set at init, after failures and by
+        :func:`set_preconditioner`).
       since_restart: int32 iterations since the last steepest-descent step.
       cg_iterations: int32 line searches performed (successful or not).
       value_and_grad_evals: int32 evaluations of the objective with its gradient.
@@ -181,8 +185,8 @@ class NonlinearCGState(NamedTuple):
 
     value: jax.Array
     grad: PyTree
-    grad_prev: PyTree
     direction: PyTree
+    slope: jax.Array
     value_prev: jax.Array
     slope_prev: jax.Array
     step: jax.Array
@@ -280,7 +284,7 @@ def nonlinear_cg(
     ``1.01 * 2 (f_k - f_{k-1}) / <g_k, d_k>`` (as scipy's CG) and ``"max"`` the
     larger of the two.
 
-    Memory: three parameter-sized buffers (four with a stored preconditioner),
+    Memory: two parameter-sized buffers (three with a stored preconditioner),
     against about ``2m + 2`` for L-BFGS with memory ``m``; see
     :class:`NonlinearCGState`.
 
@@ -350,8 +354,8 @@ def nonlinear_cg(
         return NonlinearCGState(
             value=jnp.asarray(jnp.inf, dtype),
             grad=zeros,
-            grad_prev=zeros,
             direction=zeros,
+            slope=jnp.zeros([], dtype),
             value_prev=jnp.asarray(jnp.inf, dtype),
             slope_prev=jnp.zeros([], dtype),
             step=jnp.zeros([], dtype),
@@ -365,6 +369,25 @@ def nonlinear_cg(
             consecutive_failures=int_zero,
             nonfinite_events=int_zero,
         )
+
+    def next_direction(grad, grad_prev, direction_prev, apply_scales, since_restart):
+        """Direction ``d_{k+1}``, its slope and whether it is a restart."""
+        dtype = jnp.result_type(*jax.tree.leaves(grad)) if jax.tree.leaves(grad) else jnp.float32
+        z = apply_scales(grad)
+        z_prev = apply_scales(grad_prev)
+        gz = optax.tree.vdot(grad, z)
+        beta_k = beta_fn(grad, grad_prev, direction_prev, z, z_prev).astype(gz.dtype)
+        candidate = jax.tree.map(lambda z_, d: (-z_ + beta_k * d).astype(z_.dtype), z, direction_prev)
+        slope_candidate = optax.tree.vdot(grad, candidate)
+        restart = ~jnp.isfinite(beta_k)
+        # Not a (numerically) descent direction.
+        restart |= ~(slope_candidate < -jnp.finfo(dtype).eps * gz)
+        if restart_threshold is not None:  # Powell (1977)
+            restart |= jnp.abs(optax.tree.vdot(z, grad_prev)) >= restart_threshold * gz
+        if restart_every is not None:
+            restart |= since_restart + 1 >= restart_every
+        direction = _select(restart, optax.tree.scale(-1.0, z), candidate)
+        return direction, jnp.where(restart, -gz, slope_candidate), restart
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del updates, extra_args
@@ -406,30 +429,22 @@ def nonlinear_cg(
         converged = grad_sq <= jnp.asarray(grad_tol, dtype) ** 2
 
         def step_branch(_):
-            z = apply_scales(grad)
-            z_prev = apply_scales(state.grad_prev)
-            gz = optax.tree.vdot(grad, z).astype(dtype)
-            beta_k = beta_fn(grad, state.grad_prev, state.direction, z, z_prev).astype(dtype)
-            candidate = optax.tree.add_scale(optax.tree.scale(-1.0, z), beta_k, state.direction)
-            candidate = jax.tree.map(lambda c, z_: c.astype(z_.dtype), candidate, z)
-            slope_candidate = optax.tree.vdot(grad, candidate).astype(dtype)
-            restart = state.restart_next | ~jnp.isfinite(beta_k)
-            restart |= ~(slope_candidate < -jnp.finfo(dtype).eps * gz)  # not a descent direction
-            if restart_threshold is not None:
-                overlap = jnp.abs(optax.tree.vdot(z, state.grad_prev)).astype(dtype)
-                restart |= overlap >= restart_threshold * gz
-            if restart_every is not None:
-                restart |= state.since_restart + 1 >= restart_every
-            direction = jax.tree.map(lambda c, z_: jnp.where(restart, -z_, c), candidate, z)
-            slope0 = jnp.where(restart, -gz, slope_candidate)
+            # The stored direction belongs to the cached point; anything else
+            # (first call, after a failure, an external re-evaluation) restarts.
+            fresh_start = state.restart_next | ~cached
+            steepest = optax.tree.scale(-1.0, apply_scales(grad))
+            direction = _select(fresh_start, steepest, state.direction)
+            slope0 = jnp.where(
+                fresh_start, optax.tree.vdot(grad, steepest), state.slope
+            ).astype(dtype)
 
             # First trial step.
-            x_inf = optax.tree.max(jax.tree.map(jnp.abs, params)) if jax.tree.leaves(params) else 0
-            d_inf = optax.tree.max(jax.tree.map(jnp.abs, direction))
-            fresh = jnp.where(
+            x_inf = _max_abs(params)
+            d_inf = _max_abs(direction)
+            first_guess = jnp.where(
                 x_inf > 0,
                 0.01 * _safe_ratio(x_inf, d_inf),
-                jnp.where(value != 0, 0.01 * _safe_ratio(jnp.abs(value), gz), 1.0),
+                jnp.where(value != 0, 0.01 * _safe_ratio(jnp.abs(value), -slope0), 1.0),
             )
             by_slope = state.step * _safe_ratio(state.slope_prev, slope0)
             by_quadratic = 1.01 * 2.0 * _safe_ratio(value - state.value_prev, slope0)
@@ -438,8 +453,8 @@ def nonlinear_cg(
                 "quadratic": by_quadratic,
                 "max": jnp.maximum(by_slope, by_quadratic),
             }[initial_step]
-            has_history = (state.cg_iterations > 0) & (state.step > 0)
-            trial = jnp.where(has_history & jnp.isfinite(warm) & (warm > 0), warm, fresh)
+            has_history = (state.step > 0) & ~fresh_start
+            trial = jnp.where(has_history & jnp.isfinite(warm) & (warm > 0), warm, first_guess)
             trial = jnp.where(jnp.isfinite(trial) & (trial > 0), trial, 1.0).astype(dtype)
 
             def evaluate(step):
@@ -450,21 +465,25 @@ def nonlinear_cg(
 
             result = search.search(evaluate, value, grad, slope0, trial)
             failed = result.failed
+            since = jnp.where(fresh_start, 0, state.since_restart)
+            new_direction, new_slope, restart = next_direction(
+                result.grad, grad, direction, apply_scales, since
+            )
             delta = _scaled_update(jnp.where(failed, 0, result.step), direction, params)
             new_state = NonlinearCGState(
                 value=jnp.where(failed, value, result.value),
                 grad=_select(failed, grad, result.grad),
-                grad_prev=grad,
-                direction=direction,
+                direction=new_direction,
+                slope=new_slope.astype(dtype),
                 value_prev=value,
                 slope_prev=slope0,
                 step=jnp.where(failed, 0, result.step).astype(dtype),
                 preconditioner=state.preconditioner,
                 restart_next=failed,
-                since_restart=jnp.where(restart, 0, state.since_restart + 1),
+                since_restart=jnp.where(restart, 0, since + 1),
                 cg_iterations=state.cg_iterations + 1,
                 value_and_grad_evals=evals + result.evaluations,
-                restarts=state.restarts + (restart & (state.cg_iterations > 0)).astype(jnp.int32),
+                restarts=state.restarts + (restart | failed).astype(jnp.int32),
                 linesearch_failures=state.linesearch_failures + failed.astype(jnp.int32),
                 consecutive_failures=jnp.where(failed, state.consecutive_failures + 1, 0),
                 nonfinite_events=state.nonfinite_events,
@@ -480,7 +499,7 @@ def nonlinear_cg(
                 value_and_grad_evals=evals,
                 nonfinite_events=state.nonfinite_events + (~finite_here).astype(jnp.int32),
                 consecutive_failures=state.consecutive_failures + (~finite_here).astype(jnp.int32),
-                restart_next=state.restart_next | ~finite_here,
+                restart_next=state.restart_next | ~finite_here | ~cached,
             )
             return delta, new_state
 
@@ -490,6 +509,11 @@ def nonlinear_cg(
         return delta, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _max_abs(tree):
+    leaves = [jnp.max(jnp.abs(x)) for x in jax.tree.leaves(tree) if jnp.size(x) > 0]
+    return jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros([])
 
 
 def _safe_ratio(numerator, denominator):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax.tree
 
 from twophase.cg import NonlinearCGState
+from twophase.switch import TwoPhaseState
 
 __all__ = ["Info", "info"]
 
@@ -16,18 +17,28 @@ __all__ = ["Info", "info"]
 class Info(NamedTuple):
     """Diagnostics of a twophase optimizer state (all scalars).
 
-    Fields that the state does not hold are ``None``.
+    Fields that the state does not hold are ``None`` (e.g. the phase fields of a
+    bare :func:`twophase.nonlinear_cg` state, or the CG fields of a two-phase
+    optimizer whose second phase is L-BFGS).
 
     Attributes:
       cg_iterations: int32, CG iterations (line searches) made.
-      value_and_grad_evals: int32, evaluations of the full-batch objective with its
-        gradient made by the CG phase (and by exact-norm detectors, where present).
+      value_and_grad_evals: int32, evaluations of the full-batch objective with
+        its gradient: by the CG phase, plus those of exact-norm detectors.
       restarts: int32, steepest-descent restarts after the first CG iteration.
       linesearch_failures: int32, line searches that found no decrease.
       value: objective at the current point as last evaluated by CG (``inf``
         before the first evaluation).
       grad_norm: Euclidean norm of the gradient stored with ``value``.
-      nonfinite_events: int32, updates skipped because of non-finite values.
+      nonfinite_events: int32, CG updates skipped because the objective or its
+        gradient at the current point was not finite.
+      phase: int32, 0 (first phase) or 1 (second phase).
+      switch_step: int32, index of the first second-phase step, -1 before.
+      step: int32, ``update`` calls so far.
+      grad_norm_stat: float32, the detector's smoothed (full-batch) norm statistic.
+      grad_norm_max: float32, its running maximum.
+      skipped_steps: int32, first-phase steps skipped for non-finite gradients.
+      fallbacks: int32, returns from phase 1 to phase 0.
     """
 
     cg_iterations: jax.Array | None = None
@@ -37,6 +48,13 @@ class Info(NamedTuple):
     value: jax.Array | None = None
     grad_norm: jax.Array | None = None
     nonfinite_events: jax.Array | None = None
+    phase: jax.Array | None = None
+    switch_step: jax.Array | None = None
+    step: jax.Array | None = None
+    grad_norm_stat: jax.Array | None = None
+    grad_norm_max: jax.Array | None = None
+    skipped_steps: jax.Array | None = None
+    fallbacks: jax.Array | None = None
 
 
 def _find(state: Any, kind: type) -> list:
@@ -44,26 +62,65 @@ def _find(state: Any, kind: type) -> list:
     return [n for n in nodes if isinstance(n, kind)]
 
 
+def _only(found: list, what: str):
+    if len(found) > 1:
+        raise ValueError(f"`state` holds {len(found)} {what} states; pass one of them.")
+    return found[0] if found else None
+
+
+def _with_field(tree: Any, field: str):
+    """First NamedTuple in ``tree`` (depth first) that has ``field``."""
+    def is_named(x):
+        return isinstance(x, tuple) and hasattr(x, "_fields")
+
+    stack = [tree]
+    while stack:
+        node = stack.pop(0)
+        if is_named(node) and field in node._fields:
+            return getattr(node, field)
+        if isinstance(node, (tuple, list)):
+            stack[:0] = list(node)
+        elif isinstance(node, dict):
+            stack[:0] = list(node.values())
+    return None
+
+
 def info(state: Any) -> Info:
-    """Diagnostics view of ``state``: a bare :func:`twophase.nonlinear_cg` state
-    or any pytree that nests one (``optax.chain``, ``optax.inject_hyperparams``,
-    ...). Pure and jit-compatible.
+    """Diagnostics view of ``state``: a :func:`twophase.nonlinear_cg` or
+    :func:`twophase.two_phase` state, or any pytree that nests one
+    (``optax.chain``, ``optax.inject_hyperparams``, an ``nnx.Optimizer``'s
+    ``opt_state``, ...). Pure and jit-compatible.
 
     Raises:
       ValueError: ``state`` holds no twophase state, or several (ambiguous).
     """
-    found = _find(state, NonlinearCGState)
-    if not found:
+    two = _only(_find(state, TwoPhaseState), "two_phase")
+    cg = _only(_find(state if two is None else two.second_state, NonlinearCGState), "nonlinear_cg")
+    if two is None and cg is None:
         raise ValueError("`state` holds no twophase optimizer state.")
-    if len(found) > 1:
-        raise ValueError(f"`state` holds {len(found)} nonlinear_cg states; pass one of them.")
-    cg = found[0]
-    return Info(
-        cg_iterations=cg.cg_iterations,
-        value_and_grad_evals=cg.value_and_grad_evals,
-        restarts=cg.restarts,
-        linesearch_failures=cg.linesearch_failures,
-        value=cg.value,
-        grad_norm=optax.tree.norm(cg.grad).astype(jnp.result_type(cg.value)),
-        nonfinite_events=cg.nonfinite_events,
-    )
+    fields: dict[str, Any] = {}
+    if cg is not None:
+        fields.update(
+            cg_iterations=cg.cg_iterations,
+            value_and_grad_evals=cg.value_and_grad_evals,
+            restarts=cg.restarts,
+            linesearch_failures=cg.linesearch_failures,
+            value=cg.value,
+            grad_norm=optax.tree.norm(cg.grad).astype(jnp.result_type(cg.value)),
+            nonfinite_events=cg.nonfinite_events,
+        )
+    if two is not None:
+        detector_evals = _with_field(two.detector_state, "value_and_grad_evals")
+        if detector_evals is not None:
+            base = fields.get("value_and_grad_evals", jnp.zeros([], jnp.int32))
+            fields["value_and_grad_evals"] = base + detector_evals
+        fields.update(
+            phase=two.phase,
+            switch_step=two.switch_step,
+            step=two.step,
+            grad_norm_stat=_with_field(two.detector_state, "grad_norm_stat"),
+            grad_norm_max=_with_field(two.detector_state, "grad_norm_max"),
+            skipped_steps=two.skipped_steps,
+            fallbacks=two.fallbacks,
+        )
+    return Info(**fields)

@@ -153,7 +153,8 @@ class _WolfeLoop(NamedTuple):
     value_hi: jax.Array
     slope_hi: jax.Array
     bracketed: jax.Array
-    done: jax.Array  # a point satisfying the acceptance test was found
+    done: jax.Array  # accepted, or the bracket collapsed
+    accepted: jax.Array  # a point satisfying the acceptance test was found
     evaluations: jax.Array
 
 
@@ -199,9 +200,9 @@ def wolfe_linesearch(
     ``c2 = 0.1`` (Nocedal & Wright recommend 0.1 for CG, 0.9 for quasi-Newton).
 
     Non-finite values at a trial point count as "too far": the step shrinks.
-    When the budget runs out, the best sufficiently decreasing point found so far
-    is returned (``converged=False``); when there is none, ``failed=True`` and
-    ``step=0``.
+    When the budget runs out, the furthest point of the bracket's low end is
+    returned if it strictly decreased the objective (``converged=False``);
+    otherwise ``failed=True`` and ``step=0``.
 
     Args:
       c1: sufficient-decrease constant, ``0 < c1 < c2``.
@@ -299,6 +300,7 @@ def wolfe_linesearch(
                 slope_hi=slope_hi,
                 bracketed=bracketed,
                 done=done,
+                accepted=accept,
                 evaluations=s.evaluations + 1,
             )
 
@@ -313,16 +315,19 @@ def wolfe_linesearch(
             slope_hi=slope0.astype(dtype),
             bracketed=jnp.asarray(False),
             done=jnp.asarray(False),
+            accepted=jnp.asarray(False),
             evaluations=jnp.zeros([], jnp.int32),
         )
         final = lax.while_loop(cond, body, init)
-        accepted = final.done & (final.lo > 0) & (final.value_lo <= value0)
-        moved = final.lo > 0
+        accepted = final.accepted & (final.lo > 0)
+        # Without an accepted point, the best one is kept only if it strictly
+        # decreased the objective (the rounding slack is for accepted points).
+        moved = accepted | ((final.lo > 0) & (final.value_lo < value0))
         return LineSearchResult(
-            step=final.lo,
-            value=final.value_lo,
-            grad=final.grad_lo,
-            slope=final.slope_lo,
+            step=jnp.where(moved, final.lo, zero),
+            value=jnp.where(moved, final.value_lo, value0),
+            grad=jax.tree.map(lambda g, g0: jnp.where(moved, g, g0), final.grad_lo, grad0),
+            slope=jnp.where(moved, final.slope_lo, slope0.astype(dtype)),
             evaluations=final.evaluations,
             failed=~moved,
             converged=accepted,

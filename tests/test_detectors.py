@@ -1,0 +1,176 @@
+"""Tests for twophase.detectors on synthetic gradient-norm sequences."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import twophase as tp
+
+
+def feed(detector, norms, losses=None, noise=0.0, seed=0, dim=16):
+    """Feeds mini-batch gradients whose full-batch mean has norm ``norms[t]``
+    (plus isotropic noise of total norm ``noise``); returns fire flags and the
+    final state."""
+    rng = np.random.default_rng(seed)
+    direction = np.ones(dim) / np.sqrt(dim)
+    params = jnp.zeros(dim)
+    state = detector.init(params)
+    update = jax.jit(
+        lambda s, g, v, t: detector.update(
+            s, grad=g, grad_norm=jnp.linalg.norm(g), value=v, step=t, params=params
+        )
+    )
+    fires = []
+    for t, n in enumerate(norms):
+        g = n * direction + noise * rng.standard_normal(dim) / np.sqrt(dim)
+        v = None if losses is None else jnp.asarray(losses[t], jnp.float32)
+        if v is None:
+            v = jnp.zeros([], jnp.float32)
+        state, fire = update(state, jnp.asarray(g, jnp.float32), v, jnp.asarray(t, jnp.int32))
+        fires.append(bool(fire))
+    return np.array(fires), state
+
+
+def rise_then_fall(peak_at, total, window):
+    t = np.arange(total * window) / window
+    return np.where(t < peak_at, 0.2 + t / peak_at, 1.2 * np.exp(-(t - peak_at) / 3.0))
+
+
+def test_window_estimate_is_unbiased_for_the_full_batch_norm():
+    # Mean-of-mini-batch-norms sits at the noise floor; the estimate does not.
+    det = tp.grad_norm_peak(window=200)
+    _, state = feed(det, np.full(200, 0.05), noise=1.0, seed=1)
+    assert abs(float(state.grad_norm_stat) - 0.05) < 0.03
+    fires, state = feed(det, np.full(200, 0.05), noise=0.0)
+    assert float(state.grad_norm_stat) == pytest.approx(0.05, rel=1e-4)
+
+
+def test_grad_norm_peak_fires_within_one_window_after_the_drop():
+    window = 10
+    norms = rise_then_fall(peak_at=8, total=30, window=window)
+    fires, _ = feed(tp.grad_norm_peak(ratio=0.9, window=window), norms, noise=0.05)
+    first = int(np.argmax(fires))
+    assert fires.any()
+    # Smoothed (window mean) norm below 0.9 x peak: the earliest window end at
+    # which that holds, in the noiseless sequence.
+    means = norms.reshape(-1, window).mean(axis=1)
+    running_max = np.maximum.accumulate(means)
+    drop_window = int(np.argmax(means <= 0.9 * running_max))
+    assert drop_window * window <= first <= (drop_window + 1) * window
+
+
+def test_grad_norm_peak_never_fires_on_a_rising_sequence():
+    norms = np.linspace(0.1, 3.0, 400)
+    fires, _ = feed(tp.grad_norm_peak(window=10), norms, noise=0.05)
+    assert not fires.any()
+
+
+def test_min_steps_is_honoured():
+    window = 10
+    norms = rise_then_fall(peak_at=3, total=30, window=window)
+    fires, _ = feed(tp.grad_norm_peak(window=window, min_steps=200), norms)
+    assert fires.any() and int(np.argmax(fires)) + 1 >= 200
+
+
+def test_exact_grad_norm_peak_uses_value_fn_once_per_window():
+    det = tp.grad_norm_peak(window=5, exact=True)
+    params = jnp.array([3.0, 4.0])
+    value_fn = lambda p: 0.5 * jnp.sum(p**2)  # gradient = params, norm 5
+    state = det.init(params)
+    for t in range(12):
+        state, _ = det.update(
+            state, grad=jnp.zeros(2), grad_norm=jnp.zeros([]), value=None,
+            step=jnp.asarray(t), params=params, value_fn=value_fn,
+        )
+    assert int(state.value_and_grad_evals) == 2
+    assert float(state.grad_norm_stat) == pytest.approx(5.0)
+
+
+def test_norm_loss_slope_fires_on_sustained_joint_decrease_only():
+    window = 10
+    epochs = 20
+    t = np.arange(epochs * window) / window
+    losses = np.exp(-t / 5)
+    convex = 0.5 * np.exp(-t / 5)  # norm falls with the loss
+    fires, _ = feed(tp.norm_loss_slope(window=window), convex, losses, noise=0.02)
+    assert fires.any()
+    # history (4) + patience (5) - 1 windows at least, and not much later.
+    assert 8 * window - 1 <= int(np.argmax(fires)) <= 9 * window
+
+    # Start-up transient (3 windows of falling norm), then a plateau that
+    # fluctuates by +-30% from window to window while the loss keeps falling.
+    rng = np.random.default_rng(0)
+    wobble = np.repeat(0.55 * (1 + 0.3 * rng.uniform(-1, 1, epochs)), window)
+    plateau = np.where(t < 3, 1.0 - 0.15 * t, wobble)
+    fires, _ = feed(tp.norm_loss_slope(window=window), plateau, losses, noise=0.02)
+    assert not fires.any()
+
+    # Non-convex region: the norm grows while the loss falls. Never fires.
+    fires, _ = feed(tp.norm_loss_slope(window=window), 0.1 + t, losses, noise=0.02)
+    assert not fires.any()
+
+
+def test_norm_loss_slope_needs_value():
+    det = tp.norm_loss_slope(window=2)
+    with pytest.raises(TypeError, match="value"):
+        det.update(
+            det.init(jnp.zeros(2)), grad=jnp.zeros(2), grad_norm=jnp.zeros([]),
+            value=None, step=jnp.asarray(0),
+        )
+
+
+def test_switch_at_and_combinators():
+    fires, _ = feed(tp.switch_at(7), np.ones(12))
+    assert int(np.argmax(fires)) == 6  # fires on the 7th step: step 7 is the first CG step
+    fires, _ = feed(tp.any_of(tp.switch_at(30), tp.switch_at(5)), np.ones(12))
+    assert int(np.argmax(fires)) == 4
+    fires, _ = feed(tp.all_of(tp.switch_at(3), tp.switch_at(9)), np.ones(12))
+    assert int(np.argmax(fires)) == 8
+    assert tp.any_of(tp.switch_at(1), tp.norm_loss_slope()).needs_value
+
+
+@given(
+    peak=st.integers(3, 12),
+    noise=st.floats(0.0, 0.2),
+    min_steps=st.integers(0, 150),
+    seed=st.integers(0, 1000),
+)
+def test_property_fires_after_peak_and_not_before_min_steps(peak, noise, min_steps, seed):
+    window = 8
+    norms = rise_then_fall(peak_at=peak, total=peak + 12, window=window)
+    fires, _ = feed(
+        tp.grad_norm_peak(window=window, min_steps=min_steps), norms, noise=noise, seed=seed
+    )
+    assert fires.any()
+    first = int(np.argmax(fires))
+    assert first + 1 >= min_steps
+    assert first >= peak * window  # never before the peak
+
+
+@pytest.mark.parametrize(
+    "make,kwargs,name",
+    [
+        (tp.grad_norm_peak, dict(ratio=0.0), "ratio"),
+        (tp.grad_norm_peak, dict(ratio=1.5), "ratio"),
+        (tp.grad_norm_peak, dict(window=0), "window"),
+        (tp.grad_norm_peak, dict(min_steps=-1), "min_steps"),
+        (tp.norm_loss_slope, dict(window=0), "window"),
+        (tp.norm_loss_slope, dict(patience=0), "patience"),
+        (tp.norm_loss_slope, dict(history=2), "history"),
+        (tp.norm_loss_slope, dict(z_score=0.0), "z_score"),
+        (tp.switch_at, dict(step=-1), "step"),
+    ],
+)
+def test_bad_arguments(make, kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        make(**kwargs)
+
+
+def test_combinators_reject_non_detectors():
+    with pytest.raises(ValueError, match="any_of"):
+        tp.any_of()
+    with pytest.raises(ValueError, match="all_of"):
+        tp.all_of("peak")

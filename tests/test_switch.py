@@ -1,0 +1,261 @@
+"""Tests for twophase.switch: two_phase, adam_cg, adam_lbfgs."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import twophase as tp
+
+N, D, H = 256, 3, 6
+
+
+def make_problem(seed=0):
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    x = jax.random.normal(k[0], (N, D))
+    teacher = {"w": jax.random.normal(k[1], (D, H)), "v": jax.random.normal(k[2], (H, 1))}
+    y = jnp.tanh(x @ teacher["w"]) @ teacher["v"]
+    params = {"w": 0.3 * jax.random.normal(k[3], (D, H)), "v": jnp.zeros((H, 1))}
+    return x, y, params
+
+
+def loss(p, x, y):
+    return jnp.mean((jnp.tanh(x @ p["w"]) @ p["v"] - y) ** 2)
+
+
+X, Y, PARAMS = make_problem()
+FULL = lambda p: loss(p, X, Y)
+BATCH = 32
+
+
+def batches(epoch):
+    perm = np.random.default_rng(epoch).permutation(N)
+    for i in range(N // BATCH):
+        idx = perm[i * BATCH : (i + 1) * BATCH]
+        yield X[idx], Y[idx]
+
+
+def make_step(opt):
+    @jax.jit
+    def step(p, s, x, y):
+        value, grad = jax.value_and_grad(loss)(p, x, y)
+        u, s = opt.update(grad, s, p, value=value, value_fn=FULL)
+        return optax.apply_updates(p, u), s, u
+
+    return step
+
+
+def test_phase0_equals_optax_adam():
+    opt = tp.adam_cg(1e-2, window=8, detector=tp.switch_at(10_000))
+    ref = optax.adam(1e-2)
+    p, s = PARAMS, opt.init(PARAMS)
+    p_ref, s_ref = PARAMS, ref.init(PARAMS)
+    for x, y in batches(0):
+        g = jax.grad(loss)(p, x, y)
+        u, s = opt.update(g, s, p, value=loss(p, x, y), value_fn=FULL)
+        u_ref, s_ref = ref.update(jax.grad(loss)(p_ref, x, y), s_ref, p_ref)
+        chex.assert_trees_all_close(u, u_ref, rtol=1e-6, atol=1e-9)
+        p, p_ref = optax.apply_updates(p, u), optax.apply_updates(p_ref, u_ref)
+    assert int(tp.info(s).phase) == 0
+
+
+def test_switch_step_and_phase1_equals_nonlinear_cg():
+    switch = 5
+    opt = tp.adam_cg(1e-2, detector=tp.switch_at(switch))
+    cg = tp.nonlinear_cg()
+    step = make_step(opt)
+    p, s = PARAMS, opt.init(PARAMS)
+    it = iter([*batches(0), *batches(1)])
+    for t in range(switch):
+        x, y = next(it)
+        p, s, _ = step(p, s, x, y)
+        assert int(tp.info(s).phase) == (1 if t == switch - 1 else 0)
+    assert int(tp.info(s).switch_step) == switch
+    # From here on: exactly nonlinear_cg's updates, started at the switch point.
+    p_cg, s_cg = p, cg.init(p)
+    for _ in range(5):
+        x, y = next(it)
+        p, s, u = step(p, s, x, y)
+        u_cg, s_cg = cg.update(p_cg, s_cg, p_cg, value_fn=FULL)
+        chex.assert_trees_all_close(u, u_cg, rtol=1e-5, atol=1e-8)
+        p_cg = optax.apply_updates(p_cg, u_cg)
+    assert int(tp.info(s).cg_iterations) == 5
+
+
+def test_training_switches_compiles_once_and_cg_lowers_full_loss_every_iteration(count_traces):
+    opt = tp.adam_cg(5e-3, window=N // BATCH)
+    traced = count_traces(lambda p, s, x, y: opt.update(
+        jax.grad(loss)(p, x, y), s, p, value=loss(p, x, y), value_fn=FULL))
+    step = jax.jit(traced)
+    p, s = PARAMS, opt.init(PARAMS)
+    cg_losses = []
+    for epoch in range(30):
+        for x, y in batches(epoch):
+            u, s = step(p, s, x, y)
+            p = optax.apply_updates(p, u)
+            if int(tp.info(s).phase) == 1:
+                cg_losses.append(float(FULL(p)))
+    info = tp.info(s)
+    assert int(info.phase) == 1 and int(info.switch_step) > 0
+    assert len(cg_losses) > 10
+    assert all(b <= a + 1e-7 * abs(a) for a, b in zip(cg_losses, cg_losses[1:]))
+    assert cg_losses[-1] < 0.5 * cg_losses[0]
+    assert count_traces.counter["n"] == 1
+
+
+def test_nonfinite_minibatch_gradient_is_skipped_and_counted():
+    opt = tp.adam_cg(1e-2, window=4)
+    s = opt.init(PARAMS)
+    bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), PARAMS)
+    u, s2 = opt.update(bad, s, PARAMS, value=jnp.asarray(1.0), value_fn=FULL)
+    chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, PARAMS))
+    assert int(tp.info(s2).skipped_steps) == 1
+    chex.assert_trees_all_equal(s2.first_state, s.first_state)
+    chex.assert_trees_all_equal(s2.detector_state, s.detector_state)
+    u, s3 = opt.update(PARAMS, s, PARAMS, value=jnp.asarray(jnp.inf), value_fn=FULL)
+    assert int(tp.info(s3).skipped_steps) == 1
+
+
+def test_after_gradient_clipping_in_a_chain_and_info_finds_state():
+    opt = optax.chain(optax.clip_by_global_norm(1.0), tp.adam_cg(1e-2, detector=tp.switch_at(3)))
+    step = make_step(opt)
+    p, s = PARAMS, opt.init(PARAMS)
+    for x, y in list(batches(0))[:6]:
+        p, s, _ = step(p, s, x, y)
+    info = tp.info(s)
+    assert int(info.phase) == 1 and int(info.cg_iterations) == 3
+
+
+def test_inject_hyperparams_learning_rate():
+    opt = optax.inject_hyperparams(tp.adam_cg)(learning_rate=1e-2)
+    ref = optax.adam(1e-2)
+    s, s_ref = opt.init(PARAMS), ref.init(PARAMS)
+    g = jax.grad(loss)(PARAMS, X, Y)
+    u, s = opt.update(g, s, PARAMS, value=FULL(PARAMS), value_fn=FULL)
+    u_ref, _ = ref.update(g, s_ref, PARAMS)
+    chex.assert_trees_all_close(u, u_ref, rtol=1e-6)
+    s.hyperparams["learning_rate"] = jnp.asarray(1e-3)
+    u2, _ = opt.update(g, s, PARAMS, value=FULL(PARAMS), value_fn=FULL)
+    assert float(jnp.abs(u2["v"]).max()) < 0.2 * float(jnp.abs(u["v"]).max())
+    assert int(tp.info(s).phase) == 0
+
+
+def test_vmap_over_an_ensemble_matches_separate_runs():
+    opt = tp.adam_cg(1e-2, detector=tp.switch_at(3))
+    members = [make_problem(seed)[2] for seed in range(3)]
+    ensemble = jax.tree.map(lambda *a: jnp.stack(a), *members)
+
+    def one_step(p, s):
+        g = jax.grad(FULL)(p)
+        u, s = opt.update(g, s, p, value=FULL(p), value_fn=FULL)
+        return optax.apply_updates(p, u), s
+
+    vstep = jax.jit(jax.vmap(one_step))
+    p, s = ensemble, jax.vmap(opt.init)(ensemble)
+    for _ in range(6):
+        p, s = vstep(p, s)
+    for i, member in enumerate(members):
+        q, t = member, opt.init(member)
+        for _ in range(6):
+            q, t = jax.jit(one_step)(q, t)
+        chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], p), q, rtol=2e-4, atol=1e-6)
+
+
+def test_fallback_returns_to_phase0_after_consecutive_failures():
+    # A value_fn whose gradient points uphill: every CG line search fails.
+    @jax.custom_vjp
+    def lying(p):
+        return FULL(p)
+
+    lying.defvjp(
+        lambda p: (FULL(p), p),
+        lambda p, ct: (jax.tree.map(lambda g: -ct * g, jax.grad(FULL)(p)),),
+    )
+    opt = tp.adam_cg(1e-2, detector=tp.switch_at(2), fallback=3)
+    p, s = PARAMS, opt.init(PARAMS)
+    phases = []
+    for _ in range(8):
+        g = jax.grad(FULL)(p)
+        u, s = opt.update(g, s, p, value=FULL(p), value_fn=lying)
+        p = optax.apply_updates(p, u)
+        phases.append(int(tp.info(s).phase))
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))
+    # Phase after each step: Adam at steps 0-1 (the switch fires at step 1), CG
+    # failing at steps 2-4, back to a re-armed Adam at steps 5-6, CG again at 7.
+    assert phases == [0, 1, 1, 1, 0, 0, 1, 1]
+    assert int(tp.info(s).fallbacks) == 1
+    assert int(tp.info(s).switch_step) == 7
+    assert int(tp.info(s).linesearch_failures) == 1
+
+
+def test_adam_lbfgs_reuses_stored_value_and_grad():
+    calls = {"n": 0}
+
+    def count():
+        calls["n"] += 1
+
+    def counted(p):
+        jax.debug.callback(count)
+        return FULL(p)
+
+    opt = tp.adam_lbfgs(1e-2, detector=tp.switch_at(1))
+    step = jax.jit(lambda p, s: opt.update(jax.grad(FULL)(p), s, p, value=FULL(p), value_fn=counted))
+    p, s = PARAMS, opt.init(PARAMS)
+    losses = []
+    for _ in range(10):
+        u, s = step(p, s)
+        p = optax.apply_updates(p, u)
+        losses.append(float(FULL(p)))
+    jax.effects_barrier()
+    linesearch_steps = 0
+    # 9 L-BFGS steps; only the first evaluates at its starting point, each
+    # evaluates at its line-search trial points (counted by optax in its info).
+    assert losses[-1] < 0.2 * losses[0]
+    lbfgs_state = s.second_state
+    linesearch_steps = int(optax.tree.get(lbfgs_state, "info").num_linesearch_steps)
+    assert calls["n"] <= 1 + 9 * max(linesearch_steps, 1) + 9
+
+
+def test_precondition_hands_adam_second_moments_to_cg():
+    opt = tp.adam_cg(1e-2, detector=tp.switch_at(3), precondition=True)
+    step = make_step(opt)
+    p, s = PARAMS, opt.init(PARAMS)
+    for x, y in list(batches(0))[:3]:
+        p, s, _ = step(p, s, x, y)
+    assert int(tp.info(s).phase) == 1
+    nu = s.first_state[0].nu
+    pre = s.second_state.preconditioner
+    ratio = jax.tree.map(lambda a, v: a * (jnp.sqrt(v) + 1e-12), pre, nu)
+    leaves = jnp.concatenate([r.ravel() for r in jax.tree.leaves(ratio)])
+    assert float(jnp.std(leaves) / jnp.mean(leaves)) < 1e-2  # P proportional to 1/sqrt(nu)
+
+
+def test_missing_value_fn_is_a_type_error():
+    opt = tp.adam_cg()
+    with pytest.raises(TypeError, match="value_fn"):
+        opt.update(PARAMS, opt.init(PARAMS), PARAMS, value=jnp.asarray(1.0))
+
+
+def test_default_detector_needs_value():
+    opt = tp.adam_cg()
+    with pytest.raises(TypeError, match="value"):
+        opt.update(PARAMS, opt.init(PARAMS), PARAMS, value_fn=FULL)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(ratio=0.0), "ratio"),
+        (dict(ratio=1.1), "ratio"),
+        (dict(window=0), "window"),
+        (dict(min_steps=-1), "min_steps"),
+        (dict(detector="peak"), "detector"),
+        (dict(fallback=0), "fallback"),
+        (dict(beta="nope"), "beta"),
+    ],
+)
+def test_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        tp.adam_cg(**kwargs)
