@@ -57,9 +57,14 @@ def test_agrees_with_scipy_cg(name, f, x0):
     # Same minimiser (Powell's is singular: its minimiser is only located to ~1e-2).
     tol = 5e-2 if name.startswith("powell") else 1e-4
     np.testing.assert_allclose(np.asarray(x), ref.x, atol=tol)
-    np.testing.assert_allclose(float(info.value), ref.fun, atol=1e-7 if name.startswith("powell") else 1e-9)
+    np.testing.assert_allclose(
+        float(info.value), ref.fun, atol=1e-7 if name.startswith("powell") else 1e-9
+    )
     # Comparable cost: never more than 1.5x scipy's value+gradient evaluations.
-    assert int(info.value_and_grad_evals) <= 1.5 * ref.nfev, (int(info.value_and_grad_evals), ref.nfev)
+    assert int(info.value_and_grad_evals) <= 1.5 * ref.nfev, (
+        int(info.value_and_grad_evals),
+        ref.nfev,
+    )
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -195,9 +200,11 @@ def test_dtypes_preserved(dtype):
 
     def f(p):
         w = p["w"].astype(jnp.float32)
-        return jnp.sum((w - 2.0) ** 2) + jnp.sum(p["b"][0].astype(jnp.float32) ** 2) + (
-            p["b"][1].astype(jnp.float32) - 1.0
-        ) ** 2
+        return (
+            jnp.sum((w - 2.0) ** 2)
+            + jnp.sum(p["b"][0].astype(jnp.float32) ** 2)
+            + (p["b"][1].astype(jnp.float32) - 1.0) ** 2
+        )
 
     opt = tp.nonlinear_cg()
     state = opt.init(params)
@@ -296,7 +303,7 @@ def test_works_inside_chain_and_info_finds_state():
         x = optax.apply_updates(x, u)
     assert int(tp.info(state).cg_iterations) == 3
     # optax's helper reads the cached value and gradient.
-    value, grad = optax.value_and_grad_from_state(f)(x, state=state)
+    value, _ = optax.value_and_grad_from_state(f)(x, state=state)
     assert float(value) == pytest.approx(float(f(x)))
 
 

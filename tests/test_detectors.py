@@ -44,7 +44,7 @@ def test_window_estimate_is_unbiased_for_the_full_batch_norm():
     det = tp.grad_norm_peak(window=200)
     _, state = feed(det, np.full(200, 0.05), noise=1.0, seed=1)
     assert abs(float(state.grad_norm_stat) - 0.05) < 0.03
-    fires, state = feed(det, np.full(200, 0.05), noise=0.0)
+    _, state = feed(det, np.full(200, 0.05), noise=0.0)
     assert float(state.grad_norm_stat) == pytest.approx(0.05, rel=1e-4)
 
 
@@ -82,8 +82,13 @@ def test_exact_grad_norm_peak_uses_value_fn_once_per_window():
     state = det.init(params)
     for t in range(12):
         state, _ = det.update(
-            state, grad=jnp.zeros(2), grad_norm=jnp.zeros([]), value=None,
-            step=jnp.asarray(t), params=params, value_fn=value_fn,
+            state,
+            grad=jnp.zeros(2),
+            grad_norm=jnp.zeros([]),
+            value=None,
+            step=jnp.asarray(t),
+            params=params,
+            value_fn=value_fn,
         )
     assert int(state.value_and_grad_evals) == 2
     assert float(state.grad_norm_stat) == pytest.approx(5.0)
@@ -117,8 +122,11 @@ def test_norm_loss_slope_needs_value():
     det = tp.norm_loss_slope(window=2)
     with pytest.raises(TypeError, match="value"):
         det.update(
-            det.init(jnp.zeros(2)), grad=jnp.zeros(2), grad_norm=jnp.zeros([]),
-            value=None, step=jnp.asarray(0),
+            det.init(jnp.zeros(2)),
+            grad=jnp.zeros(2),
+            grad_norm=jnp.zeros([]),
+            value=None,
+            step=jnp.asarray(0),
         )
 
 

@@ -68,7 +68,9 @@ def test_failure_when_no_decrease_exists(make):
     # Not a descent direction numerically: every trial is worse.
     f = lambda x: jnp.abs(x) + 1.0
     evaluate = lambda step: (f(step) + step * 0 + 1.0, step * 0, jnp.ones_like(step))
-    r = make().search(evaluate, jnp.asarray(1.0), jnp.asarray(0.0), jnp.asarray(-1.0), jnp.asarray(1.0))
+    r = make().search(
+        evaluate, jnp.asarray(1.0), jnp.asarray(0.0), jnp.asarray(-1.0), jnp.asarray(1.0)
+    )
     assert bool(r.failed)
     assert float(r.step) == 0.0
     assert float(r.value) == 1.0

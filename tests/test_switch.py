@@ -1,5 +1,7 @@
 """Tests for twophase.switch: two_phase, adam_cg, adam_lbfgs."""
 
+import itertools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -86,8 +88,11 @@ def test_switch_step_and_phase1_equals_nonlinear_cg():
 
 def test_training_switches_compiles_once_and_cg_lowers_full_loss_every_iteration(count_traces):
     opt = tp.adam_cg(5e-3, window=N // BATCH)
-    traced = count_traces(lambda p, s, x, y: opt.update(
-        jax.grad(loss)(p, x, y), s, p, value=loss(p, x, y), value_fn=FULL))
+    traced = count_traces(
+        lambda p, s, x, y: opt.update(
+            jax.grad(loss)(p, x, y), s, p, value=loss(p, x, y), value_fn=FULL
+        )
+    )
     step = jax.jit(traced)
     p, s = PARAMS, opt.init(PARAMS)
     cg_losses = []
@@ -100,7 +105,7 @@ def test_training_switches_compiles_once_and_cg_lowers_full_loss_every_iteration
     info = tp.info(s)
     assert int(info.phase) == 1 and int(info.switch_step) > 0
     assert len(cg_losses) > 10
-    assert all(b <= a + 1e-7 * abs(a) for a, b in zip(cg_losses, cg_losses[1:]))
+    assert all(b <= a + 1e-7 * abs(a) for a, b in itertools.pairwise(cg_losses))
     assert cg_losses[-1] < 0.5 * cg_losses[0]
     assert count_traces.counter["n"] == 1
 
@@ -201,7 +206,9 @@ def test_adam_lbfgs_reuses_stored_value_and_grad():
         return FULL(p)
 
     opt = tp.adam_lbfgs(1e-2, detector=tp.switch_at(1))
-    step = jax.jit(lambda p, s: opt.update(jax.grad(FULL)(p), s, p, value=FULL(p), value_fn=counted))
+    step = jax.jit(
+        lambda p, s: opt.update(jax.grad(FULL)(p), s, p, value=FULL(p), value_fn=counted)
+    )
     p, s = PARAMS, opt.init(PARAMS)
     losses = []
     for _ in range(10):

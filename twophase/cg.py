@@ -320,7 +320,9 @@ def nonlinear_cg(
     if restart_threshold is not None and not (
         isinstance(restart_threshold, (int, float)) and 0 < restart_threshold <= 1
     ):
-        raise ValueError(f"`restart_threshold` must be in (0, 1] or None, got {restart_threshold!r}.")
+        raise ValueError(
+            f"`restart_threshold` must be in (0, 1] or None, got {restart_threshold!r}."
+        )
     if restart_every is not None and (
         not isinstance(restart_every, int) or isinstance(restart_every, bool) or restart_every < 1
     ):
@@ -334,7 +336,8 @@ def nonlinear_cg(
     stored_preconditioner = preconditioner is not None and not callable(preconditioner)
     if isinstance(preconditioner, str) and preconditioner != "state":
         raise ValueError(
-            f"`preconditioner` must be None, 'state', a pytree or a callable, got {preconditioner!r}."
+            "`preconditioner` must be None, 'state', a pytree or a callable, "
+            f"got {preconditioner!r}."
         )
 
     def init_fn(params):
@@ -377,7 +380,9 @@ def nonlinear_cg(
         z_prev = apply_scales(grad_prev)
         gz = optax.tree.vdot(grad, z)
         beta_k = beta_fn(grad, grad_prev, direction_prev, z, z_prev).astype(gz.dtype)
-        candidate = jax.tree.map(lambda z_, d: (-z_ + beta_k * d).astype(z_.dtype), z, direction_prev)
+        candidate = jax.tree.map(
+            lambda z_, d: (-z_ + beta_k * d).astype(z_.dtype), z, direction_prev
+        )
         slope_candidate = optax.tree.vdot(grad, candidate)
         restart = ~jnp.isfinite(beta_k)
         # Not a (numerically) descent direction.
@@ -434,9 +439,9 @@ def nonlinear_cg(
             fresh_start = state.restart_next | ~cached
             steepest = optax.tree.scale(-1.0, apply_scales(grad))
             direction = _select(fresh_start, steepest, state.direction)
-            slope0 = jnp.where(
-                fresh_start, optax.tree.vdot(grad, steepest), state.slope
-            ).astype(dtype)
+            slope0 = jnp.where(fresh_start, optax.tree.vdot(grad, steepest), state.slope).astype(
+                dtype
+            )
 
             # First trial step.
             x_inf = _max_abs(params)
@@ -553,7 +558,9 @@ def set_preconditioner(state: PyTree, scales: PyTree) -> PyTree:
                     "`state` holds a nonlinear_cg state without a stored preconditioner; "
                     "build it with nonlinear_cg(preconditioner='state')."
                 )
-            new = jax.tree.map(lambda s, old: jnp.asarray(s, old.dtype), scales, node.preconditioner)
+            new = jax.tree.map(
+                lambda s, old: jnp.asarray(s, old.dtype), scales, node.preconditioner
+            )
             return node._replace(preconditioner=new, restart_next=jnp.asarray(True))
         return node
 

@@ -123,8 +123,8 @@ class _Window(NamedTuple):
 
 
 def _window_init(params, exact: bool) -> _Window:
-    grad_sum = None if exact else jax.tree.map(
-        lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params
+    grad_sum = (
+        None if exact else jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
     )
     zero = jnp.zeros([], jnp.float32)
     return _Window(grad_sum, zero, zero, jnp.zeros([], jnp.int32))
@@ -429,7 +429,7 @@ def _combine(detectors: tuple[Detector, ...], reduce, name: str) -> Detector:
         return tuple(d.init(params) for d in detectors)
 
     def update(state, **kwargs):
-        results = [d.update(s, **kwargs) for d, s in zip(detectors, state)]
+        results = [d.update(s, **kwargs) for d, s in zip(detectors, state, strict=True)]
         states = tuple(s for s, _ in results)
         fires = jnp.stack([jnp.asarray(f) for _, f in results])
         return states, reduce(fires)

@@ -70,6 +70,7 @@ def _only(found: list, what: str):
 
 def _with_field(tree: Any, field: str):
     """First NamedTuple in ``tree`` (depth first) that has ``field``."""
+
     def is_named(x):
         return isinstance(x, tuple) and hasattr(x, "_fields")
 

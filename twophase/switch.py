@@ -174,9 +174,7 @@ def two_phase(
         if params is None:
             raise TypeError("two_phase.update requires `params`.")
         if detector.needs_value and value is None:
-            raise TypeError(
-                "this detector needs the mini-batch loss: pass `value=` to update."
-            )
+            raise TypeError("this detector needs the mini-batch loss: pass `value=` to update.")
         second_evaluates_itself = _holds(state.second_state, _cg.NonlinearCGState)
         if fallback is not None and not second_evaluates_itself:
             raise TypeError("`fallback` needs a second phase that holds a nonlinear_cg.")
@@ -200,8 +198,12 @@ def two_phase(
                     value_fn=value_fn,
                 )
                 new_updates, first_state = first.update(
-                    updates, state.first_state, params, value_fn=value_fn,
-                    **value_kwargs, **extra_args,
+                    updates,
+                    state.first_state,
+                    params,
+                    value_fn=value_fn,
+                    **value_kwargs,
+                    **extra_args,
                 )
                 new_updates = jax.tree.map(
                     lambda u, p: u.astype(jnp.result_type(p)), new_updates, params
@@ -236,8 +238,13 @@ def two_phase(
                     state.second_state, params, value_and_grad
                 )
                 new_updates, second_state = second.update(
-                    cur_grad, state.second_state, params,
-                    value=cur_value, grad=cur_grad, value_fn=value_fn, **extra_args,
+                    cur_grad,
+                    state.second_state,
+                    params,
+                    value=cur_value,
+                    grad=cur_grad,
+                    value_fn=value_fn,
+                    **extra_args,
                 )
             new_updates = jax.tree.map(
                 lambda u, p: u.astype(jnp.result_type(p)), new_updates, params
@@ -280,8 +287,9 @@ def _value_and_grad_from_state(second_state, params, value_and_grad):
             stored_value,
             jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), stored_grad, params),
         ),
-        lambda: jax.tree.map(lambda x, ref: x.astype(ref.dtype),
-                             value_and_grad(params), (stored_value, stored_grad)),
+        lambda: jax.tree.map(
+            lambda x, ref: x.astype(ref.dtype), value_and_grad(params), (stored_value, stored_grad)
+        ),
     )
 
 
@@ -382,9 +390,7 @@ def adam_cg(
         detector = _default_detector(window, min_steps)
     elif not isinstance(detector, _det.Detector):
         raise ValueError(f"`detector` must be a twophase Detector or None, got {detector!r}.")
-    second = _cg.nonlinear_cg(
-        beta, linesearch, preconditioner="state" if precondition else None
-    )
+    second = _cg.nonlinear_cg(beta, linesearch, preconditioner="state" if precondition else None)
     return two_phase(
         optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
         second,
