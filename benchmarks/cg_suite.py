@@ -30,7 +30,8 @@ and ranks them by the geometric mean of their evaluation ratios to scipy CG.
 
 Usage::
 
-    python benchmarks/cg_suite.py [--quick] [--problems NAME ...] [--sweep] [--jobs N]
+    python benchmarks/cg_suite.py [--quick] [--problems NAME ...] [--starts K]
+                                  [--sweep full|focused] [--jobs N]
 """
 
 from __future__ import annotations
@@ -168,6 +169,25 @@ def make_problems() -> dict[str, Problem]:
     return {p.name: p._replace(x0=strongly_typed(p.x0)) for p in problems}
 
 
+def perturbed(problem: Problem, start: int) -> Problem:
+    """Start ``0`` is the standard point; start ``k > 0`` scales it by ``1 + 1e-10 u`` with
+    ``u`` uniform in [-1, 1] (seed ``k``). CG iteration counts are chaotic in the start (a
+    1e-10 change can move them by 2x on some problems), so single runs rank solvers noisily;
+    ``--starts K`` reports the median over ``K`` starts."""
+    if start == 0:
+        return problem
+    u = np.random.default_rng(start).uniform(-1.0, 1.0, problem.x0.shape)
+    return problem._replace(x0=strongly_typed(problem.x0 * (1.0 + 1e-10 * jnp.asarray(u))))
+
+
+def median_result(results: Sequence[Result]) -> Result:
+    """The run with the median evaluation count (the lower median for an even count); it
+    counts as converged only if every run converged."""
+    ordered = sorted(results, key=lambda r: (not r.converged, r.evals))
+    middle = ordered[(len(ordered) - 1) // 2]
+    return middle._replace(converged=all(r.converged for r in results))
+
+
 # --------------------------------------------------------------------------- counting
 
 
@@ -241,7 +261,7 @@ class CGVariant:
 
     beta: str = DEFAULT_BETA
     c2: float | None = None  # None: the default line search
-    initial_step: str = "max"
+    initial_step: str = "max"  # keep in step with twophase.nonlinear_cg's default
     restart_threshold: float | None = 0.2
 
     def build(self) -> optax.GradientTransformationExtraArgs:
@@ -383,7 +403,7 @@ def run_jaxopt_cg(problem: Problem, caps: Caps) -> Result:
 def solvers() -> dict[str, Callable[[Problem, Caps], Result]]:
     """Columns of the default table."""
     columns = {
-        f"twophase {beta}": (lambda p, c, b=beta: run_twophase(p, CGVariant(beta=b), c))
+        f"twophase {beta}": (lambda p, c, b=beta: run_twophase(p, CGVariant(beta=b), c))  # default line search
         for beta in BETAS
     }
     columns["scipy CG"] = run_scipy_cg
@@ -461,9 +481,30 @@ def sweep_variants() -> list[CGVariant]:
     return [CGVariant(b, c2, s, r) for b, c2, s, r in grid]
 
 
-def _sweep_one(variant: CGVariant, names: Sequence[str], caps: Caps) -> list[Result]:
+def focused_variants() -> list[CGVariant]:
+    """The neighbourhood of the best variants of the full sweep, for a run with ``--starts``."""
+    grid = itertools.product(
+        ("polak_ribiere", "hestenes_stiefel", "hager_zhang"),
+        (0.1, 0.2, 0.3),
+        ("slope",),
+        (0.2, None),
+    )
+    return [CGVariant(b, c2, s, r) for b, c2, s, r in grid]
+
+
+def _sweep_one(
+    variant: CGVariant, names: Sequence[str], caps: Caps, starts: int = 1
+) -> list[Result]:
     problems = make_problems()
-    return [run_twophase(problems[n], variant, caps, count_host=False) for n in names]
+    return [
+        median_result(
+            [
+                run_twophase(perturbed(problems[n], k), variant, caps, count_host=False)
+                for k in range(starts)
+            ]
+        )
+        for n in names
+    ]
 
 
 def run_sweep(
@@ -472,12 +513,19 @@ def run_sweep(
     caps: Caps,
     scipy_results: dict[str, Result],
     jobs: int,
+    starts: int = 1,
 ) -> str:
     """Runs every variant on every problem (in ``jobs`` processes) and ranks them."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
         outcomes = list(
-            pool.map(_sweep_one, variants, itertools.repeat(names), itertools.repeat(caps))
+            pool.map(
+                _sweep_one,
+                variants,
+                itertools.repeat(names),
+                itertools.repeat(caps),
+                itertools.repeat(starts),
+            )
         )
     scored = []
     for variant, results in zip(variants, outcomes, strict=True):
@@ -509,7 +557,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="caps of 5000 (default 20000)")
     parser.add_argument("--problems", nargs="+", choices=names, default=names)
-    parser.add_argument("--sweep", action="store_true", help="also sweep twophase variants")
+    parser.add_argument(
+        "--sweep",
+        choices=("full", "focused"),
+        default=None,
+        help="also sweep twophase variants: the full grid or the neighbourhood of the best",
+    )
+    parser.add_argument(
+        "--starts", type=int, default=1, help="median over this many perturbed starts"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="processes for the sweep")
     parser.add_argument("--max-evals", type=int, default=None)
     parser.add_argument("--max-iters", type=int, default=None)
@@ -532,7 +588,10 @@ def main(argv: Sequence[str]) -> None:
     columns = solvers()
     results: dict[str, dict[str, Result]] = {}
     for name in args.problems:
-        results[name] = {c: run(problems[name], caps) for c, run in columns.items()}
+        results[name] = {
+            c: median_result([run(perturbed(problems[name], k), caps) for k in range(args.starts)])
+            for c, run in columns.items()
+        }
     print(default_table(results, list(columns)))
     notes = consistency_notes(results)
     if notes:
@@ -540,7 +599,8 @@ def main(argv: Sequence[str]) -> None:
     if args.sweep:
         scipy_results = {n: results[n]["scipy CG"] for n in args.problems}
         start = time.perf_counter()
-        table = run_sweep(sweep_variants(), args.problems, caps, scipy_results, args.jobs)
+        variants = sweep_variants() if args.sweep == "full" else focused_variants()
+        table = run_sweep(variants, args.problems, caps, scipy_results, args.jobs, args.starts)
         print(f"\nSweep of twophase variants ({time.perf_counter() - start:.0f} s), ranked by the")
         print("geometric mean of evaluation ratios to scipy CG (no conv counts as inf):\n")
         print(table)

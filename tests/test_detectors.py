@@ -169,7 +169,7 @@ def test_property_fires_after_peak_and_not_before_min_steps(peak, noise, min_ste
         (tp.norm_loss_slope, dict(patience=0), "patience"),
         (tp.norm_loss_slope, dict(history=2), "history"),
         (tp.norm_loss_slope, dict(z_score=0.0), "z_score"),
-        (tp.switch_at, dict(step=-1), "step"),
+        (tp.switch_at, dict(step=0), "step"),
     ],
 )
 def test_bad_arguments(make, kwargs, name):

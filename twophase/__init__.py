@@ -16,6 +16,7 @@ from twophase.cg import (
     polak_ribiere,
     set_preconditioner,
 )
+from twophase.checkpoint import latest_step, restore_checkpoint, save_checkpoint
 from twophase.detectors import (
     Detector,
     all_of,
@@ -39,6 +40,7 @@ from twophase.switch import (
     adam_second_moment_preconditioner,
     two_phase,
 )
+from twophase.training import TrainResult, history_columns, train
 
 __version__ = "0.1.0"
 
@@ -50,6 +52,7 @@ __all__ = [
     "LineSearch",
     "LineSearchResult",
     "NonlinearCGState",
+    "TrainResult",
     "TwoPhaseState",
     "adam_cg",
     "adam_lbfgs",
@@ -64,12 +67,17 @@ __all__ = [
     "grad_norm_peak",
     "hager_zhang",
     "hestenes_stiefel",
+    "history_columns",
     "info",
+    "latest_step",
     "nonlinear_cg",
     "norm_loss_slope",
     "polak_ribiere",
+    "restore_checkpoint",
+    "save_checkpoint",
     "set_preconditioner",
     "switch_at",
+    "train",
     "two_phase",
     "wolfe_linesearch",
 ]

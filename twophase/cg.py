@@ -68,6 +68,11 @@ class BetaFn(Protocol):
     ) -> jax.Array: ...
 
 
+def _vdot(a: PyTree, b: PyTree) -> jax.Array:
+    """``optax.tree.vdot`` that is also an array for empty trees."""
+    return jnp.asarray(optax.tree.vdot(a, b))
+
+
 def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     """``numerator / denominator``, or 0 (a steepest-descent restart) when the
     denominator is too small to trust in its dtype."""
@@ -81,7 +86,7 @@ def fletcher_reeves(grad, grad_prev, direction_prev, precond_grad, precond_grad_
     """Fletcher-Reeves (1964): ``beta = <g_k, z_k> / <g_{k-1}, z_{k-1}>``."""
     del direction_prev
     return _safe_divide(
-        optax.tree.vdot(grad, precond_grad), optax.tree.vdot(grad_prev, precond_grad_prev)
+        _vdot(grad, precond_grad), _vdot(grad_prev, precond_grad_prev)
     )
 
 
@@ -93,7 +98,7 @@ def polak_ribiere(grad, grad_prev, direction_prev, precond_grad, precond_grad_pr
     del direction_prev
     y = optax.tree.sub(grad, grad_prev)
     beta = _safe_divide(
-        optax.tree.vdot(precond_grad, y), optax.tree.vdot(grad_prev, precond_grad_prev)
+        _vdot(precond_grad, y), _vdot(grad_prev, precond_grad_prev)
     )
     return jnp.maximum(beta, 0)
 
@@ -102,14 +107,14 @@ def hestenes_stiefel(grad, grad_prev, direction_prev, precond_grad, precond_grad
     """Hestenes-Stiefel (1952): ``beta = <z_k, y> / <d_{k-1}, y>``, ``y = g_k - g_{k-1}``."""
     del precond_grad_prev
     y = optax.tree.sub(grad, grad_prev)
-    return _safe_divide(optax.tree.vdot(precond_grad, y), optax.tree.vdot(direction_prev, y))
+    return _safe_divide(_vdot(precond_grad, y), _vdot(direction_prev, y))
 
 
 def dai_yuan(grad, grad_prev, direction_prev, precond_grad, precond_grad_prev):
     """Dai-Yuan (1999): ``beta = <g_k, z_k> / <d_{k-1}, y>``, ``y = g_k - g_{k-1}``."""
     del precond_grad_prev
     y = optax.tree.sub(grad, grad_prev)
-    return _safe_divide(optax.tree.vdot(grad, precond_grad), optax.tree.vdot(direction_prev, y))
+    return _safe_divide(_vdot(grad, precond_grad), _vdot(direction_prev, y))
 
 
 def hager_zhang(grad, grad_prev, direction_prev, precond_grad, precond_grad_prev):
@@ -124,13 +129,13 @@ def hager_zhang(grad, grad_prev, direction_prev, precond_grad, precond_grad_prev
     """
     y = optax.tree.sub(grad, grad_prev)
     precond_y = optax.tree.sub(precond_grad, precond_grad_prev)
-    dy = optax.tree.vdot(direction_prev, y)
-    beta_n = _safe_divide(optax.tree.vdot(y, precond_grad), dy) - 2 * _safe_divide(
-        optax.tree.vdot(y, precond_y) * optax.tree.vdot(direction_prev, grad), dy * dy
+    dy = _vdot(direction_prev, y)
+    beta_n = _safe_divide(_vdot(y, precond_grad), dy) - 2 * _safe_divide(
+        _vdot(y, precond_y) * _vdot(direction_prev, grad), dy * dy
     )
     # Euclidean norms, as in Hager & Zhang (2005); the bound is a safeguard only.
-    g_prev_norm = jnp.sqrt(optax.tree.vdot(grad_prev, grad_prev))
-    d_norm = jnp.sqrt(optax.tree.vdot(direction_prev, direction_prev))
+    g_prev_norm = jnp.sqrt(_vdot(grad_prev, grad_prev))
+    d_norm = jnp.sqrt(_vdot(direction_prev, direction_prev))
     eta = _safe_divide(jnp.asarray(-1.0, beta_n.dtype), d_norm * jnp.minimum(0.01, g_prev_norm))
     return jnp.where(eta < 0, jnp.maximum(beta_n, eta), beta_n)
 
@@ -378,17 +383,17 @@ def nonlinear_cg(
         dtype = jnp.result_type(*jax.tree.leaves(grad)) if jax.tree.leaves(grad) else jnp.float32
         z = apply_scales(grad)
         z_prev = apply_scales(grad_prev)
-        gz = optax.tree.vdot(grad, z)
+        gz = _vdot(grad, z)
         beta_k = beta_fn(grad, grad_prev, direction_prev, z, z_prev).astype(gz.dtype)
         candidate = jax.tree.map(
             lambda z_, d: (-z_ + beta_k * d).astype(z_.dtype), z, direction_prev
         )
-        slope_candidate = optax.tree.vdot(grad, candidate)
+        slope_candidate = _vdot(grad, candidate)
         restart = ~jnp.isfinite(beta_k)
         # Not a (numerically) descent direction.
         restart |= ~(slope_candidate < -jnp.finfo(dtype).eps * gz)
         if restart_threshold is not None:  # Powell (1977)
-            restart |= jnp.abs(optax.tree.vdot(z, grad_prev)) >= restart_threshold * gz
+            restart |= jnp.abs(_vdot(z, grad_prev)) >= restart_threshold * gz
         if restart_every is not None:
             restart |= since_restart + 1 >= restart_every
         direction = _select(restart, optax.tree.scale(-1.0, z), candidate)
@@ -429,7 +434,7 @@ def nonlinear_cg(
         def apply_scales(tree):
             return tree if scales is None else optax.tree.mul(scales, tree)
 
-        grad_sq = optax.tree.vdot(grad, grad).astype(dtype)
+        grad_sq = _vdot(grad, grad).astype(dtype)
         finite_here = jnp.isfinite(value) & jnp.isfinite(grad_sq)
         converged = grad_sq <= jnp.asarray(grad_tol, dtype) ** 2
 
@@ -439,7 +444,7 @@ def nonlinear_cg(
             fresh_start = state.restart_next | ~cached
             steepest = optax.tree.scale(-1.0, apply_scales(grad))
             direction = _select(fresh_start, steepest, state.direction)
-            slope0 = jnp.where(fresh_start, optax.tree.vdot(grad, steepest), state.slope).astype(
+            slope0 = jnp.where(fresh_start, _vdot(grad, steepest), state.slope).astype(
                 dtype
             )
 
@@ -466,7 +471,7 @@ def nonlinear_cg(
                 delta = _scaled_update(step, direction, params)
                 f, g = value_and_grad(optax.apply_updates(params, delta))
                 g = _to_compute(g)
-                return f.astype(dtype), g, optax.tree.vdot(g, direction).astype(dtype)
+                return f.astype(dtype), g, _vdot(g, direction).astype(dtype)
 
             result = search.search(evaluate, value, grad, slope0, trial)
             failed = result.failed

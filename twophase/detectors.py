@@ -147,7 +147,7 @@ def _window_norm_estimate(w: _Window) -> jax.Array:
     """Unbiased estimate of the full-batch norm from a complete window (see the
     module docstring); a window of one step gives that step's norm."""
     m = w.count.astype(jnp.float32)
-    s_sq = optax.tree.vdot(w.grad_sum, w.grad_sum).astype(jnp.float32)
+    s_sq = jnp.asarray(optax.tree.vdot(w.grad_sum, w.grad_sum)).astype(jnp.float32)
     unbiased = (s_sq - w.sq_norm_sum) / jnp.maximum(m * (m - 1.0), 1.0)
     single = w.sq_norm_sum
     return jnp.sqrt(jnp.maximum(jnp.where(m > 1, unbiased, single), 0.0))
@@ -161,7 +161,7 @@ def _window_close(w: _Window, params, value_fn, exact: bool):
     if value_fn is None:
         raise TypeError("grad_norm_peak(exact=True) needs `value_fn` at every update.")
     _, grad = as_value_and_grad(value_fn, params)(params)
-    return optax.tree.norm(grad).astype(jnp.float32), mean_value, jnp.ones([], jnp.int32)
+    return jnp.asarray(optax.tree.norm(grad)).astype(jnp.float32), mean_value, jnp.ones([], jnp.int32)
 
 
 def _window_reset(w: _Window) -> _Window:
@@ -403,9 +403,10 @@ class SwitchAtState(NamedTuple):
 
 def switch_at(step: int) -> Detector:
     """A fixed switch, as in the paper's experiments: the first second-phase step
-    is phase-0 step number ``step`` (0-based), i.e. after ``step`` first-phase
-    steps. ``switch_at(0)`` runs the second phase from the start."""
-    _check_int("step", step, 0)
+    is step number ``step`` (0-based), i.e. after ``step >= 1`` first-phase steps.
+    (A detector decides after a first-phase step, so at least one is made; for
+    the second phase from the start use it directly, e.g. ``nonlinear_cg()``.)"""
+    _check_int("step", step, 1)
     switch_step = step
 
     def init(params):

@@ -32,6 +32,9 @@ class Info(NamedTuple):
       grad_norm: Euclidean norm of the gradient stored with ``value``.
       nonfinite_events: int32, CG updates skipped because the objective or its
         gradient at the current point was not finite.
+      consecutive_failures: int32, the current run of CG iterations that made no
+        progress (failed line searches or non-finite current points); 0 after a
+        successful step. While it is positive the update was zero.
       phase: int32, 0 (first phase) or 1 (second phase).
       switch_step: int32, index of the first second-phase step, -1 before.
       step: int32, ``update`` calls so far.
@@ -48,6 +51,7 @@ class Info(NamedTuple):
     value: jax.Array | None = None
     grad_norm: jax.Array | None = None
     nonfinite_events: jax.Array | None = None
+    consecutive_failures: jax.Array | None = None
     phase: jax.Array | None = None
     switch_step: jax.Array | None = None
     step: jax.Array | None = None
@@ -59,7 +63,20 @@ class Info(NamedTuple):
 
 def _find(state: Any, kind: type) -> list:
     nodes = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kind))
-    return [n for n in nodes if isinstance(n, kind)]
+    return [_unwrap_variables(n) for n in nodes if isinstance(n, kind)]
+
+
+def _is_flax_variable(x: Any) -> bool:
+    """Duck-typed test for a ``flax.nnx.Variable`` (e.g. the ``OptArray`` leaves
+    of an ``nnx.Optimizer``'s ``opt_state``), without importing flax."""
+    return type(x).__module__.startswith("flax.") and callable(getattr(x, "get_value", None))
+
+
+def _unwrap_variables(node: Any) -> Any:
+    """``node`` with every flax Variable replaced by its value."""
+    return jax.tree.map(
+        lambda x: x.get_value() if _is_flax_variable(x) else x, node, is_leaf=_is_flax_variable
+    )
 
 
 def _only(found: list, what: str):
@@ -107,8 +124,9 @@ def info(state: Any) -> Info:
             restarts=cg.restarts,
             linesearch_failures=cg.linesearch_failures,
             value=cg.value,
-            grad_norm=optax.tree.norm(cg.grad).astype(jnp.result_type(cg.value)),
+            grad_norm=jnp.asarray(optax.tree.norm(cg.grad)).astype(jnp.result_type(cg.value)),
             nonfinite_events=cg.nonfinite_events,
+            consecutive_failures=cg.consecutive_failures,
         )
     if two is not None:
         detector_evals = _with_field(two.detector_state, "value_and_grad_evals")

@@ -58,6 +58,14 @@ class TwoPhaseState(NamedTuple):
     fallbacks: jax.Array
 
 
+def _strongly_typed(tree: Any) -> Any:
+    """Drops weak types from an inner state (``optax.lbfgs`` initialises some
+    scalars weakly typed and returns them strongly typed, which would retrace a
+    jitted step once); the switch re-initialises ``second`` inside ``lax.cond``,
+    whose branches must agree on types."""
+    return jax.tree.map(lambda x: lax.convert_element_type(x, jnp.asarray(x).dtype), tree)
+
+
 def _holds(tree: Any, kind: type) -> bool:
     return any(
         isinstance(n, kind) for n in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kind))
@@ -159,8 +167,8 @@ def two_phase(
             step=izero,
             phase0_steps=izero,
             detector_state=detector.init(params),
-            first_state=first.init(params),
-            second_state=second.init(params),
+            first_state=_strongly_typed(first.init(params)),
+            second_state=_strongly_typed(second.init(params)),
             skipped_steps=izero,
             fallbacks=izero,
         )
@@ -187,7 +195,7 @@ def two_phase(
                 finite &= jnp.all(jnp.isfinite(value))
 
             def run(state: TwoPhaseState):
-                grad_norm = optax.tree.norm(updates).astype(jnp.float32)
+                grad_norm = jnp.asarray(optax.tree.norm(updates)).astype(jnp.float32)
                 detector_state, fire = detector.update(
                     state.detector_state,
                     grad=updates,
@@ -265,7 +273,7 @@ def two_phase(
             return new_updates, new_state
 
         def _fresh_second(first_state, params):
-            fresh = second.init(params)
+            fresh = _strongly_typed(second.init(params))
             return fresh if handover is None else handover(first_state, fresh, params)
 
         new_updates, new_state = lax.cond(state.phase == 0, phase0, phase1, state)

@@ -1,0 +1,137 @@
+"""Shared helpers for ``benchmarks/switching.py`` and ``benchmarks/overhead.py``.
+
+Small tanh MLPs written as plain pytrees (a list of ``(w, b)`` pairs), the mean-squared-error
+loss the paper uses, the benchmark problems of ``switching.py`` and a deterministic mini-batch
+schedule. Everything is float32 and seeded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = list  # [(w, b), ...]
+
+
+def mlp_init(seed: int, sizes: Sequence[int], gain: float = 1.0) -> Params:
+    """Dense layers ``sizes[0] -> ... -> sizes[-1]``: weights ``N(0, gain^2 / fan_in)``,
+    zero biases."""
+    rng = np.random.default_rng(seed)
+    params = []
+    for fan_in, fan_out in itertools.pairwise(sizes):
+        w = rng.standard_normal((fan_in, fan_out)) * gain / np.sqrt(fan_in)
+        params.append((jnp.asarray(w, jnp.float32), jnp.zeros(fan_out, jnp.float32)))
+    return params
+
+
+def mlp_apply(params: Params, x: jax.Array) -> jax.Array:
+    """tanh hidden layers, linear output."""
+    for w, b in params[:-1]:
+        x = jnp.tanh(x @ w + b)
+    w, b = params[-1]
+    return x @ w + b
+
+
+def mse(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Mean over examples and outputs of the squared error (the paper's loss)."""
+    return jnp.mean(jnp.square(mlp_apply(params, x) - y))
+
+
+def count_params(params: Params) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+
+
+class Problem(NamedTuple):
+    """A training problem: full data set, student architecture and Adam settings.
+
+    ``learning_rates`` are the Adam learning rates swept; the best (lowest full-batch training
+    loss after the budget) is used by every method on that problem.
+    """
+
+    name: str
+    kind: str
+    x: np.ndarray
+    y: np.ndarray
+    sizes: tuple[int, ...]
+    batch_size: int
+    learning_rates: tuple[float, ...]
+    init_seed: int = 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.x.shape[0] // self.batch_size
+
+    def init(self) -> Params:
+        return mlp_init(self.init_seed, self.sizes)
+
+
+def teacher_student(n: int = 4096, seed: int = 0) -> Problem:
+    """Realizable regression: a tanh MLP teacher labels Gaussian inputs; the student has the
+    same architecture (different initialisation), so the minimum loss is 0."""
+    rng = np.random.default_rng(seed)
+    sizes = (16, 32, 32, 1)
+    x = rng.standard_normal((n, sizes[0])).astype(np.float32)
+    teacher = mlp_init(seed + 100, sizes, gain=1.5)
+    y = np.asarray(mlp_apply(teacher, jnp.asarray(x)), np.float32)
+    return Problem(
+        "teacher-student", "realizable regression", x, y, sizes, 64, (3e-4, 1e-3, 3e-3, 1e-2)
+    )
+
+
+def digits() -> Problem:
+    """sklearn's 8x8 digits (1797 images), MSE on one-hot targets, a 64-32-10 tanh MLP."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    y = np.eye(10, dtype=np.float32)[data.target]
+    return Problem(
+        "digits", "classification (MSE, one-hot)", x, y, (64, 32, 10), 64, (1e-3, 3e-3, 1e-2, 3e-2)
+    )
+
+
+def friedman(n: int = 2048, seed: int = 0) -> Problem:
+    """Friedman #1 regression with noise (not realizable, targets of scale ~10, loss ~1-30)."""
+    from sklearn.datasets import make_friedman1
+
+    x, y = make_friedman1(n_samples=n, n_features=10, noise=1.0, random_state=seed)
+    return Problem(
+        "friedman1",
+        "noisy regression, large scale",
+        x.astype(np.float32),
+        y[:, None].astype(np.float32),
+        (10, 32, 1),
+        64,
+        (1e-3, 3e-3, 1e-2, 3e-2),
+    )
+
+
+def problems() -> list[Problem]:
+    return [teacher_student(), digits(), friedman()]
+
+
+def batch_schedule(n: int, batch_size: int, epochs: int, seed: int = 0) -> np.ndarray:
+    """``(epochs, steps_per_epoch, batch_size)`` int32 indices: a fresh permutation per epoch,
+    the incomplete last batch dropped. The same schedule serves every method."""
+    rng = np.random.default_rng(seed)
+    steps = n // batch_size
+    perms = [rng.permutation(n)[: steps * batch_size] for _ in range(epochs)]
+    return np.stack(perms).reshape(epochs, steps, batch_size).astype(np.int32)
+
+
+def command_line() -> str:
+    """The exact command that ran this script."""
+    return " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *sys.argv])
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,315 @@
+"""twophase.training.train: phase-aware epochs, cost accounting, stops, checkpoints."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import twophase as tp
+from twophase.training import TrainResult, history_columns, train
+
+N = 512
+BATCH = 128
+STEPS = N // BATCH  # steps per epoch
+SWITCH_EPOCHS = 2
+
+# Loss calls actually executed, by batch size (BATCH: mini-batch, N: full batch).
+CALLS: collections.Counter = collections.Counter()
+
+
+def _record(size):
+    CALLS[int(size)] += 1
+
+
+def forward(params, x):
+    return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+
+
+def loss_fn(params, batch):
+    x, y = batch
+    jax.debug.callback(_record, x.shape[0])
+    return jnp.mean((forward(params, x) - y) ** 2)
+
+
+def plain_loss(params, batch):
+    x, y = batch
+    return jnp.mean((forward(params, x) - y) ** 2)
+
+
+def accuracy(params, batch):
+    x, y = batch
+    return jnp.mean(jnp.argmax(forward(params, x), -1) == jnp.argmax(y, -1)).astype(jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    datasets = pytest.importorskip("sklearn.datasets")
+    x, y = datasets.load_digits(return_X_y=True)
+    x = jnp.asarray(x / 16.0, jnp.float32)
+    y = jax.nn.one_hot(jnp.asarray(y), 10, dtype=jnp.float32)
+    return (x[:N], y[:N]), (x[N : N + 200], y[N : N + 200])
+
+
+@pytest.fixture(scope="module")
+def params0():
+    k1, k2 = jax.random.split(jax.random.key(0))
+    return {
+        "w1": 0.3 * jax.random.normal(k1, (64, 32)),
+        "b1": jnp.zeros(32),
+        "w2": 0.3 * jax.random.normal(k2, (32, 10)),
+        "b2": jnp.zeros(10),
+    }
+
+
+# One optimizer object shared by the tests: train's compilations are cached per
+# (loss_fn, optimizer, shapes), so the tests below compile it once.
+ADAM_CG = tp.adam_cg(1e-2, detector=tp.switch_at(SWITCH_EPOCHS * STEPS))
+ADAM = optax.adam(1e-2)
+
+
+@pytest.fixture(scope="module")
+def two_phase_run(digits, params0):
+    CALLS.clear()
+    result = train(
+        loss_fn, params0, digits[0], ADAM_CG, batch_size=BATCH, max_epochs=6, progress=False
+    )
+    jax.effects_barrier()
+    return result, dict(CALLS)
+
+
+def test_history_keys_and_columns(two_phase_run):
+    result, _ = two_phase_run
+    assert isinstance(result, TrainResult)
+    assert result.stop_reason == "max_epochs"
+    assert len(result.history) == 6
+    expected = {
+        "epoch", "phase", "steps", "train_loss", "grad_norm", "grad_norm_stat", "switch_step",
+        "epoch_cost", "cost", "wall_seconds", "nonfinite", "skipped_steps",
+    }  # fmt: skip
+    assert set(result.history[0]) == expected
+    columns = history_columns(result.history)
+    assert columns["epoch"] == [1, 2, 3, 4, 5, 6]
+    assert columns["phase"] == [0, 0, 1, 1, 1, 1]
+    assert columns["steps"] == [STEPS, STEPS, 1, 1, 1, 1]
+    assert columns["grad_norm_stat"] == [None] * 6  # switch_at has no statistic
+    assert columns["switch_step"][-1] == SWITCH_EPOCHS * STEPS
+    assert not any(columns["nonfinite"])
+    assert all(b >= a for a, b in itertools.pairwise(columns["wall_seconds"]))
+    assert history_columns([{"a": 1}, {"b": 2}]) == {"a": [1, None], "b": [None, 2]}
+
+
+def test_cost_accounting_and_no_minibatch_gradients_in_phase1(two_phase_run):
+    result, calls = two_phase_run
+    columns = history_columns(result.history)
+    assert columns["epoch_cost"][:2] == [1.0, 1.0]
+    cg_costs = columns["epoch_cost"][2:]
+    assert all(c >= 1 and float(c).is_integer() for c in cg_costs)
+    evals = int(tp.info(result.opt_state).value_and_grad_evals)
+    assert sum(cg_costs) == evals
+    np.testing.assert_allclose(columns["cost"], np.cumsum(columns["epoch_cost"]))
+    # Executed loss calls: mini-batches only in the two Adam epochs; full-batch
+    # ones = the optimizer's evaluations + one monitoring evaluation per epoch.
+    assert calls.get(BATCH, 0) == SWITCH_EPOCHS * STEPS
+    assert calls[N] == evals + len(result.history)
+
+
+def test_cg_epochs_decrease_loss(two_phase_run, digits, params0):
+    result, _ = two_phase_run
+    losses = history_columns(result.history)["train_loss"]
+    assert all(b < a for a, b in itertools.pairwise(losses[SWITCH_EPOCHS - 1 :])), losses
+    assert losses[-1] < 0.6 * float(plain_loss(params0, digits[0]))
+    assert int(tp.info(result.opt_state).cg_iterations) == 4
+    np.testing.assert_allclose(float(plain_loss(result.params, digits[0])), losses[-1], rtol=1e-5)
+
+
+def test_stop_on_cost_budget(digits, params0):
+    result = train(
+        loss_fn, params0, digits[0], ADAM_CG, batch_size=BATCH, max_epochs=50,
+        cost_budget=4.5, progress=False,
+    )  # fmt: skip
+    costs = history_columns(result.history)["cost"]
+    assert result.stop_reason == "cost_budget"
+    assert costs[-1] >= 4.5 > costs[-2]
+
+
+def test_stop_on_grad_tol(digits, params0):
+    result = train(
+        loss_fn, params0, digits[0], ADAM_CG, batch_size=BATCH, max_epochs=50,
+        grad_tol=1e3, progress=False,
+    )  # fmt: skip
+    assert result.stop_reason == "grad_tol"
+    assert len(result.history) == 1
+
+
+def test_adam_only_with_metrics_val_and_progress(digits, params0):
+    (train_data, val_data) = digits
+    params_before = jax.tree.map(np.asarray, params0)
+    result = train(
+        plain_loss, params0, train_data, ADAM, batch_size=BATCH, max_epochs=8,
+        val_data=val_data, metrics={"acc": accuracy}, progress=True,
+    )  # fmt: skip
+    columns = history_columns(result.history)
+    assert set(columns["phase"]) == {0}
+    assert columns["epoch_cost"] == [1.0] * 8
+    assert columns["grad_norm_stat"] == [None] * 8
+    assert columns["train_loss"][-1] < 0.5 * columns["train_loss"][0]
+    assert columns["train_acc"][-1] > 0.6
+    np.testing.assert_allclose(
+        columns["val_acc"][-1], float(accuracy(result.params, val_data)), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        columns["val_loss"][-1], float(plain_loss(result.params, val_data)), rtol=1e-5
+    )
+    # donation never touches the caller's parameters
+    jax.tree.map(np.testing.assert_array_equal, params0, params_before)
+
+
+def test_bare_cg_is_always_phase1(digits, params0):
+    cg = tp.nonlinear_cg()
+    result = train(plain_loss, params0, digits[0], cg, max_epochs=3, progress=False, donate=False)
+    columns = history_columns(result.history)
+    assert columns["phase"] == [1, 1, 1]
+    assert sum(columns["epoch_cost"]) == int(tp.info(result.opt_state).value_and_grad_evals)
+    assert all(b < a for a, b in itertools.pairwise(columns["train_loss"]))
+
+
+def test_nonfinite_data_does_not_crash(digits, params0):
+    x, y = digits[0]
+    bad = (x.at[3].set(jnp.nan), y)
+    result = train(loss_fn, params0, bad, ADAM_CG, batch_size=BATCH, max_epochs=3, progress=False)
+    columns = history_columns(result.history)
+    assert all(columns["nonfinite"])
+    assert all(math.isnan(v) for v in columns["train_loss"])
+    # one mini-batch per Adam epoch holds the bad example: skipped, params stay finite
+    assert columns["skipped_steps"][:2] == [1, 2]
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(result.params))
+
+
+def test_batch_larger_than_data_is_full_batch(digits, params0):
+    x, y = digits[0]
+    small = (x[:100], y[:100])
+    result = train(plain_loss, params0, small, ADAM, batch_size=512, max_epochs=2, progress=False)
+    assert history_columns(result.history)["steps"] == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": -3}, "batch_size"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"cost_budget": 0}, "cost_budget"),
+        ({"cost_budget": -1.0}, "cost_budget"),
+        ({"grad_tol": 0.0}, "grad_tol"),
+        ({"full_batch_size": 0}, "full_batch_size"),
+        ({"checkpoint_every": 2}, "checkpoint_every"),
+        ({"metrics": {"acc": 3}}, "metrics"),
+        ({"val_data": (jnp.zeros((3, 64)), jnp.zeros((4, 10)))}, "val_data"),
+    ],
+)
+def test_bad_arguments(kwargs, name, params0):
+    data = (jnp.zeros((8, 64)), jnp.zeros((8, 10)))
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        train(plain_loss, params0, data, ADAM, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        (jnp.zeros((8, 64)), jnp.zeros((7, 10))),
+        (jnp.zeros((0, 64)), jnp.zeros((0, 10))),
+        (),
+    ],
+)
+def test_bad_data(data, params0):
+    with pytest.raises(ValueError, match="`data`"):
+        train(plain_loss, params0, data, ADAM, progress=False)
+
+
+def test_checkpoint_resume(tmp_path, digits, params0):
+    pytest.importorskip("twophase.checkpoint")
+    pytest.importorskip("orbax.checkpoint")
+    kwargs = dict(batch_size=BATCH, progress=False, seed=3)
+    full = train(plain_loss, params0, digits[0], ADAM, max_epochs=4, **kwargs)
+
+    directory = tmp_path / "ckpt"
+    first = train(
+        plain_loss, params0, digits[0], ADAM, max_epochs=2, checkpoint_dir=directory,
+        checkpoint_every=1, **kwargs,
+    )  # fmt: skip
+    assert len(first.history) == 2
+    from twophase.checkpoint import latest_step
+
+    assert latest_step(directory) == 2
+    resumed = train(
+        plain_loss, params0, digits[0], ADAM, max_epochs=4, checkpoint_dir=directory, **kwargs
+    )
+    assert latest_step(directory) == 4
+    assert history_columns(resumed.history)["epoch"] == [1, 2, 3, 4]
+    np.testing.assert_allclose(
+        history_columns(resumed.history)["train_loss"],
+        history_columns(full.history)["train_loss"],
+        rtol=1e-5,
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        resumed.params,
+        full.params,
+    )
+    # A finished run resumes to nothing more.
+    again = train(
+        plain_loss, params0, digits[0], ADAM, max_epochs=4, checkpoint_dir=directory, **kwargs
+    )
+    assert len(again.history) == 4
+
+
+def test_checkpoint_resume_two_phase_state(tmp_path, digits, params0):
+    pytest.importorskip("twophase.checkpoint")
+    pytest.importorskip("orbax.checkpoint")
+    kwargs = dict(batch_size=BATCH, progress=False)
+    directory = tmp_path / "ckpt"
+    train(loss_fn, params0, digits[0], ADAM_CG, max_epochs=3, checkpoint_dir=directory, **kwargs)
+    resumed = train(
+        loss_fn, params0, digits[0], ADAM_CG, max_epochs=5, checkpoint_dir=directory, **kwargs
+    )
+    columns = history_columns(resumed.history)
+    assert columns["phase"] == [0, 0, 1, 1, 1]
+    assert int(tp.info(resumed.opt_state).cg_iterations) == 3
+
+
+@pytest.mark.slow
+def test_default_detector_epoch_window(digits, params0):
+    optimizer = tp.adam_cg(3e-2, window=STEPS)
+    result = train(
+        plain_loss, params0, digits[0], optimizer, batch_size=BATCH, max_epochs=60,
+        progress=False,
+    )  # fmt: skip
+    columns = history_columns(result.history)
+    assert columns["train_loss"][-1] < 0.3 * columns["train_loss"][0]
+    assert any(s is not None for s in columns["grad_norm_stat"])
+    if 1 in columns["phase"]:
+        first = columns["phase"].index(1)
+        assert all(c == 1 for c in columns["phase"][first:])
+        cg_losses = columns["train_loss"][first - 1 :]
+        assert all(b <= a for a, b in itertools.pairwise(cg_losses))
+
+
+@pytest.mark.slow
+def test_switch_inside_an_epoch_skips_its_remaining_steps(digits, params0):
+    optimizer = tp.adam_cg(1e-2, detector=tp.switch_at(STEPS + 1))
+    result = train(
+        plain_loss, params0, digits[0], optimizer, batch_size=BATCH, max_epochs=4, progress=False
+    )
+    columns = history_columns(result.history)
+    assert columns["phase"] == [0, 0, 1, 1]
+    assert columns["steps"][:2] == [STEPS, 1]
+    assert columns["epoch_cost"][1] == 1 / STEPS
+    assert int(tp.info(result.opt_state).switch_step) == STEPS + 1

@@ -1,0 +1,560 @@
+"""A ready-made training loop: :func:`train` drives any optax optimizer, and a
+:func:`twophase.two_phase` one phase-aware (mini-batch epochs, then one
+full-batch CG iteration per epoch).
+
+Example::
+
+    import twophase as tp
+    from twophase.training import train, history_columns
+
+    def loss_fn(params, batch):          # MEAN loss over the batch
+        x, y = batch
+        return jnp.mean((model(params, x) - y) ** 2)
+
+    result = train(loss_fn, params, (x, y), tp.adam_cg(1e-3, window=len(x) // 512),
+                   batch_size=512, max_epochs=200, cost_budget=300)
+    columns = history_columns(result.history)   # {"epoch": [...], "train_loss": [...]}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import operator
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax.tree
+from jax import lax
+
+from twophase.info import info as _info
+from twophase.objectives import full_batch
+
+__all__ = ["TrainResult", "history_columns", "train"]
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+HISTORY_FILE = "history.json"
+"""Name of the JSON side file that holds the history next to the checkpoints."""
+
+_MINIBATCH, _TWO_PHASE, _CG = "minibatch", "two_phase", "cg"
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train` returns.
+
+    Attributes:
+      params: the final parameters.
+      opt_state: the final optimizer state.
+      history: one dict per epoch (see :func:`train`), including the epochs
+        restored from a checkpoint.
+      stop_reason: why training stopped: ``"max_epochs"``, ``"cost_budget"`` or
+        ``"grad_tol"``.
+    """
+
+    params: PyTree
+    opt_state: PyTree
+    history: list[dict[str, Any]]
+    stop_reason: str
+
+
+def history_columns(history: list[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Turns :func:`train`'s per-epoch records into columns.
+
+    Returns:
+      ``{key: [value of epoch 1, value of epoch 2, ...]}`` over the union of the
+      records' keys (in first-seen order); a record lacking a key gives ``None``.
+    """
+    keys: dict[str, None] = {}
+    for record in history:
+        keys.update(dict.fromkeys(record))
+    return {k: [record.get(k) for record in history] for k in keys}
+
+
+# --------------------------------------------------------------------------- #
+# Argument checks.
+
+
+def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, bool):
+        try:
+            number = operator.index(value)
+        except TypeError:
+            number = None
+        if number is not None and number >= 1:
+            return number
+    expected = "a positive int" + (" or None" if allow_none else "")
+    raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
+
+
+def _positive_number(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"`{name}` must be a positive number or None, got {value!r}.")
+    return float(value)
+
+
+def _num_examples(name: str, data: PyTree) -> int:
+    leaves = jax.tree.leaves(data)
+    if not leaves:
+        raise ValueError(f"`{name}` must contain at least one array leaf, got {data!r}.")
+    shapes = [np.shape(x) for x in leaves]
+    if any(len(s) == 0 for s in shapes):
+        raise ValueError(f"`{name}` leaves need a leading example axis, got shapes {shapes}.")
+    sizes = {s[0] for s in shapes}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"`{name}` leaves must share the leading (example) size, got shapes {shapes}."
+        )
+    (n,) = sizes
+    if n == 0:
+        raise ValueError(f"`{name}` is empty: its leaves have 0 examples.")
+    return n
+
+
+def _optimizer_mode(opt_state: PyTree) -> str:
+    try:
+        diagnostics = _info(opt_state)
+    except ValueError:
+        return _MINIBATCH
+    return _CG if diagnostics.phase is None else _TWO_PHASE
+
+
+# --------------------------------------------------------------------------- #
+# The loop.
+
+
+def train(
+    loss_fn: LossFn,
+    params: PyTree,
+    data: PyTree,
+    optimizer: optax.GradientTransformation,
+    *,
+    batch_size: int = 512,
+    max_epochs: int = 100,
+    cost_budget: float | None = None,
+    grad_tol: float | None = None,
+    full_batch_size: int | None = None,
+    val_data: PyTree | None = None,
+    metrics: Mapping[str, Callable[[PyTree, PyTree], jax.Array]] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    donate: bool = True,
+) -> TrainResult:
+    """Trains ``params`` on ``data`` epoch by epoch.
+
+    **Optimizers.** ``optimizer`` is any optax transformation; how an epoch runs
+    depends on its state:
+
+    * a state holding a :func:`twophase.two_phase` state (e.g.
+      :func:`twophase.adam_cg`): each epoch is run in the phase the state is in
+      at its start (``twophase.info(state).phase``; a ``fallback`` back to
+      phase 0 is followed);
+    * a bare :func:`twophase.nonlinear_cg` (or a chain holding one): every epoch
+      is a phase-1 epoch;
+    * anything else (``optax.adam``, ...): every epoch is a mini-batch epoch.
+
+    **Phase-0 (mini-batch) epoch**: one pass over a fresh random permutation of
+    the ``N`` examples (``jax.random``, seeded by ``seed``, inside one jitted
+    ``lax.scan``) in ``N // batch_size`` batches of exactly ``batch_size``
+    examples; the last ``N % batch_size`` examples of the permutation are
+    dropped for this epoch (every step has the same shape, so the epoch
+    compiles once; different examples are dropped each epoch). If
+    ``batch_size >= N`` each epoch is one full-batch step. Each step calls
+    ``optimizer.update(grad, state, params, value=batch_loss,
+    value_fn=full_batch_objective)``. Once a two-phase optimizer switches in the
+    middle of an epoch, the remaining steps of that epoch are skipped (no
+    gradient is computed), and the next epoch is a phase-1 epoch.
+
+    **Phase-1 epoch**: ONE optimizer step that computes no mini-batch gradient:
+    it passes zero updates and a dummy ``value=0`` (the detectors use ``value``
+    only in phase 0); CG evaluates the full-batch objective itself.
+
+    The full-batch objective is ``twophase.full_batch(loss_fn, data,
+    batch_size=full_batch_size)`` (the exact mean over all ``N`` examples,
+    evaluated in chunks).
+
+    **History**: a list with one dict per epoch (:func:`history_columns` turns
+    it into columns):
+
+    * ``epoch``: 1-based epoch number; ``phase``: 0 (mini-batch epoch) or 1 (CG
+      step); ``steps``: optimizer ``update`` calls made in the epoch;
+    * ``train_loss``, ``grad_norm``: full-batch objective and the Euclidean norm
+      of its gradient, measured after the epoch;
+    * ``grad_norm_stat``: the detector's statistic (``info.grad_norm_stat``),
+      ``None`` if the optimizer has none; ``switch_step``: ``info.switch_step``
+      (``None`` likewise);
+    * ``epoch_cost`` and ``cost`` (cumulative), in epoch equivalents: a phase-0
+      epoch counts ``steps / (N // batch_size)`` (1 for a whole epoch), plus
+      the increase of ``info.value_and_grad_evals`` during the epoch, i.e. one
+      per full-batch value-and-gradient evaluation made by the optimizer (CG's
+      evaluations including its line search's; an exact-norm detector's in
+      phase 0). The monitoring evaluations (``train_loss``, ``grad_norm``,
+      metrics, validation) are NOT counted;
+    * ``wall_seconds``: cumulative wall-clock time of training (compilation
+      included, monitoring included);
+    * ``nonfinite``: whether ``train_loss`` or ``grad_norm`` is not finite;
+      ``skipped_steps``: the two-phase optimizer's cumulative count of steps it
+      skipped for a non-finite gradient or loss (``None`` for other optimizers).
+      Non-finite values never raise; training goes on (a two-phase optimizer
+      skips such steps itself; another optimizer may leave NaN parameters);
+    * ``val_loss`` (if ``val_data``), and for each ``name`` in ``metrics``:
+      ``train_<name>`` on ``data`` and ``val_<name>`` on ``val_data`` (if given),
+      all full-batch means over chunks of ``full_batch_size`` (so metrics, like
+      ``loss_fn``, must be MEANS over the batch).
+
+    **Stops** (checked after each epoch, in this order): ``grad_tol`` when the
+    full-batch gradient norm is ``<= grad_tol``; ``cost_budget`` once the
+    cumulative cost is ``>= cost_budget`` (the last epoch may overshoot the
+    budget by part of an epoch); ``max_epochs`` epochs in total (restored ones
+    included).
+
+    **Checkpoints** (``checkpoint_dir``; needs :mod:`twophase.checkpoint`, i.e.
+    orbax-checkpoint): ``{"params", "opt_state", "key", "epoch"}`` is saved
+    as step ``epoch`` every ``checkpoint_every`` epochs (if given) and after the
+    last epoch, and the history up to that epoch is written atomically to the
+    JSON side file ``<checkpoint_dir>/history.json`` (a local directory is
+    assumed). On start, if ``checkpoint_dir`` holds a checkpoint, training
+    resumes from its latest step: parameters, optimizer state and RNG key are
+    restored (the ``params`` argument only supplies the structure), the history
+    records up to that epoch are read back, and cost and wall time continue
+    from the last restored record. An unchanged rerun of a finished run
+    therefore returns at once.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> jax.Array`` of shape ``()``, the MEAN
+        loss over ``batch`` (a pytree like ``data`` with a leading batch axis).
+      params: initial parameters (pytree of arrays). Not modified: ``train``
+        works on a copy even with ``donate=True``.
+      data: pytree of arrays, all with the same leading example size ``N >= 1``.
+      optimizer: an optax transformation (see above).
+      batch_size: mini-batch size, a positive int.
+      max_epochs: maximum number of epochs, a positive int.
+      cost_budget: ``None`` or a positive number of epoch equivalents.
+      grad_tol: ``None`` or a positive gradient-norm tolerance.
+      full_batch_size: chunk size of the full-batch evaluations, a positive int
+        or ``None`` (all ``N`` at once).
+      val_data: ``None`` or a pytree like ``data`` (any number of examples).
+      metrics: ``None`` or ``{name: fn(params, batch) -> scalar mean}``.
+      seed: seed of the shuffling key.
+      progress: show a tqdm progress bar (epoch, phase, loss, grad norm, cost).
+      checkpoint_dir: ``None`` or a directory for checkpoints (see above).
+      checkpoint_every: ``None`` or a positive int (needs ``checkpoint_dir``).
+      donate: donate the parameter and optimizer-state buffers to the jitted
+        epoch functions (saves memory on accelerators).
+
+    Returns:
+      A :class:`TrainResult`.
+
+    Raises:
+      ValueError: a bad argument (the message names it): ``batch_size``,
+        ``max_epochs``, ``full_batch_size`` or ``checkpoint_every`` not a
+        positive int; ``cost_budget`` or ``grad_tol`` not positive; ``data`` or
+        ``val_data`` empty, with a scalar leaf, or with leaves of different
+        leading sizes; ``metrics`` not a mapping of callables;
+        ``checkpoint_every`` without ``checkpoint_dir``.
+    """
+    batch_size = _positive_int("batch_size", batch_size)
+    max_epochs = _positive_int("max_epochs", max_epochs)
+    cost_budget = _positive_number("cost_budget", cost_budget)
+    grad_tol = _positive_number("grad_tol", grad_tol)
+    full_batch_size = _positive_int("full_batch_size", full_batch_size, allow_none=True)
+    checkpoint_every = _positive_int("checkpoint_every", checkpoint_every, allow_none=True)
+    if checkpoint_every is not None and checkpoint_dir is None:
+        raise ValueError("`checkpoint_every` needs `checkpoint_dir`.")
+    n = _num_examples("data", data)
+    if val_data is not None:
+        _num_examples("val_data", val_data)
+    metrics = dict(metrics or {})
+    for name, fn in metrics.items():
+        if not isinstance(name, str) or not callable(fn):
+            raise ValueError(
+                f"`metrics` must map names to callables fn(params, batch), got {name!r}: {fn!r}."
+            )
+    if not callable(loss_fn):
+        raise ValueError(f"`loss_fn` must be callable, got {loss_fn!r}.")
+
+    batch = min(batch_size, n)
+    steps_per_epoch = n // batch
+    data = jax.device_put(data)
+    val_data = None if val_data is None else jax.device_put(val_data)
+
+    params = jax.tree.map(jnp.array, params)
+    # Copies: the caller's buffers survive donation, and no two donated leaves share
+    # a buffer (an init may reuse one zeros array for several state fields).
+    opt_state = jax.tree.map(jnp.array, optax.with_extra_args_support(optimizer).init(params))
+    mode = _optimizer_mode(opt_state)
+
+    config = _Config(
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        mode=mode,
+        num_examples=n,
+        batch=batch,
+        steps_per_epoch=steps_per_epoch,
+        full_batch_size=full_batch_size,
+        metrics=tuple(metrics.items()),
+    )
+    if donate:
+        phase0_epoch_jit, phase1_step_jit = _phase0_epoch_donating, _phase1_step_donating
+    else:
+        phase0_epoch_jit, phase1_step_jit = _phase0_epoch, _phase1_step
+
+    # ---- state, possibly restored ------------------------------------------
+    key = jax.random.PRNGKey(seed)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if checkpoint_dir is not None:
+        from twophase import checkpoint as _checkpoint
+
+        if _checkpoint.latest_step(checkpoint_dir) is not None:
+            target = {
+                "params": params,
+                "opt_state": opt_state,
+                "key": key,
+                "epoch": jnp.zeros([], jnp.int32),
+            }
+            _, restored = _checkpoint.restore_checkpoint(checkpoint_dir, target)
+            params, opt_state, key = restored["params"], restored["opt_state"], restored["key"]
+            start_epoch = int(restored["epoch"])
+            history = [r for r in _read_history(checkpoint_dir) if r["epoch"] <= start_epoch]
+
+    def diagnostics(opt_state):
+        if mode == _MINIBATCH:
+            return None
+        return jax.device_get(_info(opt_state))
+
+    cost = history[-1]["cost"] if history else 0.0
+    wall_offset = history[-1]["wall_seconds"] if history else 0.0
+    saved_epoch = start_epoch if start_epoch else None
+    # A resumed run that had already stopped does not continue.
+    reason = _stop_reason(history[-1], cost_budget, grad_tol) if history else None
+    stop_reason = reason or "max_epochs"
+
+    bar = _progress_bar(progress, max_epochs, start_epoch)
+    started = time.perf_counter()
+    try:
+        epoch = start_epoch
+        while epoch < max_epochs and reason is None:
+            epoch += 1
+            before = diagnostics(opt_state)
+            phase = 1 if mode == _CG or (mode == _TWO_PHASE and int(before.phase) == 1) else 0
+            if phase == 0:
+                params, opt_state, key, done = phase0_epoch_jit(
+                    params, opt_state, key, data, config=config
+                )
+                steps = int(done)
+                epoch_cost = steps / steps_per_epoch
+            else:
+                params, opt_state = phase1_step_jit(params, opt_state, data, config=config)
+                steps, epoch_cost = 1, 0.0
+            after = diagnostics(opt_state)
+            if after is not None and after.value_and_grad_evals is not None:
+                epoch_cost += int(after.value_and_grad_evals) - int(before.value_and_grad_evals)
+            cost += epoch_cost
+            measured = jax.device_get(_evaluate(params, data, val_data, config=config))
+            measured = {k: float(v) for k, v in measured.items()}
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "phase": phase,
+                "steps": steps,
+                "train_loss": measured.pop("train_loss"),
+                "grad_norm": measured.pop("grad_norm"),
+                "grad_norm_stat": _maybe_float(after, "grad_norm_stat"),
+                "switch_step": _maybe_int(after, "switch_step"),
+                "epoch_cost": epoch_cost,
+                "cost": cost,
+                "wall_seconds": wall_offset + time.perf_counter() - started,
+                "skipped_steps": _maybe_int(after, "skipped_steps"),
+            }
+            record["nonfinite"] = not (
+                math.isfinite(record["train_loss"]) and math.isfinite(record["grad_norm"])
+            )
+            record.update(measured)
+            history.append(record)
+            bar.update(1)
+            bar.set_postfix(
+                phase=phase,
+                loss=f"{record['train_loss']:.4g}",
+                grad_norm=f"{record['grad_norm']:.3g}",
+                cost=f"{cost:.4g}",
+            )
+            reason = _stop_reason(record, cost_budget, grad_tol)
+            stop_reason = reason or stop_reason
+            if checkpoint_dir is not None and checkpoint_every and epoch % checkpoint_every == 0:
+                _save(checkpoint_dir, epoch, params, opt_state, key, history)
+                saved_epoch = epoch
+        if checkpoint_dir is not None and saved_epoch != epoch:
+            _save(checkpoint_dir, epoch, params, opt_state, key, history)
+    finally:
+        bar.close()
+    return TrainResult(params, opt_state, history, stop_reason)
+
+
+# --------------------------------------------------------------------------- #
+# The jitted pieces, at module level so that repeated ``train`` calls with the
+# same loss, optimizer and shapes reuse their compilations (``config`` is a
+# static, hashable argument; functions compare by identity).
+
+
+class _Config(NamedTuple):
+    loss_fn: LossFn
+    optimizer: optax.GradientTransformation
+    mode: str
+    num_examples: int
+    batch: int
+    steps_per_epoch: int
+    full_batch_size: int | None
+    metrics: tuple[tuple[str, Callable[[PyTree, PyTree], jax.Array]], ...]
+
+
+def _objective(config: _Config, data: PyTree) -> Callable[[PyTree], jax.Array]:
+    return full_batch(config.loss_fn, data, batch_size=config.full_batch_size)
+
+
+def _phase0_epoch_impl(params, opt_state, key, data, *, config: _Config):
+    """One shuffled mini-batch epoch in a ``lax.scan``; steps after a switch are skipped."""
+    optimizer = optax.with_extra_args_support(config.optimizer)
+    key, shuffle_key = jax.random.split(key)
+    used = config.steps_per_epoch * config.batch
+    order = jax.random.permutation(shuffle_key, config.num_examples)[:used]
+    order = order.reshape(config.steps_per_epoch, config.batch)
+    value_fn = _objective(config, data)
+
+    def step(carry, indices):
+        def run(carry):
+            params, opt_state, done = carry
+            mini = jax.tree.map(lambda x: jnp.take(x, indices, axis=0), data)
+            loss, grad = jax.value_and_grad(config.loss_fn)(params, mini)
+            updates, opt_state = optimizer.update(
+                grad, opt_state, params, value=loss, value_fn=value_fn
+            )
+            return optax.apply_updates(params, updates), opt_state, done + 1
+
+        if config.mode == _TWO_PHASE:
+            return lax.cond(_info(carry[1]).phase == 0, run, lambda c: c, carry), None
+        return run(carry), None
+
+    init = (params, opt_state, jnp.zeros([], jnp.int32))
+    (params, opt_state, done), _ = lax.scan(step, init, order)
+    return params, opt_state, key, done
+
+
+def _phase1_step_impl(params, opt_state, data, *, config: _Config):
+    """One second-phase step: zero incoming updates, no mini-batch gradient."""
+    optimizer = optax.with_extra_args_support(config.optimizer)
+    updates, opt_state = optimizer.update(
+        optax.tree.zeros_like(params),
+        opt_state,
+        params,
+        value=jnp.zeros([], jnp.float32),
+        value_fn=_objective(config, data),
+    )
+    return optax.apply_updates(params, updates), opt_state
+
+
+def _evaluate_impl(params, data, val_data, *, config: _Config):
+    """The monitoring evaluations of one history record."""
+    size = config.full_batch_size
+    loss, grad = jax.value_and_grad(_objective(config, data))(params)
+    out = {"train_loss": loss, "grad_norm": optax.tree.norm(grad)}
+    for name, fn in config.metrics:
+        out[f"train_{name}"] = full_batch(fn, data, batch_size=size)(params)
+    if val_data is not None:
+        out["val_loss"] = full_batch(config.loss_fn, val_data, batch_size=size)(params)
+        for name, fn in config.metrics:
+            out[f"val_{name}"] = full_batch(fn, val_data, batch_size=size)(params)
+    return out
+
+
+_phase0_epoch = jax.jit(_phase0_epoch_impl, static_argnames="config")
+_phase0_epoch_donating = jax.jit(
+    _phase0_epoch_impl, static_argnames="config", donate_argnums=(0, 1)
+)
+_phase1_step = jax.jit(_phase1_step_impl, static_argnames="config")
+_phase1_step_donating = jax.jit(_phase1_step_impl, static_argnames="config", donate_argnums=(0, 1))
+_evaluate = jax.jit(_evaluate_impl, static_argnames="config")
+
+
+# --------------------------------------------------------------------------- #
+# Helpers of the loop.
+
+
+def _stop_reason(record, cost_budget, grad_tol) -> str | None:
+    if grad_tol is not None and record["grad_norm"] <= grad_tol:
+        return "grad_tol"
+    if cost_budget is not None and record["cost"] >= cost_budget:
+        return "cost_budget"
+    return None
+
+
+def _maybe_float(diagnostics, field: str) -> float | None:
+    value = None if diagnostics is None else getattr(diagnostics, field)
+    return None if value is None else float(value)
+
+
+def _maybe_int(diagnostics, field: str) -> int | None:
+    value = None if diagnostics is None else getattr(diagnostics, field)
+    return None if value is None else int(value)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(progress: bool, total: int, initial: int):
+    if not progress:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="epoch", unit="epoch")
+
+
+def _save(directory, epoch: int, params, opt_state, key, history) -> None:
+    from twophase import checkpoint as _checkpoint
+
+    state = {
+        "params": params,
+        "opt_state": opt_state,
+        "key": key,
+        "epoch": jnp.asarray(epoch, jnp.int32),
+    }
+    _checkpoint.save_checkpoint(directory, epoch, state, overwrite=True)
+    path = os.path.join(os.fspath(directory), HISTORY_FILE)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(history, f)
+    os.replace(tmp, path)
+
+
+def _read_history(directory) -> list[dict[str, Any]]:
+    path = os.path.join(os.fspath(directory), HISTORY_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
