@@ -72,17 +72,26 @@ class Problem(NamedTuple):
         return mlp_init(self.init_seed, self.sizes)
 
 
-def teacher_student(n: int = 4096, seed: int = 0) -> Problem:
+def teacher_student(
+    n: int = 4096,
+    seed: int = 0,
+    sizes: tuple[int, ...] = (16, 32, 32, 1),
+    name: str = "teacher-student",
+    batch_size: int = 64,
+) -> Problem:
     """Realizable regression: a tanh MLP teacher labels Gaussian inputs; the student has the
     same architecture (different initialisation), so the minimum loss is 0."""
     rng = np.random.default_rng(seed)
-    sizes = (16, 32, 32, 1)
     x = rng.standard_normal((n, sizes[0])).astype(np.float32)
     teacher = mlp_init(seed + 100, sizes, gain=1.5)
     y = np.asarray(mlp_apply(teacher, jnp.asarray(x)), np.float32)
-    return Problem(
-        "teacher-student", "realizable regression", x, y, sizes, 64, (3e-4, 1e-3, 3e-3, 1e-2)
-    )
+    return Problem(name, "realizable regression", x, y, sizes, batch_size, (3e-4, 1e-3, 3e-3, 1e-2))
+
+
+def small_teacher_student() -> Problem:
+    """A small, strongly overdetermined realizable regression (4-8-1, 1024 examples, Q = 20),
+    the regime of the paper's small models, where CG can reach the basin's bottom."""
+    return teacher_student(1024, 0, (4, 8, 1), "teacher-student-small", 32)
 
 
 def digits() -> Problem:
@@ -114,7 +123,7 @@ def friedman(n: int = 2048, seed: int = 0) -> Problem:
 
 
 def problems() -> list[Problem]:
-    return [teacher_student(), digits(), friedman()]
+    return [small_teacher_student(), teacher_student(), digits(), friedman()]
 
 
 def batch_schedule(n: int, batch_size: int, epochs: int, seed: int = 0) -> np.ndarray:

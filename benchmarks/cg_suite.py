@@ -68,7 +68,7 @@ import twophase  # noqa: E402
 
 GTOL = 1e-5
 BETAS = ("fletcher_reeves", "polak_ribiere", "hestenes_stiefel", "dai_yuan", "hager_zhang")
-DEFAULT_BETA = "hager_zhang"
+DEFAULT_BETA = "polak_ribiere"
 
 
 # --------------------------------------------------------------------------- problems
@@ -261,8 +261,8 @@ class CGVariant:
 
     beta: str = DEFAULT_BETA
     c2: float | None = None  # None: the default line search
-    initial_step: str = "max"  # keep in step with twophase.nonlinear_cg's default
-    restart_threshold: float | None = 0.2
+    initial_step: str = "slope"  # keep in step with twophase.nonlinear_cg's default
+    restart_threshold: float | str | None = "auto"
 
     def build(self) -> optax.GradientTransformationExtraArgs:
         linesearch = "wolfe" if self.c2 is None else twophase.wolfe_linesearch(c2=self.c2)
@@ -403,7 +403,7 @@ def run_jaxopt_cg(problem: Problem, caps: Caps) -> Result:
 def solvers() -> dict[str, Callable[[Problem, Caps], Result]]:
     """Columns of the default table."""
     columns = {
-        f"twophase {beta}": (lambda p, c, b=beta: run_twophase(p, CGVariant(beta=b), c))  # default line search
+        f"twophase {beta}": (lambda p, c, b=beta: run_twophase(p, CGVariant(beta=b), c))
         for beta in BETAS
     }
     columns["scipy CG"] = run_scipy_cg

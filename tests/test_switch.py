@@ -245,10 +245,14 @@ def test_missing_value_fn_is_a_type_error():
         opt.update(PARAMS, opt.init(PARAMS), PARAMS, value=jnp.asarray(1.0))
 
 
-def test_default_detector_needs_value():
-    opt = tp.adam_cg()
+def test_detector_that_needs_value_is_a_type_error_without_it():
+    opt = tp.adam_cg(detector=tp.norm_loss_slope(estimator="minibatch"))
     with pytest.raises(TypeError, match="value"):
         opt.update(PARAMS, opt.init(PARAMS), PARAMS, value_fn=FULL)
+    # The default detector evaluates the full-batch loss itself.
+    opt = tp.adam_cg()
+    u, _ = opt.update(PARAMS, opt.init(PARAMS), PARAMS, value_fn=FULL)
+    chex.assert_trees_all_equal_structs(u, PARAMS)
 
 
 @pytest.mark.parametrize(

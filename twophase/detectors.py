@@ -24,13 +24,13 @@ values. A detector that needs ``value`` sets ``needs_value=True`` and raises a
 ``grad_norm_stat``, ``grad_norm_max`` and ``value_and_grad_evals`` are reported
 by :func:`twophase.info`.
 
-Why the statistic is an estimate of the *full-batch* norm: the mean of
-mini-batch gradient norms converges to the sampling-noise floor, not to the
-full-batch norm, and hides the paper's peak late in training. Over a window of
-``m`` mini-batch gradients ``g_i`` with sum ``S`` and ``Q = sum ||g_i||^2``,
-``E ||S||^2 - Q = m (m - 1) ||G||^2`` for i.i.d. batches with mean gradient
-``G``, so ``(||S||^2 - Q) / (m (m - 1))`` is an unbiased estimate of the squared
-full-batch norm (the gradient drift within a window is neglected).
+Why the default statistic is the *exact* full-batch norm, evaluated once per
+window: the mean of mini-batch gradient norms converges to the sampling-noise
+floor, not to the full-batch norm, and hides the paper's peak late in training;
+and any estimate built from the optimiser's own stream of mini-batch gradients
+(e.g. the window-sum estimate, unbiased for independent draws) measures the
+path's displacement rather than the gradient at a point, and collapses (see
+``benchmarks/RESULTS.md``). A frozen point, evaluated in full, is what works.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from jax import lax
 from twophase.objectives import as_value_and_grad
 
 __all__ = [
+    "ESTIMATORS",
     "Detector",
     "GradNormPeakState",
     "NormLossSlopeState",
@@ -112,82 +113,94 @@ def _require_value(value, who: str) -> None:
 
 
 # --------------------------------------------------------------------------- #
-# Window accumulation of a full-batch gradient-norm estimate.
+# Window accumulation of a gradient-norm statistic.
+
+ESTIMATORS = ("exact", "minibatch", "window")
+
+
+def _check_estimator(estimator: Any) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"`estimator` must be one of {list(ESTIMATORS)}, got {estimator!r}.")
 
 
 class _Window(NamedTuple):
-    grad_sum: PyTree  # float32 sum of the window's gradients (None if exact)
-    sq_norm_sum: jax.Array  # float32 sum of squared gradient norms
+    grad_sum: PyTree  # float32 sum of the window's gradients ("window" estimator only)
+    sq_norm_sum: jax.Array  # float32 sum of squared mini-batch gradient norms
     value_sum: jax.Array  # float32 sum of mini-batch losses
-    count: jax.Array  # int32 steps in the current window
+    count: jax.Array  # int32 steps in the current window; 0 = sums are stale
 
 
-def _window_init(params, exact: bool) -> _Window:
-    grad_sum = (
-        None if exact else jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
-    )
+def _window_init(params, estimator: str) -> _Window:
+    grad_sum = None
+    if estimator == "window":
+        grad_sum = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
     zero = jnp.zeros([], jnp.float32)
     return _Window(grad_sum, zero, zero, jnp.zeros([], jnp.int32))
 
 
 def _window_add(w: _Window, grad, grad_norm, value) -> _Window:
+    # Sums are reset lazily by the first step of the next window, so that closing a
+    # window touches scalars only.
+    fresh = w.count == 0
     grad_sum = w.grad_sum
     if grad_sum is not None:
-        grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grad)
+        grad_sum = jax.tree.map(
+            lambda s, g: jnp.where(fresh, 0.0, s) + g.astype(jnp.float32), grad_sum, grad
+        )
     value_f32 = jnp.zeros([], jnp.float32) if value is None else jnp.asarray(value, jnp.float32)
     return _Window(
         grad_sum,
-        w.sq_norm_sum + jnp.square(grad_norm.astype(jnp.float32)),
-        w.value_sum + jnp.reshape(value_f32, ()),
+        jnp.where(fresh, 0.0, w.sq_norm_sum) + jnp.square(grad_norm.astype(jnp.float32)),
+        jnp.where(fresh, 0.0, w.value_sum) + jnp.reshape(value_f32, ()),
         w.count + 1,
     )
 
 
-def _window_norm_estimate(w: _Window) -> jax.Array:
-    """Unbiased estimate of the full-batch norm from a complete window (see the
-    module docstring); a window of one step gives that step's norm."""
+def _window_sum_estimate(w: _Window) -> jax.Array:
+    """``sqrt((||S||^2 - Q) / (m (m - 1)))`` over a complete window (one step: its norm).
+
+    Unbiased for the full-batch norm only if the window's mini-batch gradients were
+    independent draws at one point. Along an optimiser's own path they are not:
+    for SGD ``S = -(theta_end - theta_start) / lr`` exactly, so ``||S||`` measures
+    the window's net displacement, and once the optimiser hovers at its noise
+    level the estimate collapses to 0 (measured in ``benchmarks/switching.py``).
+    """
     m = w.count.astype(jnp.float32)
     s_sq = jnp.asarray(optax.tree.vdot(w.grad_sum, w.grad_sum)).astype(jnp.float32)
     unbiased = (s_sq - w.sq_norm_sum) / jnp.maximum(m * (m - 1.0), 1.0)
-    single = w.sq_norm_sum
-    return jnp.sqrt(jnp.maximum(jnp.where(m > 1, unbiased, single), 0.0))
+    return jnp.sqrt(jnp.maximum(jnp.where(m > 1, unbiased, w.sq_norm_sum), 0.0))
 
 
-def _window_close(w: _Window, params, value_fn, exact: bool):
-    """(norm statistic, mean loss, evaluations used) at the end of a window."""
-    mean_value = w.value_sum / jnp.maximum(w.count.astype(jnp.float32), 1.0)
-    if not exact:
-        return _window_norm_estimate(w), mean_value, jnp.zeros([], jnp.int32)
-    if value_fn is None:
-        raise TypeError("grad_norm_peak(exact=True) needs `value_fn` at every update.")
-    _, grad = as_value_and_grad(value_fn, params)(params)
-    return jnp.asarray(optax.tree.norm(grad)).astype(jnp.float32), mean_value, jnp.ones([], jnp.int32)
+def _on_window_end(w: _Window, window, params, value_fn, estimator: str):
+    """Closes the window when complete: ``(done, window, norm, loss, evaluations)``.
 
-
-def _window_reset(w: _Window) -> _Window:
-    return _Window(
-        None if w.grad_sum is None else optax.tree.zeros_like(w.grad_sum),
-        jnp.zeros_like(w.sq_norm_sum),
-        jnp.zeros_like(w.value_sum),
-        jnp.zeros_like(w.count),
-    )
-
-
-def _on_window_end(w: _Window, window: int, params, value_fn, exact: bool):
-    """Runs the window statistic only when the window is complete (``lax.cond``,
-    so an exact evaluation costs one full-batch gradient per window)."""
+    The statistic is computed under ``lax.cond``, so ``"exact"`` costs one
+    full-batch value-and-gradient evaluation per window and nothing in between;
+    only scalars leave the branch. ``loss`` is the full-batch loss (``"exact"``)
+    or the window's mean mini-batch loss.
+    """
     done = w.count >= window
+    if estimator == "exact" and value_fn is None:
+        raise TypeError("a detector with estimator='exact' needs `value_fn` at every update.")
 
     def close(w):
-        norm, mean_value, evals = _window_close(w, params, value_fn, exact)
-        return _window_reset(w), norm, mean_value, evals
+        mean_value = w.value_sum / jnp.maximum(w.count.astype(jnp.float32), 1.0)
+        if estimator == "exact":
+            value, grad = as_value_and_grad(value_fn, params)(params)
+            norm = jnp.asarray(optax.tree.norm(grad)).astype(jnp.float32)
+            return norm, value.astype(jnp.float32), jnp.ones([], jnp.int32)
+        if estimator == "minibatch":
+            norm = jnp.sqrt(w.sq_norm_sum / jnp.maximum(w.count.astype(jnp.float32), 1.0))
+        else:
+            norm = _window_sum_estimate(w)
+        return norm, mean_value, jnp.zeros([], jnp.int32)
 
     def keep(w):
         zero = jnp.zeros([], jnp.float32)
-        return w, zero, zero, jnp.zeros([], jnp.int32)
+        return zero, zero, jnp.zeros([], jnp.int32)
 
-    w, norm, mean_value, evals = lax.cond(done, close, keep, w)
-    return done, w, norm, mean_value, evals
+    norm, loss, evals = lax.cond(done, close, keep, w)
+    return done, w._replace(count=jnp.where(done, 0, w.count)), norm, loss, evals
 
 
 # --------------------------------------------------------------------------- #
@@ -199,10 +212,10 @@ class GradNormPeakState(NamedTuple):
 
     Attributes:
       window: running sums of the current window.
-      grad_norm_stat: float32, the last complete window's full-batch norm estimate.
+      grad_norm_stat: float32, the last complete window's gradient-norm statistic.
       grad_norm_max: float32, the largest ``grad_norm_stat`` so far.
       windows: int32, complete windows seen.
-      value_and_grad_evals: int32, full-batch evaluations made (``exact=True``).
+      value_and_grad_evals: int32, full-batch evaluations made (``"exact"``).
     """
 
     window: _Window
@@ -212,35 +225,55 @@ class GradNormPeakState(NamedTuple):
     value_and_grad_evals: jax.Array
 
 
+_ESTIMATOR_DOC = """
+    Estimators of the gradient norm at a window's end (``estimator``):
+
+    * ``"exact"`` (default): the full-batch gradient norm, and the full-batch
+      loss, evaluated through ``value_fn`` at the current parameters: one
+      full-batch value-and-gradient evaluation per window (counted in
+      ``twophase.info(state).value_and_grad_evals``; with ``window`` = steps per
+      epoch it adds one epoch-equivalent per epoch, so use a window of several
+      epochs to keep it cheap). No parameter-sized buffer, no per-step work
+      beyond a counter.
+    * ``"minibatch"``: the RMS of the window's mini-batch gradient norms. Free,
+      but biased upwards by sampling noise: late in training it sits at the
+      noise floor rather than at the full-batch norm.
+    * ``"window"``: ``sqrt((||S||^2 - Q) / (m (m - 1)))`` from the window's summed
+      gradient ``S`` and summed squared norms ``Q``, unbiased for independent
+      draws at one point. Measured along Adam's own path it collapses to 0 once
+      Adam hovers at its noise level (the window sum measures the net
+      displacement: for SGD, ``S = -(theta_end - theta_start) / lr``), on every
+      problem of ``benchmarks/switching.py``. Kept for study; one parameter-sized
+      float32 buffer.
+"""
+
+
 def grad_norm_peak(
     ratio: float = 0.9,
     window: int = 100,
     min_steps: int = 0,
     *,
-    exact: bool = False,
+    estimator: str = "exact",
 ) -> Detector:
-    """The paper's rule (Hrycej et al. 2025, Algorithm 1) on a full-batch norm.
+    """The paper's rule (Hrycej et al. 2025, Algorithm 1) on a gradient-norm statistic.
 
-    At the end of every window of ``window`` steps the full-batch gradient norm
-    is estimated (unbiasedly, from the window's mini-batch gradients; or, with
-    ``exact=True``, evaluated through ``value_fn`` at the current parameters, one
-    full-batch gradient per window, counted in ``info``). The detector fires when
-    that statistic has fallen to ``ratio`` times its running maximum or below,
-    once at least ``min_steps`` steps were seen. With ``window`` = steps per epoch
-    and ``exact=True`` this is Algorithm 1 exactly.
+    At the end of every window of ``window`` steps the gradient norm is measured
+    (see the estimators below). The detector fires when that statistic has
+    fallen to ``ratio`` times its running maximum or below, once at least
+    ``min_steps`` steps were seen. With ``window`` = steps per epoch and the
+    default ``"exact"`` estimator this is Algorithm 1 exactly.
 
-    Buffers: one parameter-sized float32 sum (none with ``exact=True``).
-
-    Caveat measured on a small classification MLP: the full-batch norm can
-    *fall* during a start-up transient of a few epochs and then plateau, so this
-    rule alone may fire far too early; use ``min_steps`` or combine it with
-    :func:`norm_loss_slope` (see :func:`twophase.adam_cg`).
-
+    Caveat, measured: the full-batch norm often *falls* during a start-up
+    transient (epoch 1 to 2), and fluctuates by tens of percent from epoch to
+    epoch, so this rule fires at epoch 2 on every problem of
+    ``benchmarks/switching.py`` and loses badly at equal cost there. Use
+    ``min_steps``, or :func:`norm_loss_slope`.
+    {estimators}
     Args:
       ratio: the paper's tolerance ``gnfact`` in ``(0, 1]``.
       window: steps per statistic (typically steps per epoch), ``>= 1``.
       min_steps: never fire before this many phase-0 steps, ``>= 0``.
-      exact: evaluate the exact full-batch norm once per window.
+      estimator: ``"exact"``, ``"minibatch"`` or ``"window"``.
 
     Returns:
       A :class:`Detector`.
@@ -248,15 +281,16 @@ def grad_norm_peak(
     _check_ratio(ratio)
     _check_int("window", window, 1)
     _check_int("min_steps", min_steps, 0)
+    _check_estimator(estimator)
 
     def init(params):
         zero = jnp.zeros([], jnp.float32)
         izero = jnp.zeros([], jnp.int32)
-        return GradNormPeakState(_window_init(params, exact), zero, zero, izero, izero)
+        return GradNormPeakState(_window_init(params, estimator), zero, zero, izero, izero)
 
     def update(state, *, grad, grad_norm, value=None, step, params=None, value_fn=None):
         w = _window_add(state.window, grad, grad_norm, value)
-        done, w, norm, _, evals = _on_window_end(w, window, params, value_fn, exact)
+        done, w, norm, _, evals = _on_window_end(w, window, params, value_fn, estimator)
         stat = jnp.where(done, norm, state.grad_norm_stat)
         peak = jnp.maximum(state.grad_norm_max, stat)
         windows = state.windows + done.astype(jnp.int32)
@@ -264,6 +298,9 @@ def grad_norm_peak(
         return GradNormPeakState(w, stat, peak, windows, state.value_and_grad_evals + evals), fire
 
     return Detector(init, update)
+
+
+grad_norm_peak.__doc__ = grad_norm_peak.__doc__.format(estimators=_ESTIMATOR_DOC)
 
 
 # --------------------------------------------------------------------------- #
@@ -283,6 +320,7 @@ class NormLossSlopeState(NamedTuple):
       slope_stderr: float32, its standard error.
       streak: int32, consecutive windows with a clearly positive slope.
       windows: int32, complete windows seen.
+      value_and_grad_evals: int32, full-batch evaluations made (``"exact"``).
     """
 
     window: _Window
@@ -294,6 +332,7 @@ class NormLossSlopeState(NamedTuple):
     slope_stderr: jax.Array
     streak: jax.Array
     windows: jax.Array
+    value_and_grad_evals: jax.Array
 
 
 def least_squares_slope(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -321,6 +360,7 @@ def norm_loss_slope(
     history: int = 4,
     z_score: float = 2.0,
     min_steps: int = 0,
+    estimator: str = "exact",
 ) -> Detector:
     """Fires once the gradient norm falls *with* the loss, clearly and for long.
 
@@ -328,49 +368,62 @@ def norm_loss_slope(
     basin around a minimum the gradient norm shrinks as the loss does, so the
     slope of norm against loss is positive; in the non-convex region the norm
     grows while the loss falls (negative slope). Every ``window`` steps this
-    detector adds a point (the window's mean mini-batch loss, the window's
-    unbiased full-batch norm estimate) and fits a least-squares line through the
-    last ``history`` points. A window counts when the slope exceeds ``z_score``
-    standard errors (clearly beyond the noise) *and* both the loss and the norm
-    estimate fell over the fitted span. It fires after ``patience`` consecutive
-    such windows, not before ``min_steps`` steps. A short start-up transient or
-    one noisy window does not fire; ``history + patience - 1`` windows of
-    sustained joint decrease do.
+    detector adds a point (loss, gradient norm) and fits a least-squares line
+    through the last ``history`` points. A window counts when the slope exceeds
+    ``z_score`` standard errors (clearly beyond the noise) *and* both the loss
+    and the norm fell over the fitted span. It fires after ``patience``
+    consecutive such windows, not before ``min_steps`` steps: a start-up
+    transient shorter than the fitted span, or one noisy window, does not fire;
+    ``history + patience - 1`` windows of sustained joint decrease do.
 
-    Needs ``value`` (the mini-batch loss) at every update.
-    Buffers: one parameter-sized float32 sum.
-
+    With ``"exact"`` the point is the full-batch (loss, gradient norm) at the
+    window's end; otherwise the window's mean mini-batch loss (``value`` is then
+    required at every update) and the chosen norm statistic.
+    {estimators}
     Args:
-      window: steps per point (typically steps per epoch), ``>= 1``.
+      window: steps per point (e.g. a few epochs' steps), ``>= 1``.
       patience: consecutive clear windows required, ``>= 1``.
       history: points in each fit, ``>= 3``.
       z_score: how many standard errors the slope must exceed, ``> 0``.
       min_steps: never fire before this many phase-0 steps, ``>= 0``.
+      estimator: ``"exact"``, ``"minibatch"`` or ``"window"``.
 
     Returns:
-      A :class:`Detector` with ``needs_value=True``.
+      A :class:`Detector` (``needs_value`` unless ``"exact"``).
     """
     _check_int("window", window, 1)
     _check_int("patience", patience, 1)
     _check_int("history", history, 3)
     _check_int("min_steps", min_steps, 0)
+    _check_estimator(estimator)
     if isinstance(z_score, bool) or not isinstance(z_score, (int, float)) or z_score <= 0:
         raise ValueError(f"`z_score` must be a positive number, got {z_score!r}.")
+    needs_value = estimator != "exact"
 
     def init(params):
         zero = jnp.zeros([], jnp.float32)
         izero = jnp.zeros([], jnp.int32)
         ring = jnp.zeros([history], jnp.float32)
         return NormLossSlopeState(
-            _window_init(params, False), ring, ring, zero, zero, zero, zero, izero, izero
+            _window_init(params, estimator),
+            ring,
+            ring,
+            zero,
+            zero,
+            zero,
+            zero,
+            izero,
+            izero,
+            izero,
         )
 
     def update(state, *, grad, grad_norm, value=None, step, params=None, value_fn=None):
-        _require_value(value, "norm_loss_slope")
+        if needs_value:
+            _require_value(value, "norm_loss_slope")
         w = _window_add(state.window, grad, grad_norm, value)
-        done, w, norm, mean_loss, _ = _on_window_end(w, window, params, value_fn, False)
+        done, w, norm, loss, evals = _on_window_end(w, window, params, value_fn, estimator)
         norms = jnp.where(done, jnp.roll(state.norms, -1).at[-1].set(norm), state.norms)
-        losses = jnp.where(done, jnp.roll(state.losses, -1).at[-1].set(mean_loss), state.losses)
+        losses = jnp.where(done, jnp.roll(state.losses, -1).at[-1].set(loss), state.losses)
         windows = state.windows + done.astype(jnp.int32)
         slope, stderr = least_squares_slope(losses, norms)
         falling = (losses[-1] < losses[0]) & (norms[-1] < norms[0])
@@ -387,10 +440,14 @@ def norm_loss_slope(
             slope_stderr=jnp.where(done, stderr, state.slope_stderr),
             streak=streak,
             windows=windows,
+            value_and_grad_evals=state.value_and_grad_evals + evals,
         )
         return new_state, fire
 
-    return Detector(init, update, needs_value=True)
+    return Detector(init, update, needs_value=needs_value)
+
+
+norm_loss_slope.__doc__ = norm_loss_slope.__doc__.format(estimators=_ESTIMATOR_DOC)
 
 
 # --------------------------------------------------------------------------- #

@@ -29,7 +29,8 @@ class Info(NamedTuple):
       linesearch_failures: int32, line searches that found no decrease.
       value: objective at the current point as last evaluated by CG (``inf``
         before the first evaluation).
-      grad_norm: Euclidean norm of the gradient stored with ``value``.
+      grad_norm: Euclidean norm of the gradient stored with ``value`` (``inf``
+        before the first evaluation, like ``value``).
       nonfinite_events: int32, CG updates skipped because the objective or its
         gradient at the current point was not finite.
       consecutive_failures: int32, the current run of CG iterations that made no
@@ -124,7 +125,11 @@ def info(state: Any) -> Info:
             restarts=cg.restarts,
             linesearch_failures=cg.linesearch_failures,
             value=cg.value,
-            grad_norm=jnp.asarray(optax.tree.norm(cg.grad)).astype(jnp.result_type(cg.value)),
+            grad_norm=jnp.where(
+                jnp.isfinite(cg.value),
+                jnp.asarray(optax.tree.norm(cg.grad)).astype(jnp.result_type(cg.value)),
+                jnp.inf,
+            ),
             nonfinite_events=cg.nonfinite_events,
             consecutive_failures=cg.consecutive_failures,
         )

@@ -72,11 +72,6 @@ def _holds(tree: Any, kind: type) -> bool:
     )
 
 
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
 def _consecutive_cg_failures(second_state) -> jax.Array:
     found = [
         n
@@ -190,12 +185,14 @@ def two_phase(
         value_kwargs = {} if value is None else {"value": value}
 
         def phase0(state: TwoPhaseState):
-            finite = _all_finite(updates)
+            # A NaN or Inf anywhere in the gradient makes its norm non-finite: one
+            # reduction serves the detector and the finiteness check.
+            grad_norm = jnp.asarray(optax.tree.norm(updates)).astype(jnp.float32)
+            finite = jnp.isfinite(grad_norm)
             if value is not None:
                 finite &= jnp.all(jnp.isfinite(value))
 
             def run(state: TwoPhaseState):
-                grad_norm = jnp.asarray(optax.tree.norm(updates)).astype(jnp.float32)
                 detector_state, fire = detector.update(
                     state.detector_state,
                     grad=updates,
@@ -334,7 +331,7 @@ def adam_second_moment_preconditioner(
 
 
 def _default_detector(window: int, min_steps: int) -> _det.Detector:
-    return _det.norm_loss_slope(window=window, min_steps=min_steps)
+    return _det.norm_loss_slope(window=window, patience=5, min_steps=min_steps, estimator="exact")
 
 
 def adam_cg(
@@ -347,7 +344,7 @@ def adam_cg(
     window: int = 100,
     min_steps: int = 0,
     detector: _det.Detector | None = None,
-    beta: str | _cg.BetaFn = "hager_zhang",
+    beta: str | _cg.BetaFn = "polak_ribiere",
     linesearch: str | _ls.LineSearch = "wolfe",
     fallback: int | None = None,
     precondition: bool = False,
@@ -362,24 +359,34 @@ def adam_cg(
 
     With ``detector=None`` the switch is decided by
     :func:`twophase.norm_loss_slope` (``window``, ``patience=5``, ``history=4``,
-    ``min_steps``): it fires only after the estimated full-batch gradient norm
-    has fallen together with the loss, clearly beyond the noise, for several
-    windows. The paper's own rule, :func:`twophase.grad_norm_peak` with
-    ``ratio``, fires on the short start-up transient of a classification MLP
-    (measured: switching there cost 36% at equal cost); the slope rule does not,
-    and on a realizable regression it still switches early enough to win (see
-    ``benchmarks/RESULTS.md``). Pass ``detector=grad_norm_peak(ratio, window)``
-    for the paper's rule.
+    ``estimator="exact"``, ``min_steps``): every ``window`` steps it evaluates the
+    full-batch loss and gradient norm once through ``value_fn`` (one full-batch
+    evaluation, counted in ``info``), and it fires only after the gradient norm
+    has fallen together with the loss, clearly beyond the noise, for five
+    consecutive fits of four points. Why not the paper's own rule,
+    :func:`twophase.grad_norm_peak` (``ratio``): the full-batch norm falls from
+    epoch 1 to 2 on every problem we measured and fluctuates by tens of percent
+    between epochs, so it fires at epoch 2 and loses 3.6x-6.4x at equal cost
+    (``benchmarks/RESULTS.md``). Why exact evaluations: mini-batch-based
+    estimates of the full-batch norm either sit at the noise floor or collapse
+    to 0 along Adam's path. Set ``window`` to a few epochs' steps: each window
+    costs one epoch-equivalent. Pass ``detector=grad_norm_peak(ratio, window)``
+    for Algorithm 1 as published.
 
-    Memory: Adam's two buffers, CG's two, and the detector's window sum: 2.5x
-    Adam's state (one more with ``precondition=True``).
+    Memory: Adam's two parameter-sized buffers and CG's two: 2x Adam's state
+    (one more with ``precondition=True``; L-BFGS with memory 10 holds 23).
+
+    ``optax.inject_hyperparams(twophase.adam_cg, static_args=("detector",
+    "beta", "linesearch"))`` makes the learning rate (and the other numeric
+    arguments) injectable hyperparameters.
 
     Args:
       learning_rate: Adam's learning rate or schedule.
       b1, b2, eps: Adam's constants.
       ratio: the paper's tolerance, used by ``grad_norm_peak`` when requested
         through ``detector``; validated here.
-      window: detector window in steps (set it to the steps per epoch).
+      window: detector window in steps (e.g. a few epochs' steps; each window
+        costs one full-batch evaluation with the default detector).
       min_steps: never switch before this many steps.
       detector: a :class:`twophase.Detector`, or ``None`` for the default.
       beta: CG direction rule (see :func:`twophase.nonlinear_cg`).

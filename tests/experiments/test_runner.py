@@ -1,0 +1,191 @@
+"""Tests of twophase.experiments.runner: the equal-cost comparison and the fixed-split sweep."""
+
+import math
+
+import jax
+import pytest
+
+from twophase.experiments import runner
+
+TINY = {"dataset": "digits", "model": "mlp", "max_train": 256, "max_val": 128, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return runner.build_problem(runner.ExperimentConfig(epochs=8, batch_size=64, **TINY))
+
+
+@pytest.fixture(scope="module")
+def comparison(problem):
+    config = runner.ExperimentConfig(epochs=8, batch_size=64, switch=2, **TINY)
+    return runner.run_comparison(config, problem=problem)
+
+
+def test_problem_is_pure_and_counts_params(problem):
+    assert problem.num_params == sum(x.size for x in jax.tree.leaves(problem.params))
+    # mlp on 8x8 digits: 64*64 + 64 + 64*10 + 10.
+    assert problem.num_params == 4810
+    assert problem.q == pytest.approx(256 * 10 / 4810)
+    assert problem.steps_per_epoch == 256 // 64
+    value = jax.jit(problem.loss_fn)(problem.params, problem.data)
+    assert value.shape == () and math.isfinite(float(value))
+
+
+def test_records_schema_and_values(comparison):
+    assert [r.record["optimizer"] for r in comparison] == list(runner.OPTIMIZERS)
+    for r in comparison:
+        rec = r.record
+        assert tuple(rec) == runner.RECORD_KEYS
+        assert rec["model"] == "mlp" and rec["dataset"] == "digits"
+        for key in ("train_loss", "val_loss", "wall_seconds", "Q"):
+            assert math.isfinite(rec[key]) and rec[key] > 0, key
+        for key in ("train_acc", "val_acc"):
+            assert 0.0 <= rec[key] <= 1.0
+        assert rec["params"] == 4810
+        assert r.stop_reason == "cost_budget"
+
+
+def test_equal_cost_within_one_epoch(comparison):
+    for r in comparison:
+        cost = r.record["cost_epochs"]
+        last = r.history[-1]["epoch_cost"]
+        # The budget is reached, and overshot by at most part of the last epoch's cost.
+        assert 8 <= cost < 8 + last
+        assert cost == pytest.approx(sum(h["epoch_cost"] for h in r.history))
+    adam = comparison[0]
+    assert adam.record["cost_epochs"] == 8 and len(adam.history) == 8
+
+
+def test_fixed_switch_convention(comparison):
+    adam, adam_cg, cg = comparison
+    assert adam.record["switch_epoch"] is None
+    assert cg.record["switch_epoch"] is None
+    # --switch 2: two Adam epochs, the first CG epoch is 3.
+    assert adam_cg.record["switch_epoch"] == 3
+    assert [h["phase"] for h in adam_cg.history[:3]] == [0, 0, 1]
+    assert all(h["phase"] == 1 for h in cg.history)
+    # Same initial weights and shuffling: Adam+CG follows Adam until its switch.
+    for a, b in zip(adam.history[:2], adam_cg.history[:2], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_switch_epoch_helper():
+    two_phase = [
+        {"epoch": 1, "phase": 0, "switch_step": -1},
+        {"epoch": 2, "phase": 1, "switch_step": 4},
+    ]
+    assert runner.switch_epoch(two_phase) == 2
+    assert runner.switch_epoch(two_phase[:1]) is None
+    assert runner.switch_epoch([{"epoch": 1, "phase": 0, "switch_step": None}]) is None
+    assert runner.switch_epoch([]) is None
+
+
+def test_auto_switch_runs(problem):
+    config = runner.ExperimentConfig(epochs=6, batch_size=64, **TINY)
+    (result,) = runner.run_comparison(config, ("adam+cg",), problem=problem)
+    switch = result.record["switch_epoch"]
+    assert switch is None or 2 <= switch <= len(result.history)
+    assert result.history[0]["grad_norm_stat"] is not None
+
+
+def test_sweep_fixed_splits_logic(problem, monkeypatch):
+    calls = []
+
+    def fake_run_one(config, optimizer, *, problem=None, switch=None):
+        calls.append((optimizer, switch))
+        record = {
+            "train_loss": {1: 0.3, 3: 0.1, 4: float("nan")}[switch],
+            "switch_epoch": switch + 1,
+        }
+        return runner.RunResult(record, [], "cost_budget")
+
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    config = runner.ExperimentConfig(epochs=6, **TINY)
+    sweep = runner.sweep_fixed_splits(config, fractions=(0.2, 0.5, 0.51, 0.7), problem=problem)
+    # round(0.5 * 6) == round(0.51 * 6): deduplicated; a NaN loss is never the best.
+    assert calls == [("adam+cg", 1), ("adam+cg", 3), ("adam+cg", 4)]
+    assert list(sweep.runs) == [1, 3, 4]
+    assert sweep.best_epoch == 3 and sweep.best is sweep.runs[3]
+
+
+@pytest.mark.slow
+def test_sweep_fixed_splits(problem):
+    config = runner.ExperimentConfig(epochs=6, batch_size=64, **TINY)
+    sweep = runner.sweep_fixed_splits(config, fractions=(0.2, 0.5), problem=problem)
+    assert list(sweep.runs) == [1, 3]
+    for k, run in sweep.runs.items():
+        assert run.record["switch_epoch"] == k + 1
+    losses = {k: run.record["train_loss"] for k, run in sweep.runs.items()}
+    assert sweep.best_epoch == min(losses, key=losses.get)
+
+
+def test_sweep_rejects_bad_fractions():
+    config = runner.ExperimentConfig(epochs=6, **TINY)
+    for fractions in ((), (0.0,), (1.0,)):
+        with pytest.raises(ValueError, match="fractions"):
+            runner.sweep_fixed_splits(config, fractions=fractions)
+
+
+def test_split_epochs():
+    assert runner.split_epochs(10, (0.1, 0.5, 0.9)) == [1, 5, 9]
+    assert runner.split_epochs(3, (0.01, 0.99)) == [1, 2]
+
+
+def test_markdown_table(comparison):
+    table = runner.markdown_table([r.record for r in comparison])
+    lines = table.splitlines()
+    assert len(lines) == 2 + 3
+    assert lines[0].startswith("| run | train loss | train acc | val loss | val acc")
+    assert "| adam+cg |" in table
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"model": "resnet"}, "valid choices: vit-mlp"),
+        ({"dataset": "imagenet"}, "valid choices: digits"),
+        ({"loss": "hinge"}, "valid choices: mse, xent"),
+        ({"switch": 0}, "`switch`"),
+        ({"switch": "soon"}, "`switch`"),
+        ({"epochs": 0}, "`epochs`"),
+        ({"lr": -1.0}, "`lr`"),
+    ],
+)
+def test_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        runner.ExperimentConfig(**kwargs)
+
+
+def test_make_optimizer_unknown():
+    with pytest.raises(ValueError, match="valid choices: adam, adam\\+cg, cg"):
+        runner.make_optimizer("sgd", lr=1e-3, steps_per_epoch=1)
+
+
+def test_missing_data_dir_files(tmp_path):
+    config = runner.ExperimentConfig(dataset="mnist", data_dir=str(tmp_path), progress=False)
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        runner.build_problem(config)
+
+
+def test_xent_loss_runs(problem):
+    config = runner.ExperimentConfig(epochs=2, batch_size=64, loss="xent", **TINY)
+    (result,) = runner.run_comparison(config, ("adam",))
+    assert math.isfinite(result.record["train_loss"])
+
+
+@pytest.mark.slow
+def test_vit_comparison():
+    config = runner.ExperimentConfig(
+        dataset="digits",
+        model="vit-nomlp-wkewq-wvwo",
+        epochs=4,
+        batch_size=128,
+        switch=2,
+        max_train=256,
+        max_val=64,
+        progress=False,
+    )
+    results = runner.run_comparison(config)
+    assert results[1].record["switch_epoch"] == 3
+    for r in results:
+        assert math.isfinite(r.record["train_loss"])
