@@ -87,9 +87,7 @@ def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
 def fletcher_reeves(grad, grad_prev, direction_prev, precond_grad, precond_grad_prev):
     """Fletcher-Reeves (1964): ``beta = <g_k, z_k> / <g_{k-1}, z_{k-1}>``."""
     del direction_prev
-    return _safe_divide(
-        _vdot(grad, precond_grad), _vdot(grad_prev, precond_grad_prev)
-    )
+    return _safe_divide(_vdot(grad, precond_grad), _vdot(grad_prev, precond_grad_prev))
 
 
 def polak_ribiere(grad, grad_prev, direction_prev, precond_grad, precond_grad_prev):
@@ -99,9 +97,7 @@ def polak_ribiere(grad, grad_prev, direction_prev, precond_grad, precond_grad_pr
     """
     del direction_prev
     y = optax.tree.sub(grad, grad_prev)
-    beta = _safe_divide(
-        _vdot(precond_grad, y), _vdot(grad_prev, precond_grad_prev)
-    )
+    beta = _safe_divide(_vdot(precond_grad, y), _vdot(grad_prev, precond_grad_prev))
     return jnp.maximum(beta, 0)
 
 
@@ -459,9 +455,7 @@ def nonlinear_cg(
             fresh_start = state.restart_next | ~cached
             steepest = optax.tree.scale(-1.0, apply_scales(grad))
             direction = _select(fresh_start, steepest, state.direction)
-            slope0 = jnp.where(fresh_start, _vdot(grad, steepest), state.slope).astype(
-                dtype
-            )
+            slope0 = jnp.where(fresh_start, _vdot(grad, steepest), state.slope).astype(dtype)
 
             # First trial step.
             x_inf = _max_abs(params)

@@ -8,9 +8,9 @@ the SAME seeded mini-batch schedule (so Adam+CG follows Adam's path up to its sw
 run         optimizer
 ==========  =================================================================================
 adam        ``optax.adam(lr)`` on mini-batches, every epoch
-adam+cg     ``tp.adam_cg(lr, window=5 * steps_per_epoch)``: Adam, then one full-batch
+adam+cg     ``tp.adam_cg(lr, window=20 * steps_per_epoch)``: Adam, then one full-batch
             nonlinear CG iteration per epoch; the switch is decided by the default detector
-            (``switch="auto"``: one exact full-batch evaluation every 5 epochs, counted as
+            (``switch="auto"``: one exact full-batch evaluation every 20 epochs, counted as
             cost) or fixed after ``k`` Adam epochs (``switch=k``:
             ``detector=tp.switch_at(k * steps_per_epoch)``)
 cg          ``tp.nonlinear_cg()`` from the start (full-batch, one iteration per epoch)
@@ -309,7 +309,7 @@ def make_optimizer(
     raise ValueError(f"Unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}.")
 
 
-DETECTOR_EPOCHS = 5
+DETECTOR_EPOCHS = 20
 """The default detector's window in epochs: each window costs one full-batch evaluation."""
 
 
