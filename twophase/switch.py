@@ -40,8 +40,8 @@ class TwoPhaseState(NamedTuple):
         (re-)armed; the ``step`` the detector sees.
       detector_state: the detector's state (its rolling statistics).
       first_state: state of the first transformation.
-      second_state: state of the second transformation; initialised afresh at
-        every switch.
+      second_state: state of the second transformation; fresh at every switch
+        (initialised by ``init``, re-initialised at every fallback).
       skipped_steps: int32, first-phase steps skipped because the incoming
         gradient or loss was not finite.
       fallbacks: int32, returns from phase 1 to phase 0 (``fallback=k``).
@@ -105,9 +105,10 @@ def two_phase(
       ``t`` (0-based over all ``update`` calls), that update is still ``first``'s
       and **the first second-phase step is step** ``t + 1`` (``switch_step``),
       as in Algorithm 1, which decides after each Adam epoch whether the next
-      epoch is CG. ``second``'s state is initialised afresh at the switch (and
-      passed through ``handover(first_state, second_state, params)`` if given,
-      e.g. to hand Adam's second moments to CG as a preconditioner).
+      epoch is CG. ``second``'s state is fresh at the switch (initialised, and
+      re-initialised at every fallback) and is passed through
+      ``handover(first_state, second_state, params)`` if given, e.g. to hand
+      Adam's second moments to CG as a preconditioner.
     * **Phase 1**: ``second`` is applied. A :func:`twophase.nonlinear_cg` (or a
       chain holding one) evaluates ``value_fn`` itself. Any other
       transformation (e.g. ``optax.lbfgs()``) receives ``value``, ``grad`` and
@@ -213,11 +214,15 @@ def two_phase(
                 new_updates = jax.tree.map(
                     lambda u, p: u.astype(jnp.result_type(p)), new_updates, params
                 )
-                second_state = lax.cond(
-                    fire,
-                    lambda: _fresh_second(first_state, params),
-                    lambda: state.second_state,
-                )
+                # The second phase's state is pristine here (initialised, and reset
+                # on every fallback), so only a handover touches it at the switch.
+                second_state = state.second_state
+                if handover is not None:
+                    second_state = lax.cond(
+                        fire,
+                        lambda: handover(first_state, second_state, params),
+                        lambda: second_state,
+                    )
                 return new_updates, state._replace(
                     phase=fire.astype(jnp.int32),
                     switch_step=jnp.where(fire, state.step + 1, state.switch_step),
@@ -258,6 +263,11 @@ def two_phase(
             if fallback is not None:
                 give_up = _consecutive_cg_failures(second_state) >= fallback
                 new_state = new_state._replace(
+                    second_state=lax.cond(
+                        give_up,
+                        lambda: _strongly_typed(second.init(params)),
+                        lambda: second_state,
+                    ),
                     phase=jnp.where(give_up, 0, 1).astype(jnp.int32),
                     phase0_steps=jnp.where(give_up, 0, state.phase0_steps),
                     detector_state=lax.cond(
@@ -268,10 +278,6 @@ def two_phase(
                     fallbacks=state.fallbacks + give_up.astype(jnp.int32),
                 )
             return new_updates, new_state
-
-        def _fresh_second(first_state, params):
-            fresh = _strongly_typed(second.init(params))
-            return fresh if handover is None else handover(first_state, fresh, params)
 
         new_updates, new_state = lax.cond(state.phase == 0, phase0, phase1, state)
         return new_updates, new_state._replace(step=optax.safe_increment(state.step))
