@@ -316,7 +316,7 @@ def nonlinear_cg(
         :func:`twophase.set_preconditioner` (how ``two_phase`` hands over Adam's
         second moments); or a callable ``(params, state) -> P`` evaluated every
         iteration.
-      initial_step: ``"max"``, ``"slope"`` or ``"quadratic"`` (see above).
+      initial_step: ``"slope"`` (default), ``"quadratic"`` or ``"max"`` (see above).
       grad_tol: "zero" gradient norm (the paper's CG parameter): while
         ``||g||_2 <= grad_tol`` no line search is made and the update is zero.
 
