@@ -10,7 +10,7 @@ conjugate-gradient iteration.
 * :func:`wolfe_linesearch`: bracketing plus safeguarded cubic interpolation
   ("zoom"), Nocedal & Wright, *Numerical Optimization* (2006), Algorithms 3.5
   and 3.6, accepting a point that satisfies the strong Wolfe conditions with a
-  curvature constant fit for CG (default ``c2=0.1``) or Hager & Zhang's
+  curvature constant fit for CG (default ``c2=0.2``) or Hager & Zhang's
   (2005) approximate Wolfe conditions.
 * :func:`golden_section_linesearch`: the derivative-free bracketing and golden
   section search of Press et al., *Numerical Recipes* (1992) section 10.1, as
