@@ -9,11 +9,9 @@ MSE on one-hot targets (random seeded data; a 1024-example set serves as the ful
 * **update alone**: the same without the gradient (a fixed precomputed gradient and loss);
 * variants, to attribute the overhead: ``optax.adam``; ``two_phase(adam, identity,
   switch_at(10**9))`` (the switch machinery without CG's state); ``two_phase(adam, nonlinear_cg(),
-  switch_at(10**9))`` (plus CG's two buffers carried through the ``lax.cond``s);
-  ``two_phase(adam, nonlinear_cg(), grad_norm_peak())`` (plus the detector's window sum); and
-  ``tp.adam_cg`` (default detector ``norm_loss_slope``); and a sketch (NOT twophase code) of the
-  same phase-0 work laid out without pass-through ``lax.cond`` copies, to bound what a
-  restructuring could gain (see :func:`restructured_sketch`). All stay in phase 0.
+  switch_at(10**9))`` (plus CG's two buffers carried, untouched, through phase 0);
+  ``two_phase(adam, nonlinear_cg(), grad_norm_peak())`` (plus the paper's detector); and
+  ``tp.adam_cg`` (default detector ``norm_loss_slope``). All stay in phase 0.
 
 Timing is interleaved: each round calls every variant once (the order rotates every round), each
 call timed with ``block_until_ready``. Reported: the median per-call time, the ratio of medians to
@@ -42,7 +40,6 @@ import numpy as np
 import optax
 import optax.tree
 from _problems import command_line, count_params, markdown_table, mlp_init, mse
-from jax import lax
 
 import twophase as tp
 
@@ -66,7 +63,6 @@ def variants() -> dict[str, Callable[[], optax.GradientTransformationExtraArgs]]
             optax.adam(LR), tp.nonlinear_cg(), tp.grad_norm_peak(0.9, window=100)
         ),
         "tp.adam_cg (default detector)": lambda: tp.adam_cg(LR, window=100),
-        "sketch: restructured phase 0 (not twophase)": lambda: restructured_sketch(100),
     }
 
 
@@ -114,67 +110,6 @@ class SketchState(NamedTuple):
     sq_sum: jax.Array
     count: jax.Array
     stat: jax.Array
-
-
-def restructured_sketch(window: int) -> optax.GradientTransformationExtraArgs:
-    """NOT twophase: a sketch of the same phase-0 work (gradient norm, finite check, Adam, the
-    detector's window sum and its unbiased estimate) laid out to avoid buffer copies: no
-    ``lax.cond`` returns a parameter-sized buffer that it does not modify. The finite check is
-    ``isfinite(norm)`` (one pass fewer); a skipped step is a ``where`` fused into the update;
-    the window sum is reset lazily inside the next add; the window-end ``cond`` returns scalars
-    only; CG's state is updated by its own ``cond`` (phase 1 only) and the Adam/window part by
-    another (phase 0 only). It switches never; it only bounds what a restructuring could gain."""
-    adam, cg = optax.adam(LR), tp.nonlinear_cg()
-
-    def init(params):
-        zero, izero = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
-        sums = optax.tree.zeros_like(params)
-        return SketchState(izero, adam.init(params), cg.init(params), sums, zero, izero, zero)
-
-    def update(grads, state, params, *, value=None, value_fn=None):
-        def phase0(state):
-            norm = optax.tree.norm(grads)
-            finite = jnp.isfinite(norm) & jnp.isfinite(value)
-            reset = state.count >= window
-            sums = jax.tree.map(
-                lambda s, g: jnp.where(reset, 0.0, s) + jnp.where(finite, g, 0.0),
-                state.grad_sum,
-                grads,
-            )
-            count = jnp.where(reset, 0, state.count) + finite.astype(jnp.int32)
-            sq_sum = jnp.where(reset, 0.0, state.sq_sum) + jnp.where(finite, norm**2, 0.0)
-            m = count.astype(jnp.float32)
-            stat = lax.cond(
-                count >= window,
-                lambda: (optax.tree.vdot(sums, sums) - sq_sum) / (m * (m - 1)),
-                lambda: state.stat,
-            )
-            new, adam_state = adam.update(grads, state.adam, params)
-            adam_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), adam_state, state.adam)
-            new = jax.tree.map(lambda u: jnp.where(finite, u, 0.0), new)
-            return new, (adam_state, sums, sq_sum, count, stat)
-
-        def phase1(state):
-            return optax.tree.zeros_like(params), (
-                state.adam,
-                state.grad_sum,
-                state.sq_sum,
-                state.count,
-                state.stat,
-            )
-
-        new0, (adam_state, sums, sq_sum, count, stat) = lax.cond(
-            state.phase == 0, phase0, phase1, state
-        )
-        new1, cg_state = lax.cond(
-            state.phase == 1,
-            lambda: cg.update(grads, state.cg, params, value_fn=value_fn),
-            lambda: (optax.tree.zeros_like(params), state.cg),
-        )
-        new = jax.tree.map(lambda a, b: jnp.where(state.phase == 0, a, b), new0, new1)
-        return new, SketchState(state.phase, adam_state, cg_state, sums, sq_sum, count, stat)
-
-    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def make_data(seed: int = 0):

@@ -50,3 +50,46 @@ def spd_quadratic(n, condition, seed, dtype=jnp.float64):
         return 0.5 * x @ (a_j @ x) - b_j @ x
 
     return f, a, b
+
+
+def exact_step_cg_iterations(a, b, rule, *, tol=1e-8, max_iterations=None, powell=None):
+    """Iterations nonlinear CG with analytically exact steps needs on ``0.5 x'Ax - b'x``.
+
+    A float64 NumPy oracle for the direction rules themselves: the step is
+    ``-<g, d> / <d, A d>`` (exact up to rounding), the betas are the textbook
+    formulas (Polak-Ribiere+, Hager-Zhang with its lower bound, eta = 0.01),
+    with Powell's restart test when ``powell`` is given. Returns the number of
+    iterations to reach ``||g|| <= tol ||g0||`` from ``x = 0``, or ``None``.
+    """
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    n = b.size
+    max_iterations = 10 * n if max_iterations is None else max_iterations
+    x = np.zeros(n)
+    g = -b
+    d = -g
+    g0 = np.linalg.norm(b)
+    for k in range(max_iterations):
+        x = x - (g @ d) / (d @ a @ d) * d
+        g_new = a @ x - b
+        if np.linalg.norm(g_new) <= tol * g0:
+            return k + 1
+        y = g_new - g
+        dy = d @ y
+        if rule == "fletcher_reeves":
+            beta = (g_new @ g_new) / (g @ g)
+        elif rule == "polak_ribiere":
+            beta = max(0.0, (g_new @ y) / (g @ g))
+        elif rule == "hestenes_stiefel":
+            beta = (g_new @ y) / dy
+        elif rule == "dai_yuan":
+            beta = (g_new @ g_new) / dy
+        elif rule == "hager_zhang":
+            beta = (y - 2 * d * (y @ y) / dy) @ g_new / dy
+            beta = max(beta, -1 / (np.linalg.norm(d) * min(0.01, np.linalg.norm(g))))
+        else:
+            raise ValueError(rule)
+        restart = powell is not None and abs(g_new @ g) >= powell * (g_new @ g_new)
+        d = -g_new if restart else -g_new + beta * d
+        g = g_new
+    return None

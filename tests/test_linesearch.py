@@ -2,9 +2,11 @@
 
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 
 import twophase as tp
+from tests import problems
 
 
 def along(f, x0=0.0, d=1.0):
@@ -92,3 +94,38 @@ def test_failure_when_no_decrease_exists(make):
 def test_bad_arguments(make, kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         make(**kwargs)
+
+
+def test_small_c2_below_slope_rounding_still_makes_progress():
+    # n=4, condition 1e4: after 4 iterations the remaining gradient (1.4e-7
+    # relative) lies along the top eigenvector and the slope at the exact
+    # minimiser carries rounding noise of 6e-7 |f'(0)| > c2. The search then ends
+    # on its bracket's low end (converged=False) instead of failing; before, CG
+    # stalled there with every later search failing.
+    f, _, b = problems.spd_quadratic(4, 1e4, 2)
+    opt = tp.nonlinear_cg("dai_yuan", tp.wolfe_linesearch(c1=1e-8, c2=1e-7))
+    x = jnp.zeros(4)
+    state = opt.init(x)
+    step = jax.jit(lambda x, s: opt.update(x, s, x, value_fn=f))
+    tol = 1e-8 * float(jnp.linalg.norm(b))
+    for _ in range(12):
+        u, state = step(x, state)
+        x = optax.apply_updates(x, u)
+        if float(tp.info(state).grad_norm) <= tol:
+            break
+    assert float(tp.info(state).grad_norm) <= tol
+    assert int(tp.info(state).linesearch_failures) == 0
+
+
+def test_wrong_gradient_still_fails_after_the_budget():
+    # The low end is kept without a strict decrease only if it flattened the
+    # slope tenfold; an uphill "gradient" flattens nothing, so the search fails.
+    def value_and_grad(step):
+        value = 1.0 + 1e-17 * step  # rounding-level increase along the direction
+        return value, None, jnp.asarray(-1.0)  # claimed slope never flattens
+
+    search = tp.wolfe_linesearch()
+    result = search.search(
+        lambda t: value_and_grad(t), jnp.asarray(1.0), None, jnp.asarray(-1.0), jnp.asarray(1.0)
+    )
+    assert bool(result.failed) and float(result.step) == 0.0

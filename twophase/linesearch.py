@@ -202,9 +202,12 @@ def wolfe_linesearch(
     swept). On ill-conditioned quadratics a smaller ``c2`` keeps more conjugacy.
 
     Non-finite values at a trial point count as "too far": the step shrinks.
-    When the budget runs out, the furthest point of the bracket's low end is
-    returned if it strictly decreased the objective (``converged=False``);
-    otherwise ``failed=True`` and ``step=0``.
+    When the budget runs out or the bracket collapses to rounding width, the
+    bracket's low end is returned (``converged=False``) if it strictly
+    decreased the objective, or if it passed the value test and satisfies the
+    curvature condition with ``c2 = 0.1``: with a small ``c2`` near a
+    minimiser, rounding noise in the slopes can exceed ``c2 |f'(0)|`` and this
+    is then the best point on offer. Otherwise ``failed=True`` and ``step=0``.
 
     Args:
       c1: sufficient-decrease constant, ``0 < c1 < c2``.
@@ -322,9 +325,13 @@ def wolfe_linesearch(
         )
         final = lax.while_loop(cond, body, init)
         accepted = final.accepted & (final.lo > 0)
-        # Without an accepted point, the best one is kept only if it strictly
-        # decreased the objective (the rounding slack is for accepted points).
-        moved = accepted | ((final.lo > 0) & (final.value_lo < value0))
+        # Without an accepted point, `lo` is kept if it strictly decreased the
+        # objective, or if it passed the same value test as an accepted point and
+        # flattened the slope tenfold (Wolfe with c2 = 0.1): near a minimiser,
+        # where rounding noise in the slopes exceeds a small c2 |f'(0)|, this is
+        # the best point on offer. A wrong gradient flattens nothing and fails.
+        flattened = jnp.abs(final.slope_lo) <= 0.1 * jnp.abs(slope0)
+        moved = accepted | ((final.lo > 0) & ((final.value_lo < value0) | flattened))
         return LineSearchResult(
             step=jnp.where(moved, final.lo, zero),
             value=jnp.where(moved, final.value_lo, value0),

@@ -20,6 +20,7 @@ from jax import lax
 from twophase import cg as _cg
 from twophase import detectors as _det
 from twophase import linesearch as _ls
+from twophase._control import run_if
 from twophase.objectives import as_value_and_grad
 
 __all__ = ["TwoPhaseState", "adam_cg", "adam_lbfgs", "two_phase"]
@@ -61,7 +62,7 @@ class TwoPhaseState(NamedTuple):
 def _strongly_typed(tree: Any) -> Any:
     """Drops weak types from an inner state (``optax.lbfgs`` initialises some
     scalars weakly typed and returns them strongly typed, which would retrace a
-    jitted step once); the switch re-initialises ``second`` inside ``lax.cond``,
+    jitted step once); the switch re-initialises ``second`` inside a loop carry,
     whose branches must agree on types."""
     return jax.tree.map(lambda x: lax.convert_element_type(x, jnp.asarray(x).dtype), tree)
 
@@ -118,11 +119,14 @@ def two_phase(
       ``updates`` are ignored in phase 1, so the caller may skip computing
       mini-batch gradients there.
 
-    The phases are selected by ``lax.cond``: one branch runs per step and the
-    step compiles once; the switch does not recompile. Under ``jax.vmap`` with a
-    batched phase (an ensemble), ``lax.cond`` becomes a select and *both*
-    branches execute every step (results stay correct; the cost is that of both
-    phases).
+    The phases are selected on device, with no Python control flow on traced
+    values: one phase runs per step and the step compiles once; the switch does
+    not recompile. The selection is ``lax.cond``'s semantics written as a
+    ``lax.while_loop`` run zero or one time, which updates the state in place
+    (a ``lax.cond`` copied the idle phase's buffers every step; see
+    ``benchmarks/overhead.py``). Under ``jax.vmap`` with a batched phase (an
+    ensemble) *both* phases execute every step and each member keeps its own
+    (results stay correct; the cost is that of both phases).
 
     One-way by default (the paper). With ``fallback=k`` (``second`` must hold a
     ``nonlinear_cg``), ``k`` consecutive failed line searches in phase 1 return to
@@ -185,18 +189,20 @@ def two_phase(
         value_and_grad = as_value_and_grad(value_fn, params)
         value_kwargs = {} if value is None else {"value": value}
 
-        def phase0(state: TwoPhaseState):
+        def phase0(carry):
+            grad = carry[0]
             # A NaN or Inf anywhere in the gradient makes its norm non-finite: one
             # reduction serves the detector and the finiteness check.
-            grad_norm = jnp.asarray(optax.tree.norm(updates)).astype(jnp.float32)
+            grad_norm = jnp.asarray(optax.tree.norm(grad)).astype(jnp.float32)
             finite = jnp.isfinite(grad_norm)
             if value is not None:
                 finite &= jnp.all(jnp.isfinite(value))
 
-            def run(state: TwoPhaseState):
+            def run(carry):
+                grad, state = carry
                 detector_state, fire = detector.update(
                     state.detector_state,
-                    grad=updates,
+                    grad=grad,
                     grad_norm=grad_norm,
                     value=value,
                     step=state.phase0_steps,
@@ -204,26 +210,21 @@ def two_phase(
                     value_fn=value_fn,
                 )
                 new_updates, first_state = first.update(
-                    updates,
+                    grad,
                     state.first_state,
                     params,
                     value_fn=value_fn,
                     **value_kwargs,
                     **extra_args,
                 )
-                new_updates = jax.tree.map(
-                    lambda u, p: u.astype(jnp.result_type(p)), new_updates, params
-                )
                 # The second phase's state is pristine here (initialised, and reset
                 # on every fallback), so only a handover touches it at the switch.
                 second_state = state.second_state
                 if handover is not None:
-                    second_state = lax.cond(
-                        fire,
-                        lambda: handover(first_state, second_state, params),
-                        lambda: second_state,
+                    second_state = run_if(
+                        fire, lambda s: handover(first_state, s, params), second_state
                     )
-                return new_updates, state._replace(
+                return _like(new_updates, grad), state._replace(
                     phase=fire.astype(jnp.int32),
                     switch_step=jnp.where(fire, state.step + 1, state.switch_step),
                     phase0_steps=state.phase0_steps + 1,
@@ -232,16 +233,19 @@ def two_phase(
                     second_state=second_state,
                 )
 
-            def skip(state: TwoPhaseState):
-                zeros = optax.tree.zeros_like(params)
-                return zeros, state._replace(skipped_steps=state.skipped_steps + 1)
+            def skip(carry):
+                grad, state = carry
+                return optax.tree.zeros_like(grad), state._replace(
+                    skipped_steps=state.skipped_steps + 1
+                )
 
-            return lax.cond(finite, run, skip, state)
+            return run_if(~finite, skip, run_if(finite, run, carry))
 
-        def phase1(state: TwoPhaseState):
+        def phase1(carry):
+            _, state = carry
             if second_evaluates_itself:
                 new_updates, second_state = second.update(
-                    updates, state.second_state, params, value_fn=value_fn, **extra_args
+                    carry[0], state.second_state, params, value_fn=value_fn, **extra_args
                 )
             else:
                 cur_value, cur_grad = _value_and_grad_from_state(
@@ -256,30 +260,35 @@ def two_phase(
                     value_fn=value_fn,
                     **extra_args,
                 )
-            new_updates = jax.tree.map(
-                lambda u, p: u.astype(jnp.result_type(p)), new_updates, params
-            )
             new_state = state._replace(second_state=second_state)
             if fallback is not None:
                 give_up = _consecutive_cg_failures(second_state) >= fallback
                 new_state = new_state._replace(
-                    second_state=lax.cond(
-                        give_up,
-                        lambda: _strongly_typed(second.init(params)),
-                        lambda: second_state,
+                    second_state=run_if(
+                        give_up, lambda _: _strongly_typed(second.init(params)), second_state
                     ),
                     phase=jnp.where(give_up, 0, 1).astype(jnp.int32),
                     phase0_steps=jnp.where(give_up, 0, state.phase0_steps),
-                    detector_state=lax.cond(
-                        give_up,
-                        lambda: detector.init(params),
-                        lambda: state.detector_state,
+                    detector_state=run_if(
+                        give_up, lambda _: detector.init(params), state.detector_state
                     ),
                     fallbacks=state.fallbacks + give_up.astype(jnp.int32),
                 )
-            return new_updates, new_state
+            return _like(new_updates, carry[0]), new_state
 
-        new_updates, new_state = lax.cond(state.phase == 0, phase0, phase1, state)
+        def _like(tree, ref):
+            return jax.tree.map(lambda x, r: x.astype(r.dtype), tree, ref)
+
+        # The incoming gradient is the carry that becomes the outgoing update, so
+        # phase 0 can write Adam's update over it in place. Its dtype is promoted
+        # with the parameters' so that neither phase's update loses precision.
+        in_first_phase = state.phase == 0
+        grad = jax.tree.map(
+            lambda u, p: u.astype(jnp.promote_types(u.dtype, jnp.result_type(p))), updates, params
+        )
+        carry = run_if(in_first_phase, phase0, (grad, state))
+        new_updates, new_state = run_if(~in_first_phase, phase1, carry)
+        new_updates = jax.tree.map(lambda u, p: u.astype(jnp.result_type(p)), new_updates, params)
         return new_updates, new_state._replace(step=optax.safe_increment(state.step))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

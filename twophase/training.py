@@ -34,6 +34,7 @@ import optax
 import optax.tree
 from jax import lax
 
+from twophase._control import run_if
 from twophase.info import info as _info
 from twophase.objectives import full_batch
 
@@ -450,7 +451,7 @@ def _phase0_epoch_impl(params, opt_state, key, data, *, config: _Config):
             return optax.apply_updates(params, updates), opt_state, done + 1
 
         if config.mode == _TWO_PHASE:
-            return lax.cond(_info(carry[1]).phase == 0, run, lambda c: c, carry), None
+            return run_if(_info(carry[1]).phase == 0, run, carry), None
         return run(carry), None
 
     init = (params, opt_state, jnp.zeros([], jnp.int32))
