@@ -381,7 +381,7 @@ def adam_cg(
     consecutive fits of four points. Why not the paper's own rule,
     :func:`twophase.grad_norm_peak` (``ratio``): the full-batch norm falls from
     epoch 1 to 2 on every problem we measured and fluctuates by tens of percent
-    between epochs, so it fires at epoch 2 and loses 3.6x-6.4x at equal cost
+    between epochs, so it fires at epoch 2 and loses 2.8x-4.2x at equal cost
     (``benchmarks/RESULTS.md``). Why exact evaluations: mini-batch-based
     estimates of the full-batch norm either sit at the noise floor or collapse
     to 0 along Adam's path. Set ``window`` to a few epochs' steps: each window
