@@ -10,7 +10,8 @@ run, its ratio to Adam's, the switch epoch and the best fixed split, and writes 
 ``--out`` as JSON.
 
 This is ``python -m twophase --sweep`` for several models at once, with a short list of splits
-so that the ViT and VGG models fit a CPU budget.
+so that the ViT and VGG models fit a CPU budget. ``--splits`` with no value and ``--skip-cg`` keep
+only Adam and the automatic switch (e.g. to re-measure the detector).
 
 Usage::
 
@@ -50,11 +51,10 @@ def run_model(args, model: str) -> dict:
     )
     problem = _runner.build_problem(config)
     start = time.perf_counter()
-    runs = {
-        "adam": _runner.run_one(config, "adam", problem=problem),
-        "cg": _runner.run_one(config, "cg", problem=problem),
-        "adam+cg auto": _runner.run_one(config, "adam+cg", problem=problem, switch="auto"),
-    }
+    runs = {"adam": _runner.run_one(config, "adam", problem=problem)}
+    if not args.skip_cg:
+        runs["cg"] = _runner.run_one(config, "cg", problem=problem)
+    runs["adam+cg auto"] = _runner.run_one(config, "adam+cg", problem=problem, switch="auto")
     for k in _runner.split_epochs(args.epochs, args.splits):
         runs[f"adam+cg after {k}"] = _runner.run_one(config, "adam+cg", problem=problem, switch=k)
     records = {name: run.record for name, run in runs.items()}
@@ -75,8 +75,12 @@ def table_rows(result: dict) -> list[str]:
     best = min(fixed, key=lambda k: fixed[k]["train_loss"]) if fixed else None
 
     def cell(name: str) -> str:
+        if name not in records:
+            return "not run"
         r = records[name]
         return f"{fmt(r['train_loss'])} ({r['train_loss'] / adam:.2f})"
+
+    cg_acc = f"{records['cg']['val_acc']:.3f}" if "cg" in records else "-"
 
     auto = records["adam+cg auto"]
     best_ratio = None if best is None else fixed[best]["train_loss"] / adam
@@ -94,7 +98,7 @@ def table_rows(result: dict) -> list[str]:
                 "; ".join(f"{k.split()[-1]}: {fixed[k]['train_loss'] / adam:.2f}" for k in fixed),
                 "-" if best is None else f"{best.split()[-1]} ({best_ratio:.2f})",
                 cell("cg"),
-                f"{records['adam']['val_acc']:.3f} / {records['cg']['val_acc']:.3f}",
+                f"{records['adam']['val_acc']:.3f} / {cg_acc}",
                 f"{result['seconds']:.0f}",
             ]
         )
@@ -116,7 +120,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(_models.MODEL_NAMES))
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--splits", type=float, nargs="+", default=[0.3, 0.6, 0.9])
+    parser.add_argument(
+        "--splits", type=float, nargs="*", default=[0.3, 0.6, 0.9], help="none: no fixed split"
+    )
+    parser.add_argument("--skip-cg", action="store_true", help="do not run CG alone")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-train", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON file for the records")

@@ -7,8 +7,10 @@ mini-batch schedule until a budget of ``--budget`` epoch-equivalents is spent, a
 the full-batch TRAINING loss reached (and its ratio to Adam alone). Methods:
 
 * Adam alone (``optax.adam``), learning rate chosen per problem by a sweep (best final loss);
-* ``tp.adam_cg`` with its default detector (``norm_loss_slope``, window = steps per epoch), with
-  ``grad_norm_peak(0.9, window=steps per epoch)`` (the paper's rule) and with ``exact=True``;
+* ``tp.adam_cg`` with its default detector (``loss_plateau``, window = steps per epoch, free),
+  with ``norm_loss_slope(estimator="exact")`` (window ``DETECTOR_EPOCHS`` epochs, one full-batch
+  evaluation each), with ``grad_norm_peak(0.9, window=steps per epoch)`` (the paper's rule) on
+  the window estimate and on the exact norm (Algorithm 1);
 * ``tp.adam_cg`` with fixed splits ``switch_at(k epochs)`` for ~10 values of ``k`` from 1 epoch to
   90% of the budget (geometric spacing); "best split" is the best of these (an oracle);
 * ``precondition=True`` (CG preconditioned by Adam's second moments) at the best split and with
@@ -37,7 +39,7 @@ Diagnostics. The ``"window"`` estimator estimates the full-batch gradient norm f
 mini-batch gradients ``g_i`` as ``sqrt((||sum g||^2 - sum ||g||^2) / (m (m - 1)))``, unbiased for
 i.i.d. batches at a fixed point. Along Adam's own path the window sum measures the net
 displacement instead, which drives the estimate to 0. The diagnostic table shows, for Adam alone
-at a few epochs, that estimate (a replica computed in the Adam run), the default detector's
+at a few epochs, that estimate (a replica computed in the Adam run), ``norm_loss_slope``'s
 ``grad_norm_stat`` (the exact full-batch norm, every ``DETECTOR_EPOCHS`` epochs), the true
 full-batch norm at the epoch's end, the RMS mini-batch norm and the mean cosine between successive
 mini-batch gradients.
@@ -269,7 +271,7 @@ class Trainer:
 # --------------------------------------------------------------------------- methods
 
 
-DETECTOR_EPOCHS = 5  # the default detector's window, in epochs (one full-batch evaluation each)
+DETECTOR_EPOCHS = 5  # norm_loss_slope's window, in epochs (one full-batch evaluation each)
 
 
 def methods(lr: float, spe: int) -> dict[str, Method]:
@@ -277,10 +279,15 @@ def methods(lr: float, spe: int) -> dict[str, Method]:
     peak = tp.grad_norm_peak(0.9, window=spe, estimator="window")
     exact = tp.grad_norm_peak(0.9, window=spe)  # Algorithm 1 as published
     window = DETECTOR_EPOCHS * spe
+    slope_exact = tp.norm_loss_slope(window=window, patience=5, estimator="exact")
     return {
         "default": Method(
-            f"Adam->CG, default (norm_loss_slope, exact, window {DETECTOR_EPOCHS} epochs)",
-            lambda s: tp.adam_cg(lr, window=window),
+            "Adam->CG, default (loss_plateau, first window 1 epoch)",
+            lambda s: tp.adam_cg(lr, window=spe),
+        ),
+        "slope_exact": Method(
+            f"Adam->CG, norm_loss_slope(exact, window {DETECTOR_EPOCHS} epochs)",
+            lambda s: tp.adam_cg(lr, window=window, detector=slope_exact),
         ),
         "peak": Method(
             "Adam->CG, grad_norm_peak(0.9, window estimate)",
@@ -300,11 +307,11 @@ def methods(lr: float, spe: int) -> dict[str, Method]:
         ),
         "pre_default": Method(
             "Adam->CG precond, default detector",
-            lambda s: tp.adam_cg(lr, window=window, precondition=True),
+            lambda s: tp.adam_cg(lr, window=spe, precondition=True),
         ),
         "lbfgs_default": Method(
             "Adam->L-BFGS, default detector",
-            lambda s: tp.adam_lbfgs(lr, window=window),
+            lambda s: tp.adam_lbfgs(lr, window=spe),
             lbfgs=True,
         ),
         "lbfgs_split": Method(
@@ -344,7 +351,7 @@ def evaluate(problem: Problem, budget: int, n_splits: int, lrs) -> ProblemReport
     table = methods(lr, spe)
     runs = {
         key: Trainer(problem, table[key]).run(schedule, data)
-        for key in ("default", "peak", "peak_exact", "pre_default", "lbfgs_default")
+        for key in ("default", "slope_exact", "peak", "peak_exact", "pre_default", "lbfgs_default")
     }
     trainer = Trainer(problem, table["split"])
     sweep = {k: trainer.run(schedule, data, split=k * spe) for k in split_epochs(budget, n_splits)}
@@ -365,6 +372,7 @@ def evaluate(problem: Problem, budget: int, n_splits: int, lrs) -> ProblemReport
 
 ORDER = (
     "default",
+    "slope_exact",
     "peak",
     "peak_exact",
     "split",
@@ -474,11 +482,11 @@ def diag_epochs(budget: int) -> list[int]:
 
 
 def diag_table(rep: ProblemReport) -> str:
-    detector = rep.runs["default"].stats
+    detector = rep.runs["slope_exact"].stats
     rows = []
     for e in diag_epochs(len(rep.diag)):
         est, true, rms, cos, loss = rep.diag[e]
-        det = _fmt(detector[e]) if e in detector else "(switched)"
+        det = _fmt(detector[e]) if e in detector else "-"  # switched, or budget spent
         rows.append(
             [
                 e,
@@ -495,7 +503,7 @@ def diag_table(rep: ProblemReport) -> str:
         "epoch",
         "train loss",
         "window estimate",
-        "default detector stat",
+        "norm_loss_slope(exact) stat",
         "true full-batch norm (epoch end)",
         "estimate / true",
         "RMS mini-batch norm",
@@ -517,35 +525,30 @@ def ratio_table(reports: list[ProblemReport]) -> str:
 
 
 def targets_table(reports: list[ProblemReport]) -> str:
+    """The issue's targets: no harm everywhere; on the realizable regression 0.5x Adam and within
+    10% of the best split (shown for every problem, the target names teacher-student)."""
     rows = []
+
+    def status(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
     for rep in reports:
-        ratio = rep.runs["default"].loss / rep.adam_loss
+        default = rep.runs["default"]
+        ratio = default.loss / rep.adam_loss
+        to_best = default.loss / rep.runs["split"].loss
         rows.append(
-            [
-                rep.problem.name,
-                "default <= 1.05x Adam",
-                f"{ratio:.3f}",
-                "met" if ratio <= 1.05 else "MISSED",
-            ]
+            [rep.problem.name, "default <= 1.05x Adam", f"{ratio:.3f}", status(ratio <= 1.05)]
         )
-    realizable = [r for r in reports if r.problem.name == "teacher-student"]
-    for rep in realizable:
-        ratio = rep.runs["default"].loss / rep.adam_loss
-        to_best = rep.runs["default"].loss / rep.runs["split"].loss
-        rows.append(
-            [
-                rep.problem.name,
-                "default <= 0.5x Adam",
-                f"{ratio:.3f}",
-                "met" if ratio <= 0.5 else "MISSED",
-            ]
-        )
+        if rep.problem.name == "teacher-student":
+            rows.append(
+                [rep.problem.name, "default <= 0.5x Adam", f"{ratio:.3f}", status(ratio <= 0.5)]
+            )
         rows.append(
             [
                 rep.problem.name,
                 "default <= 1.10x best split",
                 f"{to_best:.3f}",
-                "met" if to_best <= 1.10 else "MISSED",
+                status(to_best <= 1.10),
             ]
         )
     return markdown_table(["problem", "target", "value", "status"], rows)

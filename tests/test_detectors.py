@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -185,6 +186,112 @@ def test_norm_loss_slope_needs_value_unless_exact():
         )
 
 
+def _plateau_oracle(losses, window, history, patience, z_score, min_steps=0):
+    """``loss_plateau`` re-implemented with Python lists and scipy.stats.linregress:
+    ``(first firing step or None, stored window means, last fit)``."""
+    means, buffer, width, streak, fit, first = [], [], window, 0, None, None
+    for step, value in enumerate(np.asarray(losses, np.float64)):
+        buffer.append(value)
+        if len(buffer) == width:
+            means.append(float(np.mean(buffer)))
+            buffer = []
+            flat = False
+            if len(means) >= history:
+                fit = scipy.stats.linregress(np.arange(history), means[-history:])
+                flat = fit.slope >= -z_score * fit.stderr
+            streak = streak + 1 if flat else 0
+            if len(means) == 2 * history:
+                means = list(np.reshape(means, (history, 2)).mean(axis=1))
+                width *= 2
+        if first is None and streak >= patience and step + 1 >= min_steps:
+            first = step
+    return first, means, fit
+
+
+def _first(fires):
+    return int(np.argmax(fires)) if fires.any() else None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_loss_plateau_matches_a_scipy_oracle(seed):
+    """Falls for 15 first windows, then a noisy plateau: the firing step, the stored
+    (merged) window means and the last fit equal a list-based re-implementation
+    with scipy's least-squares fit."""
+    window, history, patience = 3, 6, 3
+    rng = np.random.default_rng(seed)
+    t = np.arange(300) / window
+    losses = 0.1 + np.exp(-np.minimum(t, 15) / 4) + 0.01 * rng.standard_normal(t.size)
+    detector = tp.loss_plateau(window, patience, history=history, z_score=1.0)
+    fires, state = feed(detector, np.ones(t.size), losses)
+    expected, means, fit = _plateau_oracle(losses, window, history, patience, z_score=1.0)
+    assert expected is not None and expected >= 15 * window
+    assert _first(fires) == expected
+    stored = int(state.stored)
+    np.testing.assert_allclose(np.asarray(state.means)[:stored], means, rtol=1e-5)
+    assert int(state.window_steps) > window  # windows were merged at least once
+    np.testing.assert_allclose(float(state.slope), fit.slope, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(float(state.slope_stderr), fit.stderr, rtol=1e-3, atol=1e-6)
+
+
+@given(
+    seed=st.integers(0, 10_000),
+    window=st.integers(1, 4),
+    history=st.integers(3, 6),
+    patience=st.integers(1, 3),
+    min_steps=st.integers(0, 60),
+    drift=st.floats(-0.02, 0.0),
+)
+def test_property_loss_plateau_agrees_with_the_oracle(
+    seed, window, history, patience, min_steps, drift
+):
+    """Random walks with a downward drift: the detector fires exactly where the
+    list-based scipy re-implementation does, never before ``min_steps`` nor before
+    ``history + patience - 1`` windows."""
+    rng = np.random.default_rng(seed)
+    losses = 1.0 + np.cumsum(drift + 0.01 * rng.standard_normal(120))
+    detector = tp.loss_plateau(window, patience, history=history, min_steps=min_steps)
+    fires, _ = feed(detector, np.ones(losses.size), losses, dim=2)
+    expected, _, _ = _plateau_oracle(losses, window, history, patience, 1.0, min_steps)
+    assert _first(fires) == expected
+    if expected is not None:
+        assert expected + 1 >= min_steps
+        assert expected + 1 >= (history + patience - 1) * window
+
+
+def test_loss_plateau_never_fires_on_a_power_law():
+    """Scale-free: a loss falling like 1/t (5% noise) is never flat over half the run."""
+    window = 4
+    t = np.arange(window * 500) / window + 1
+    rng = np.random.default_rng(0)
+    slow = 1.0 / t * (1 + 0.05 * rng.standard_normal(t.size))
+    fires, state = feed(tp.loss_plateau(window), np.ones(t.size), slow)
+    assert not fires.any()
+    assert int(state.window_steps) >= 8 * window  # the fit spans a long time scale by now
+
+
+def test_loss_plateau_fires_on_an_exactly_constant_loss_and_honours_min_steps():
+    window, history, patience = 3, 5, 2
+    losses = np.full(window * 20, 0.25)
+    fires, _ = feed(tp.loss_plateau(window, patience, history=history), np.ones(60), losses)
+    assert _first(fires) == (history + patience - 1) * window - 1
+    fires, _ = feed(
+        tp.loss_plateau(window, patience, history=history, min_steps=40), np.ones(60), losses
+    )
+    assert _first(fires) == 39
+
+
+def test_loss_plateau_is_free_and_needs_value():
+    detector = tp.loss_plateau(2)
+    assert detector.needs_value
+    state = detector.init({"w": jnp.zeros((300, 300)), "b": jnp.zeros(300)})
+    assert max(np.size(leaf) for leaf in jax.tree.leaves(state)) == 20  # 2 * history means
+    kwargs = dict(grad=jnp.ones(3), grad_norm=jnp.ones([]), step=jnp.asarray(0), params=None)
+    with pytest.raises(TypeError, match="value"):
+        detector.update(detector.init(jnp.zeros(3)), value=None, **kwargs)
+    # No full-batch evaluation: it runs without value_fn.
+    detector.update(detector.init(jnp.zeros(3)), value=jnp.ones([]), value_fn=None, **kwargs)
+
+
 def test_switch_at_and_combinators():
     fires, _ = feed(tp.switch_at(7), np.ones(12))
     assert int(np.argmax(fires)) == 6  # fires on the 7th step: step 7 is the first CG step
@@ -226,6 +333,11 @@ def test_property_fires_after_peak_and_not_before_min_steps(peak, noise, min_ste
         (tp.norm_loss_slope, dict(z_score=0.0), "z_score"),
         (tp.norm_loss_slope, dict(estimator="mean"), "estimator"),
         (tp.grad_norm_peak, dict(estimator=None), "estimator"),
+        (tp.loss_plateau, dict(window=0), "window"),
+        (tp.loss_plateau, dict(patience=0), "patience"),
+        (tp.loss_plateau, dict(history=2), "history"),
+        (tp.loss_plateau, dict(z_score=-1.0), "z_score"),
+        (tp.loss_plateau, dict(min_steps=-3), "min_steps"),
         (tp.switch_at, dict(step=0), "step"),
     ],
 )

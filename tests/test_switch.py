@@ -87,7 +87,8 @@ def test_switch_step_and_phase1_equals_nonlinear_cg():
 
 
 def test_training_switches_compiles_once_and_cg_lowers_full_loss_every_iteration(count_traces):
-    opt = tp.adam_cg(5e-3, window=N // BATCH)
+    detector = tp.norm_loss_slope(window=N // BATCH, estimator="exact")
+    opt = tp.adam_cg(5e-3, window=N // BATCH, detector=detector)
     traced = count_traces(
         lambda p, s, x, y: opt.update(
             jax.grad(loss)(p, x, y), s, p, value=loss(p, x, y), value_fn=FULL
@@ -108,6 +109,40 @@ def test_training_switches_compiles_once_and_cg_lowers_full_loss_every_iteration
     assert all(b <= a + 1e-7 * abs(a) for a, b in itertools.pairwise(cg_losses))
     assert cg_losses[-1] < 0.5 * cg_losses[0]
     assert count_traces.counter["n"] == 1
+
+
+def _train_epochs(opt, epochs, stop_after_cg=None):
+    step = make_step(opt)
+    p, s = PARAMS, opt.init(PARAMS)
+    adam_losses, cg_losses = [], []
+    for epoch in range(epochs):
+        for x, y in batches(epoch):
+            p, s, _ = step(p, s, x, y)
+            if int(tp.info(s).phase) == 1:
+                cg_losses.append(float(FULL(p)))
+        if int(tp.info(s).phase) == 0:
+            adam_losses.append(float(FULL(p)))
+        if stop_after_cg and len(cg_losses) >= stop_after_cg:
+            break
+    return s, adam_losses, cg_losses
+
+
+def test_default_detector_waits_while_adam_progresses_and_fires_when_it_stalls():
+    # lr 5e-3: the full-batch loss falls steadily for 40 epochs; no switch, no
+    # full-batch evaluation (the default detector is free).
+    s, adam_losses, _ = _train_epochs(tp.adam_cg(5e-3, window=N // BATCH), 40)
+    info = tp.info(s)
+    assert int(info.phase) == 0 and int(info.value_and_grad_evals) == 0
+    assert adam_losses[-1] < 0.2 * adam_losses[10]
+    # lr 0.1: Adam stalls at its noise floor (around epoch 150 here); the detector
+    # fires (at the earliest after history 10 + patience 5 - 1 windows) and CG
+    # then lowers the full-batch loss at every iteration, well below Adam's.
+    s, adam_losses, cg_losses = _train_epochs(tp.adam_cg(0.1, window=N // BATCH), 400, 20)
+    info = tp.info(s)
+    assert int(info.phase) == 1
+    assert int(info.switch_step) >= 14 * (N // BATCH)
+    assert all(b <= a + 1e-7 * abs(a) for a, b in itertools.pairwise(cg_losses))
+    assert cg_losses[-1] < 0.7 * adam_losses[-1]
 
 
 def test_nonfinite_minibatch_gradient_is_skipped_and_counted():
@@ -249,8 +284,12 @@ def test_detector_that_needs_value_is_a_type_error_without_it():
     opt = tp.adam_cg(detector=tp.norm_loss_slope(estimator="minibatch"))
     with pytest.raises(TypeError, match="value"):
         opt.update(PARAMS, opt.init(PARAMS), PARAMS, value_fn=FULL)
-    # The default detector evaluates the full-batch loss itself.
+    # So does the default detector (loss_plateau, on the mini-batch losses) ...
     opt = tp.adam_cg()
+    with pytest.raises(TypeError, match="value"):
+        opt.update(PARAMS, opt.init(PARAMS), PARAMS, value_fn=FULL)
+    # ... but not one that evaluates the full-batch loss itself.
+    opt = tp.adam_cg(detector=tp.norm_loss_slope(estimator="exact"))
     u, _ = opt.update(PARAMS, opt.init(PARAMS), PARAMS, value_fn=FULL)
     chex.assert_trees_all_equal_structs(u, PARAMS)
 

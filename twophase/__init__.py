@@ -22,6 +22,7 @@ from twophase.detectors import (
     all_of,
     any_of,
     grad_norm_peak,
+    loss_plateau,
     norm_loss_slope,
     switch_at,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "history_columns",
     "info",
     "latest_step",
+    "loss_plateau",
     "nonlinear_cg",
     "norm_loss_slope",
     "polak_ribiere",

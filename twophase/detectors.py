@@ -24,13 +24,20 @@ values. A detector that needs ``value`` sets ``needs_value=True`` and raises a
 ``grad_norm_stat``, ``grad_norm_max`` and ``value_and_grad_evals`` are reported
 by :func:`twophase.info`.
 
-Why the default statistic is the *exact* full-batch norm, evaluated once per
-window: the mean of mini-batch gradient norms converges to the sampling-noise
-floor, not to the full-batch norm, and hides the paper's peak late in training;
-and any estimate built from the optimiser's own stream of mini-batch gradients
-(e.g. the window-sum estimate, unbiased for independent draws) measures the
-path's displacement rather than the gradient at a point, and collapses (see
-``benchmarks/RESULTS.md``). A frozen point, evaluated in full, is what works.
+Detectors here: :func:`loss_plateau` (the default of ``adam_cg``: free, fires
+once Adam's mini-batch loss has stopped falling at the run's own time scale),
+:func:`grad_norm_peak` (the paper's Algorithm 1), :func:`norm_loss_slope` (the
+paper's "norm falls with the loss"), :func:`switch_at`, and the combinators
+:func:`any_of` / :func:`all_of`.
+
+Why the gradient-norm detectors measure the *exact* full-batch norm by default,
+once per window: the mean of mini-batch gradient norms converges to the
+sampling-noise floor, not to the full-batch norm, and hides the paper's peak
+late in training; and any estimate built from the optimiser's own stream of
+mini-batch gradients (e.g. the window-sum estimate, unbiased for independent
+draws) measures the path's displacement rather than the gradient at a point,
+and collapses (see ``benchmarks/RESULTS.md``). A frozen point, evaluated in
+full, is what works, at one full-batch evaluation per window.
 """
 
 from __future__ import annotations
@@ -50,11 +57,13 @@ __all__ = [
     "ESTIMATORS",
     "Detector",
     "GradNormPeakState",
+    "LossPlateauState",
     "NormLossSlopeState",
     "SwitchAtState",
     "all_of",
     "any_of",
     "grad_norm_peak",
+    "loss_plateau",
     "norm_loss_slope",
     "switch_at",
 ]
@@ -94,6 +103,11 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
 
 
 def _check_ratio(ratio: Any) -> None:
@@ -396,8 +410,7 @@ def norm_loss_slope(
     _check_int("history", history, 3)
     _check_int("min_steps", min_steps, 0)
     _check_estimator(estimator)
-    if isinstance(z_score, bool) or not isinstance(z_score, (int, float)) or z_score <= 0:
-        raise ValueError(f"`z_score` must be a positive number, got {z_score!r}.")
+    _check_positive("z_score", z_score)
     needs_value = estimator != "exact"
 
     def init(params):
@@ -448,6 +461,151 @@ def norm_loss_slope(
 
 
 norm_loss_slope.__doc__ = norm_loss_slope.__doc__.format(estimators=_ESTIMATOR_DOC)
+
+
+# --------------------------------------------------------------------------- #
+# Loss plateau.
+
+
+class LossPlateauState(NamedTuple):
+    """State of :func:`loss_plateau`.
+
+    Attributes:
+      value_sum: float32, sum of the current window's mini-batch losses.
+      grad_sq_sum: float32, sum of its squared mini-batch gradient norms.
+      count: int32, steps in the current window.
+      window_steps: int32, the current window length (doubles at every merge).
+      means: float32 ``(2 * history,)``, mean loss of each complete window since
+        the start, oldest first; entries ``>= stored`` are unused.
+      stored: int32, entries of ``means`` in use.
+      grad_norm_stat: float32, the last window's RMS mini-batch gradient norm
+        (reported by ``info``; not used to decide).
+      grad_norm_max: float32, the largest ``grad_norm_stat`` so far.
+      slope: float32, least-squares slope of the last ``history`` means (per window).
+      slope_stderr: float32, its standard error.
+      streak: int32, consecutive windows whose slope was not clearly negative.
+    """
+
+    value_sum: jax.Array
+    grad_sq_sum: jax.Array
+    count: jax.Array
+    window_steps: jax.Array
+    means: jax.Array
+    stored: jax.Array
+    grad_norm_stat: jax.Array
+    grad_norm_max: jax.Array
+    slope: jax.Array
+    slope_stderr: jax.Array
+    streak: jax.Array
+
+
+def loss_plateau(
+    window: int = 100,
+    patience: int = 5,
+    *,
+    history: int = 10,
+    z_score: float = 1.0,
+    min_steps: int = 0,
+) -> Detector:
+    """Fires once the mini-batch loss has stopped falling over the last half of the run.
+
+    The moment the paper's method is for: Adam has reached the floor that its
+    mini-batches and step size allow, and only a full-batch method makes further
+    progress. The detector keeps the mean mini-batch loss (``value``, required)
+    of every window since the start, in at most ``2 * history`` equal windows:
+    windows start ``window`` steps long and, whenever ``2 * history`` are
+    stored, adjacent pairs are merged and the window length doubles. After each
+    window it fits a least-squares line through the last ``history`` means,
+    which therefore span the last half of the run or more (scale-free: a loss
+    that keeps falling like a power law of the step count, as Adam's typically
+    does, is never flat at any time scale). A window is flat when the fitted
+    decrease is not clearly beyond the noise (``slope >= -z_score * stderr``);
+    the detector fires after ``patience`` consecutive flat windows, not before
+    ``min_steps`` steps.
+
+    It is free: no full-batch evaluation, no parameter-sized buffer, a few
+    scalar operations per step. It is deliberately conservative: a switch to
+    full-batch CG lost at equal cost wherever Adam was still making progress
+    (``benchmarks/RESULTS.md``), and a loss that has been flat for a short
+    stretch can fall again. It cannot tell a basin floor from a long saddle
+    plateau, which look the same in the loss.
+
+    Args:
+      window: steps in the first windows (typically steps per epoch), ``>= 1``.
+      patience: consecutive flat windows required, ``>= 1``.
+      history: points in each fit, ``>= 3``.
+      z_score: a slope below ``-z_score`` standard errors counts as still
+        falling, ``> 0``.
+      min_steps: never fire before this many phase-0 steps, ``>= 0``.
+
+    Returns:
+      A :class:`Detector` with ``needs_value=True``.
+    """
+    _check_int("window", window, 1)
+    _check_int("patience", patience, 1)
+    _check_int("history", history, 3)
+    _check_int("min_steps", min_steps, 0)
+    _check_positive("z_score", z_score)
+    capacity = 2 * history
+    positions = jnp.arange(history, dtype=jnp.float32)
+
+    def init(params):
+        del params
+        zero = jnp.zeros([], jnp.float32)
+        izero = jnp.zeros([], jnp.int32)
+        return LossPlateauState(
+            value_sum=zero,
+            grad_sq_sum=zero,
+            count=izero,
+            window_steps=jnp.asarray(window, jnp.int32),
+            means=jnp.zeros([capacity], jnp.float32),
+            stored=izero,
+            grad_norm_stat=zero,
+            grad_norm_max=zero,
+            slope=zero,
+            slope_stderr=zero,
+            streak=izero,
+        )
+
+    def close(state: LossPlateauState) -> LossPlateauState:
+        steps = state.count.astype(jnp.float32)
+        means = state.means.at[state.stored].set(state.value_sum / steps)
+        stored = state.stored + 1
+        last = lax.dynamic_slice(means, (jnp.maximum(stored - history, 0),), (history,))
+        slope, stderr = least_squares_slope(positions, last)
+        flat = (stored >= history) & (slope >= -z_score * stderr)
+        full = stored == capacity
+        merged = jnp.concatenate(
+            [means.reshape(history, 2).mean(axis=1), jnp.zeros([history], jnp.float32)]
+        )
+        norm = jnp.sqrt(state.grad_sq_sum / steps)
+        return state._replace(
+            value_sum=jnp.zeros([], jnp.float32),
+            grad_sq_sum=jnp.zeros([], jnp.float32),
+            count=jnp.zeros([], jnp.int32),
+            window_steps=jnp.where(full, 2 * state.window_steps, state.window_steps),
+            means=jnp.where(full, merged, means),
+            stored=jnp.where(full, history, stored),
+            grad_norm_stat=norm,
+            grad_norm_max=jnp.maximum(state.grad_norm_max, norm),
+            slope=jnp.where(stored >= history, slope, 0.0),
+            slope_stderr=jnp.where(stored >= history, stderr, jnp.inf),
+            streak=jnp.where(flat, state.streak + 1, 0),
+        )
+
+    def update(state, *, grad, grad_norm, value=None, step, params=None, value_fn=None):
+        del grad, params, value_fn
+        _require_value(value, "loss_plateau")
+        state = state._replace(
+            value_sum=state.value_sum + jnp.reshape(jnp.asarray(value, jnp.float32), ()),
+            grad_sq_sum=state.grad_sq_sum + jnp.square(grad_norm.astype(jnp.float32)),
+            count=state.count + 1,
+        )
+        state = lax.cond(state.count >= state.window_steps, close, lambda s: s, state)
+        fire = (state.streak >= patience) & (step + 1 >= min_steps)
+        return state, fire
+
+    return Detector(init, update, needs_value=True)
 
 
 # --------------------------------------------------------------------------- #

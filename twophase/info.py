@@ -39,7 +39,9 @@ class Info(NamedTuple):
       phase: int32, 0 (first phase) or 1 (second phase).
       switch_step: int32, index of the first second-phase step, -1 before.
       step: int32, ``update`` calls so far.
-      grad_norm_stat: float32, the detector's smoothed (full-batch) norm statistic.
+      grad_norm_stat: float32, the detector's gradient-norm statistic (the full-batch
+        norm for ``grad_norm_peak``/``norm_loss_slope`` with ``"exact"``; the RMS of the
+        window's mini-batch norms for ``loss_plateau``).
       grad_norm_max: float32, its running maximum.
       skipped_steps: int32, first-phase steps skipped for non-finite gradients.
       fallbacks: int32, returns from phase 1 to phase 0.

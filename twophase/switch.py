@@ -346,7 +346,7 @@ def adam_second_moment_preconditioner(
 
 
 def _default_detector(window: int, min_steps: int) -> _det.Detector:
-    return _det.norm_loss_slope(window=window, patience=5, min_steps=min_steps, estimator="exact")
+    return _det.loss_plateau(window, patience=5, history=10, z_score=1.0, min_steps=min_steps)
 
 
 def adam_cg(
@@ -373,20 +373,27 @@ def adam_cg(
     full-batch objective that the CG phase evaluates itself.
 
     With ``detector=None`` the switch is decided by
-    :func:`twophase.norm_loss_slope` (``window``, ``patience=5``, ``history=4``,
-    ``estimator="exact"``, ``min_steps``): every ``window`` steps it evaluates the
-    full-batch loss and gradient norm once through ``value_fn`` (one full-batch
-    evaluation, counted in ``info``), and it fires only after the gradient norm
-    has fallen together with the loss, clearly beyond the noise, for five
-    consecutive fits of four points. Why not the paper's own rule,
-    :func:`twophase.grad_norm_peak` (``ratio``): the full-batch norm falls from
-    epoch 1 to 2 on every problem we measured and fluctuates by tens of percent
-    between epochs, so it fires at epoch 2 and loses 2.8x-4.2x at equal cost
-    (``benchmarks/RESULTS.md``). Why exact evaluations: mini-batch-based
-    estimates of the full-batch norm either sit at the noise floor or collapse
-    to 0 along Adam's path. Set ``window`` to a few epochs' steps: each window
-    costs one epoch-equivalent. Pass ``detector=grad_norm_peak(ratio, window)``
-    for Algorithm 1 as published.
+    :func:`twophase.loss_plateau` (``window``, ``history=10``, ``patience=5``,
+    ``z_score=1``, ``min_steps``): it keeps the mean mini-batch loss of every
+    window since the start (merging windows as they accumulate) and fires once
+    a least-squares line through the last 10 means, which span the last half of
+    the run or more, has shown no clear decrease for 5 consecutive windows; so
+    it needs ``value=`` at every update. Why this default (measured,
+    ``benchmarks/RESULTS.md``): at equal cost a switch to full-batch CG lost
+    wherever Adam was still making progress, and paid off as a final polish
+    once Adam had stalled. This detector costs nothing (no full-batch
+    evaluation, no buffer), so while it waits Adam+CG *is* Adam, and it waits
+    until Adam's loss has stopped falling at the run's own time scale. The
+    alternatives lose at equal cost: the paper's own rule,
+    :func:`twophase.grad_norm_peak` (``ratio``), fires at epoch 2 on every
+    problem we measured (the full-batch norm falls from epoch 1 to 2 and
+    fluctuates by tens of percent between epochs) and loses 2.8x-4.2x;
+    :func:`twophase.norm_loss_slope` with exact full-batch checks pays one
+    evaluation per window (up to 1.9x); a fixed-length loss window fired in
+    short flat stretches that Adam later left (1.2x-1.3x); mini-batch estimates
+    of the full-batch gradient norm sit at the noise floor or collapse to 0
+    along Adam's path. Set ``window`` to the steps per epoch. Pass
+    ``detector=grad_norm_peak(ratio, window)`` for Algorithm 1 as published.
 
     Memory: Adam's two parameter-sized buffers and CG's two: 2x Adam's state
     (one more with ``precondition=True``; L-BFGS with memory 10 holds 23).
@@ -400,8 +407,7 @@ def adam_cg(
       b1, b2, eps: Adam's constants.
       ratio: the paper's tolerance, used by ``grad_norm_peak`` when requested
         through ``detector``; validated here.
-      window: detector window in steps (e.g. a few epochs' steps; each window
-        costs one full-batch evaluation with the default detector).
+      window: detector window in steps (typically the steps per epoch).
       min_steps: never switch before this many steps.
       detector: a :class:`twophase.Detector`, or ``None`` for the default.
       beta: CG direction rule (see :func:`twophase.nonlinear_cg`).

@@ -10,6 +10,7 @@ from flax import nnx
 from twophase.experiments.models import (
     MODEL_NAMES,
     accuracy,
+    conv3x3_im2col,
     count_params,
     cross_entropy_loss,
     default_patch_size,
@@ -93,6 +94,47 @@ def test_vgg_pooling_adapts_to_tiny_inputs():
     vgg = build("vgg5-max-relu", blocks=((4,), (4,), (4,)))
     assert vgg.pool_after == (True, True, False)
     assert forward(vgg, images(2, (8, 8, 1))).shape == (2, 10)
+
+
+@pytest.mark.parametrize("image_shape", [(8, 8, 1), (28, 28, 3)])
+def test_vgg_im2col_convolution_equals_nnx_conv(image_shape):
+    """The CPU path (im2col + matmul) computes the same function and gradient as
+    nnx.Conv with the same parameters."""
+    model = build("vgg5-max-relu", image_shape=image_shape, conv_impl="lax")
+    x = images(4, image_shape)
+    graphdef, params = nnx.split(model)
+
+    def loss(params, impl):
+        model = nnx.merge(graphdef, params)
+        model.conv_impl = impl
+        return jnp.sum(jnp.sin(model(x)))
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    value_lax, grad_lax = value_and_grad(params, "lax")
+    value_im2col, grad_im2col = value_and_grad(params, "im2col")
+    np.testing.assert_allclose(value_im2col, value_lax, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grad_im2col), jax.tree.leaves(grad_lax), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_conv3x3_im2col_against_lax_conv():
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 7, 4))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 6))
+    bias = jnp.arange(6.0)
+    expected = (
+        jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        + bias
+    )
+    np.testing.assert_allclose(conv3x3_im2col(x, kernel, bias), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vgg_conv_impl_default_and_bad_value():
+    expected = "im2col" if jax.default_backend() == "cpu" else "lax"
+    assert build("vgg5-max-relu").conv_impl == expected
+    with pytest.raises(ValueError, match="conv_impl"):
+        build("vgg5-max-relu", conv_impl="fft")
 
 
 @pytest.mark.parametrize(("side", "patch"), [(8, 2), (28, 4), (32, 4), (16, 2)])

@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--switch",
         type=_switch,
         default="auto",
-        help="when Adam+CG switches: 'auto' (the default detector, tp.norm_loss_slope with a "
-        "window of one epoch) or K: after K Adam epochs (the first CG epoch is K+1)",
+        help="when Adam+CG switches: 'auto' (the default detector, tp.loss_plateau on the "
+        "epoch-mean mini-batch losses) or K: after K Adam epochs (the first CG epoch is K+1)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of split, weights, shuffling")
     parser.add_argument(

@@ -8,10 +8,10 @@ the SAME seeded mini-batch schedule (so Adam+CG follows Adam's path up to its sw
 run         optimizer
 ==========  =================================================================================
 adam        ``optax.adam(lr)`` on mini-batches, every epoch
-adam+cg     ``tp.adam_cg(lr, window=20 * steps_per_epoch)``: Adam, then one full-batch
+adam+cg     ``tp.adam_cg(lr, window=steps_per_epoch)``: Adam, then one full-batch
             nonlinear CG iteration per epoch; the switch is decided by the default detector
-            (``switch="auto"``: one exact full-batch evaluation every 20 epochs, counted as
-            cost) or fixed after ``k`` Adam epochs (``switch=k``:
+            (``switch="auto"``: ``tp.loss_plateau`` on the epoch-mean mini-batch losses, free)
+            or fixed after ``k`` Adam epochs (``switch=k``:
             ``detector=tp.switch_at(k * steps_per_epoch)``)
 cg          ``tp.nonlinear_cg()`` from the start (full-batch, one iteration per epoch)
 ==========  =================================================================================
@@ -302,15 +302,10 @@ def make_optimizer(
     if name == "adam+cg":
         _check_switch(switch)
         detector = None if switch == "auto" else tp.switch_at(int(switch) * steps_per_epoch)
-        window = DETECTOR_EPOCHS * steps_per_epoch
-        return tp.adam_cg(lr, window=window, detector=detector)
+        return tp.adam_cg(lr, window=steps_per_epoch, detector=detector)
     if name == "cg":
         return tp.nonlinear_cg()
     raise ValueError(f"Unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}.")
-
-
-DETECTOR_EPOCHS = 20
-"""The default detector's window in epochs: each window costs one full-batch evaluation."""
 
 
 def switch_epoch(history: Sequence[Mapping[str, Any]]) -> int | None:
