@@ -91,7 +91,8 @@ def test_history_keys_and_columns(two_phase_run):
     assert len(result.history) == 6
     expected = {
         "epoch", "phase", "steps", "train_loss", "grad_norm", "grad_norm_stat", "switch_step",
-        "epoch_cost", "cost", "wall_seconds", "nonfinite", "skipped_steps",
+        "epoch_cost", "cost", "wall_seconds", "nonfinite", "skipped_steps", "cg_iterations",
+        "linesearch_failures",
     }  # fmt: skip
     assert set(result.history[0]) == expected
     columns = history_columns(result.history)
@@ -100,6 +101,8 @@ def test_history_keys_and_columns(two_phase_run):
     assert columns["steps"] == [STEPS, STEPS, 1, 1, 1, 1]
     assert columns["grad_norm_stat"] == [None] * 6  # switch_at has no statistic
     assert columns["switch_step"][-1] == SWITCH_EPOCHS * STEPS
+    assert columns["cg_iterations"] == [0, 0, 1, 2, 3, 4]  # one CG iteration per phase-1 epoch
+    assert columns["linesearch_failures"][-1] == int(tp.info(result.opt_state).linesearch_failures)
     assert not any(columns["nonfinite"])
     assert all(b >= a for a, b in itertools.pairwise(columns["wall_seconds"]))
     assert history_columns([{"a": 1}, {"b": 2}]) == {"a": [1, None], "b": [None, 2]}

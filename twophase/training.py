@@ -217,6 +217,9 @@ def train(
       skipped for a non-finite gradient or loss (``None`` for other optimizers).
       Non-finite values never raise; training goes on (a two-phase optimizer
       skips such steps itself; another optimizer may leave NaN parameters);
+    * ``cg_iterations`` and ``linesearch_failures``: cumulative counts of CG
+      iterations and of line searches that found no decrease (``info``'s
+      fields; ``None`` where the optimizer holds no nonlinear CG);
     * ``val_loss`` (if ``val_data``), and for each ``name`` in ``metrics``:
       ``train_<name>`` on ``data`` and ``val_<name>`` on ``val_data`` (if given),
       all full-batch means over chunks of ``full_batch_size`` (so metrics, like
@@ -385,6 +388,8 @@ def train(
                 "cost": cost,
                 "wall_seconds": wall_offset + time.perf_counter() - started,
                 "skipped_steps": _maybe_int(after, "skipped_steps"),
+                "cg_iterations": _maybe_int(after, "cg_iterations"),
+                "linesearch_failures": _maybe_int(after, "linesearch_failures"),
             }
             record["nonfinite"] = not (
                 math.isfinite(record["train_loss"]) and math.isfinite(record["grad_norm"])

@@ -69,12 +69,17 @@ def test_history_csv(run_dir):
         "val_loss",
         "train_acc",
         "val_acc",
+        "cg_iterations",
+        "linesearch_failures",
     }
     assert expected <= columns
     assert {r["run"] for r in rows} == {"adam", "adam+cg", "cg"}
     adam = [r for r in rows if r["run"] == "adam"]
     assert [int(r["epoch"]) for r in adam] == [1, 2, 3, 4, 5]
     assert float(adam[-1]["cost"]) == 5.0
+    assert {r["cg_iterations"] for r in adam} == {""}  # optax.adam holds no CG
+    cg = [int(r["cg_iterations"]) for r in rows if r["run"] == "cg"]
+    assert cg == list(range(1, len(cg) + 1))  # one CG iteration per epoch
 
 
 def test_existing_out_dir_gets_suffix(tmp_path, capsys, monkeypatch, run_dir):
