@@ -48,6 +48,7 @@ def run_model(args, model: str) -> dict:
         seed=args.seed,
         progress=False,
         max_train=args.max_train,
+        precondition=args.precondition,
     )
     problem = _runner.build_problem(config)
     start = time.perf_counter()
@@ -124,6 +125,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--splits", type=float, nargs="*", default=[0.3, 0.6, 0.9], help="none: no fixed split"
     )
     parser.add_argument("--skip-cg", action="store_true", help="do not run CG alone")
+    parser.add_argument(
+        "--precondition",
+        action="store_true",
+        help="Adam+CG runs precondition CG with Adam's second moments",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-train", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON file for the records")
@@ -131,7 +137,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("command:", command_line())
     print(
         f"dataset {args.dataset}, budget {args.epochs} epoch-equivalents per run, "
-        f"batch {args.batch_size}, seed {args.seed}; ratio = train loss / Adam's\n",
+        f"batch {args.batch_size}, seed {args.seed}"
+        f"{', Adam+CG preconditioned' if args.precondition else ''}; "
+        "ratio = train loss / Adam's\n",
         flush=True,
     )
     results = []

@@ -177,7 +177,8 @@ def test_defaults():
     args = cli.build_parser().parse_args([])
     assert args.dataset == cli.DEFAULTS["dataset"] and args.model == cli.DEFAULTS["model"]
     assert args.batch_size == 512 and args.switch == "auto" and args.loss == "mse"
-    assert args.out is None and not args.no_progress
+    assert args.out is None and not args.no_progress and not args.precondition
+    assert cli.build_parser().parse_args(["--precondition"]).precondition
 
 
 @pytest.mark.slow

@@ -3,8 +3,12 @@
 import math
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
+import twophase as tp
 from twophase.experiments import runner
 
 TINY = {"dataset": "digits", "model": "mlp", "max_train": 256, "max_val": 128, "progress": False}
@@ -149,11 +153,37 @@ def test_markdown_table(comparison):
         ({"switch": "soon"}, "`switch`"),
         ({"epochs": 0}, "`epochs`"),
         ({"lr": -1.0}, "`lr`"),
+        ({"precondition": "yes"}, "`precondition`"),
     ],
 )
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         runner.ExperimentConfig(**kwargs)
+
+
+def test_make_optimizer_precondition_reaches_adam_cg():
+    """``precondition=True`` gives CG Adam's second moments at the switch: the first CG update
+    equals ``tp.adam_cg(precondition=True)``'s and differs from the plain one's."""
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    scales = jnp.array([1.0, 10.0, 0.1])
+
+    def value_fn(p):
+        return 0.5 * jnp.sum(scales * p["w"] ** 2)
+
+    def first_cg_update(tx):
+        state = tx.init(params)
+        p = params
+        for _ in range(2):  # one Adam step (then the switch), then one CG step
+            value, grad = jax.value_and_grad(value_fn)(p)
+            updates, state = tx.update(grad, state, p, value=value, value_fn=value_fn)
+            p = optax.apply_updates(p, updates)
+        return updates["w"]
+
+    made = runner.make_optimizer("adam+cg", lr=1e-2, steps_per_epoch=1, switch=1, precondition=True)
+    reference = tp.adam_cg(1e-2, window=1, detector=tp.switch_at(1), precondition=True)
+    plain = runner.make_optimizer("adam+cg", lr=1e-2, steps_per_epoch=1, switch=1)
+    np.testing.assert_allclose(first_cg_update(made), first_cg_update(reference), rtol=1e-6)
+    assert not np.allclose(first_cg_update(made), first_cg_update(plain), rtol=1e-3)
 
 
 def test_make_optimizer_unknown():

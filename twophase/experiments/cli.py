@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run Adam+CG with fixed switches after 10%%, 20%%, ..., 90%% of --epochs "
         "and write sweep.json (the best split by training loss is printed)",
     )
+    parser.add_argument(
+        "--precondition",
+        action="store_true",
+        help="precondition Adam+CG's CG phase with Adam's second-moment estimate",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -228,6 +233,7 @@ def _run(args: argparse.Namespace) -> int:
         max_train=args.max_train,
         full_batch_size=args.full_batch_size,
         progress=not args.no_progress,
+        precondition=args.precondition,
     )
     try:
         problem = _runner.build_problem(config)

@@ -120,6 +120,8 @@ class ExperimentConfig:
       max_val: likewise for validation.
       full_batch_size: chunk size of the full-batch evaluations (CG, monitoring); bounds memory.
       progress: show train's tqdm progress bar.
+      precondition: Adam+CG preconditions CG with Adam's second-moment estimate at the switch
+        (``tp.adam_cg(..., precondition=True)``).
     """
 
     dataset: str = "mnist5k"
@@ -135,6 +137,7 @@ class ExperimentConfig:
     max_val: int | None = None
     full_batch_size: int | None = 1024
     progress: bool = True
+    precondition: bool = False
 
     def __post_init__(self) -> None:
         if self.dataset not in _datasets.DATASET_NAMES:
@@ -155,6 +158,8 @@ class ExperimentConfig:
         _check_switch(self.switch)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"`lr` must be a positive number, got {self.lr!r}.")
+        if not isinstance(self.precondition, bool):
+            raise ValueError(f"`precondition` must be a bool, got {self.precondition!r}.")
 
 
 def _check_switch(switch: Any) -> None:
@@ -286,7 +291,12 @@ def build_problem(config: ExperimentConfig, dataset: _datasets.Dataset | None = 
 
 
 def make_optimizer(
-    name: str, *, lr: float, steps_per_epoch: int, switch: int | str = "auto"
+    name: str,
+    *,
+    lr: float,
+    steps_per_epoch: int,
+    switch: int | str = "auto",
+    precondition: bool = False,
 ) -> optax.GradientTransformation:
     """The optimizer of one run (see the module docstring).
 
@@ -296,13 +306,14 @@ def make_optimizer(
       steps_per_epoch: mini-batch steps per epoch: the detector's window, and the unit of a
         fixed switch.
       switch: ``"auto"`` or ``k``: switch after ``k`` Adam epochs (``adam+cg`` only).
+      precondition: CG preconditioned by Adam's second moments (``adam+cg`` only).
     """
     if name == "adam":
         return optax.adam(lr)
     if name == "adam+cg":
         _check_switch(switch)
         detector = None if switch == "auto" else tp.switch_at(int(switch) * steps_per_epoch)
-        return tp.adam_cg(lr, window=steps_per_epoch, detector=detector)
+        return tp.adam_cg(lr, window=steps_per_epoch, detector=detector, precondition=precondition)
     if name == "cg":
         return tp.nonlinear_cg()
     raise ValueError(f"Unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}.")
@@ -343,7 +354,11 @@ def run_one(
     problem = build_problem(config) if problem is None else problem
     switch = config.switch if switch is None else switch
     tx = make_optimizer(
-        optimizer, lr=config.lr, steps_per_epoch=problem.steps_per_epoch, switch=switch
+        optimizer,
+        lr=config.lr,
+        steps_per_epoch=problem.steps_per_epoch,
+        switch=switch,
+        precondition=config.precondition,
     )
     result = tp.train(
         problem.loss_fn,
