@@ -53,6 +53,17 @@ def test_results_json(run_dir):
     assert records[2]["switch_epoch"] is None
 
 
+def test_precondition_flag_reaches_adam_cg(tmp_path, capsys, run_dir):
+    out = tmp_path / "pre"
+    assert cli.main([*FAST, "--switch", "2", "--precondition", "--out", str(out)]) == 0
+    assert "CG preconditioned by Adam's second moments" in capsys.readouterr().out
+    plain = json.loads((run_dir / "results.json").read_text())
+    pre = json.loads((out / "results.json").read_text())
+    assert pre[0]["train_loss"] == plain[0]["train_loss"]  # Adam alone: unchanged
+    assert pre[1]["switch_epoch"] == plain[1]["switch_epoch"] == 3
+    assert pre[1]["train_loss"] != plain[1]["train_loss"]  # the CG phase is preconditioned
+
+
 def test_history_csv(run_dir):
     with open(run_dir / "history.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -252,7 +252,8 @@ def _run(args: argparse.Namespace) -> int:
     print(
         f"{args.model} on {ds.name}: {len(ds.y_train)} train / {len(ds.y_val)} val examples, "
         f"P={problem.num_params}, Q={problem.q:.2f}, {problem.steps_per_epoch} Adam steps per "
-        f"epoch, budget {args.epochs} epoch-equivalents per run, switch={args.switch}",
+        f"epoch, budget {args.epochs} epoch-equivalents per run, switch={args.switch}"
+        + (", CG preconditioned by Adam's second moments" if args.precondition else ""),
         flush=True,
     )
 
