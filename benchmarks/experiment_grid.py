@@ -11,7 +11,8 @@ run, its ratio to Adam's, the switch epoch and the best fixed split, and writes 
 
 This is ``python -m twophase --sweep`` for several models at once, with a short list of splits
 so that the ViT and VGG models fit a CPU budget. ``--splits`` with no value and ``--skip-cg`` keep
-only Adam and the automatic switch (e.g. to re-measure the detector).
+only Adam and the automatic switch (e.g. to re-measure the detector); ``--skip-auto`` drops the
+automatic switch (e.g. to add preconditioned splits to a table whose automatic runs exist).
 
 Usage::
 
@@ -55,7 +56,8 @@ def run_model(args, model: str) -> dict:
     runs = {"adam": _runner.run_one(config, "adam", problem=problem)}
     if not args.skip_cg:
         runs["cg"] = _runner.run_one(config, "cg", problem=problem)
-    runs["adam+cg auto"] = _runner.run_one(config, "adam+cg", problem=problem, switch="auto")
+    if not args.skip_auto:
+        runs["adam+cg auto"] = _runner.run_one(config, "adam+cg", problem=problem, switch="auto")
     for k in _runner.split_epochs(args.epochs, args.splits):
         runs[f"adam+cg after {k}"] = _runner.run_one(config, "adam+cg", problem=problem, switch=k)
     records = {name: run.record for name, run in runs.items()}
@@ -83,7 +85,7 @@ def table_rows(result: dict) -> list[str]:
 
     cg_acc = f"{records['cg']['val_acc']:.3f}" if "cg" in records else "-"
 
-    auto = records["adam+cg auto"]
+    auto = records.get("adam+cg auto")
     best_ratio = None if best is None else fixed[best]["train_loss"] / adam
     return [
         "| "
@@ -95,7 +97,11 @@ def table_rows(result: dict) -> list[str]:
                 str(result["steps_per_epoch"]),
                 f"{fmt(adam)} / {records['adam']['train_acc']:.3f}",
                 cell("adam+cg auto"),
-                "never" if auto["switch_epoch"] is None else str(auto["switch_epoch"]),
+                "not run"
+                if auto is None
+                else "never"
+                if auto["switch_epoch"] is None
+                else str(auto["switch_epoch"]),
                 "; ".join(f"{k.split()[-1]}: {fixed[k]['train_loss'] / adam:.2f}" for k in fixed),
                 "-" if best is None else f"{best.split()[-1]} ({best_ratio:.2f})",
                 cell("cg"),
@@ -125,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--splits", type=float, nargs="*", default=[0.3, 0.6, 0.9], help="none: no fixed split"
     )
     parser.add_argument("--skip-cg", action="store_true", help="do not run CG alone")
+    parser.add_argument(
+        "--skip-auto", action="store_true", help="do not run Adam+CG with the default detector"
+    )
     parser.add_argument(
         "--precondition",
         action="store_true",

@@ -1,0 +1,111 @@
+"""Where full-batch CG ends, by switch epoch: loss, gradient norm and Hessian spectrum.
+
+On ``teacher-student-small`` (49 parameters, ``_problems.py``) at a budget of 1000
+epoch-equivalents, ``benchmarks/switching.py`` found that CG started from Adam's point after
+some epochs drives the loss to ~1e-8 (four orders of magnitude below Adam), and from others
+ends just below Adam. This script reruns those fixed splits (the same trainer, Adam learning
+rate and mini-batch schedule as ``switching.py``; a last row never switches) and, at each run's
+final point, computes the full-batch loss, gradient norm and the eigenvalues of the full-batch
+Hessian (float32 ``jax.hessian`` of the 49-parameter MSE, eigenvalues in float64 by NumPy): the
+smallest, the largest, their ratio where positive, and how many are negative (below ``-1e-6``
+times the largest). A positive-definite Hessian at a near-zero loss is the paper's convex basin;
+a negative eigenvalue marks a saddle region.
+
+Usage::
+
+    python benchmarks/basin.py [--budget E] [--lr LR] [--splits K ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import switching
+from _problems import batch_schedule, command_line, markdown_table, mse, small_teacher_student
+from jax.flatten_util import ravel_pytree
+
+
+def end_point_spectrum(params, data) -> tuple[float, float, np.ndarray]:
+    """(loss, gradient norm, ascending Hessian eigenvalues) at ``params``."""
+    flat, unravel = ravel_pytree(params)
+
+    def loss(v):
+        return mse(unravel(v), *data)
+
+    value, grad = jax.value_and_grad(loss)(flat)
+    hessian = np.asarray(jax.hessian(loss)(flat), np.float64)
+    return float(value), float(jnp.linalg.norm(grad)), np.linalg.eigvalsh(hessian)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=int, default=1000, help="epoch-equivalents")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
+    parser.add_argument("--splits", type=int, nargs="*", default=[2, 10, 21, 93, 198, 423, 900])
+    args = parser.parse_args(argv)
+    problem = small_teacher_student()
+    data = (jnp.asarray(problem.x), jnp.asarray(problem.y))
+    schedule = batch_schedule(problem.x.shape[0], problem.batch_size, args.budget)
+    spe = problem.steps_per_epoch
+
+    end_points = {}
+    original = switching.full_loss_and_norm
+
+    def recording(params, data):
+        end_points["params"] = params
+        return original(params, data)
+
+    switching.full_loss_and_norm = recording  # Trainer.run measures its final point with it
+    trainer = switching.Trainer(problem, switching.methods(args.lr, spe)["split"])
+    adam_loss, _ = switching.run_adam(problem, args.lr, schedule, data)
+    rows = []
+    never = args.budget + 1
+    for split in [*args.splits, never]:
+        run = trainer.run(schedule, data, split=split * spe)
+        loss, grad_norm, eig = end_point_spectrum(end_points["params"], data)
+        negative = int(np.sum(eig < -1e-6 * eig[-1]))
+        rows.append(
+            [
+                "never (Adam only)" if split == never else split,
+                run.iterations,
+                run.evals,
+                f"{loss:.3e}",
+                f"{loss / adam_loss:.3g}",
+                f"{grad_norm:.2e}",
+                f"{eig[0]:.2e}",
+                f"{eig[-1]:.2e}",
+                f"{eig[-1] / eig[0]:.1e}" if eig[0] > 0 else "-",
+                negative,
+            ]
+        )
+        print(f"[split {split} done]", flush=True)
+    switching.full_loss_and_norm = original
+    print("command:", command_line())
+    print(
+        f"{problem.name}, budget {args.budget}, Adam lr {args.lr}: Adam alone ends at "
+        f"{adam_loss:.3e}\n"
+    )
+    print(
+        markdown_table(
+            [
+                "switch epoch",
+                "CG iterations",
+                "evaluations",
+                "final loss",
+                "ratio to Adam",
+                "gradient norm",
+                "min eigenvalue",
+                "max eigenvalue",
+                "condition",
+                "negative eigenvalues",
+            ],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
