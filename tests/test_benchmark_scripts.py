@@ -1,0 +1,168 @@
+"""Smoke tests of the scripts in ``benchmarks/``: each runs at a tiny size in a subprocess
+(as a user would, from the ``benchmarks`` folder) and its printed table is checked for the
+rows and the invariants the full-size run reports (costs within budget, finite losses, the
+state-size ratio). They catch scripts broken by API changes; the numbers themselves are
+measured by the full runs recorded in ``benchmarks/RESULTS.md``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(*args: str) -> str:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    done = subprocess.run(
+        [sys.executable, *args],
+        cwd=BENCHMARKS,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    """Markdown table rows whose first cell is ``first_cell``, as lists of stripped cells."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            rows.append(cells)
+    return rows
+
+
+def test_switching_costs_within_budget():
+    budget = 6
+    out = run_script(
+        "switching.py", "--quick", "--budget", str(budget), "--problems", "teacher-student-small"
+    )
+    rows = [r for r in table_rows(out, "teacher-student-small") if len(r) == 9]
+    methods = [r[1] for r in rows]
+    assert len(methods) == 10, methods  # Adam alone + 9 two-phase methods
+    assert methods[0].startswith("Adam alone")
+    for row in rows:
+        cost, loss = float(row[6]), float(row[7])
+        assert cost <= budget, row
+        assert math.isfinite(loss) and loss > 0, row
+    assert float(rows[0][8]) == 1.0  # Adam's ratio to itself
+
+
+def test_basin_rows_and_spectrum():
+    out = run_script("basin.py", "--budget", "4", "--splits", "1", "2")
+    rows = [r for r in (table_rows(out, "1") + table_rows(out, "2")) if len(r) == 10]
+    rows += table_rows(out, "never (Adam only)")
+    assert len(rows) == 3, out
+    for row in rows:
+        assert math.isfinite(float(row[3])), row  # final loss
+        assert float(row[6]) <= float(row[7]), row  # min eigenvalue <= max eigenvalue
+        assert 0 <= int(row[9]) <= 49, row  # negative eigenvalues of a 49x49 Hessian
+    assert rows[-1][1] == "0"  # the last row never runs CG
+
+
+def test_experiment_grid_records(tmp_path):
+    out_json = tmp_path / "grid.json"
+    out = run_script(
+        "experiment_grid.py",
+        "--dataset",
+        "digits",
+        "--epochs",
+        "2",
+        "--splits",
+        "0.5",
+        "--models",
+        "mlp",
+        "--max-train",
+        "256",
+        "--out",
+        str(out_json),
+    )
+    assert table_rows(out, "mlp"), out
+    (result,) = json.loads(out_json.read_text())
+    assert set(result["records"]) == {"adam", "cg", "adam+cg auto", "adam+cg after 1"}
+    records = result["records"]
+    for record in records.values():
+        # tp.train stops once the budget is reached; a CG epoch may overshoot it (documented).
+        assert record["cost_epochs"] >= 2
+        assert math.isfinite(record["train_loss"])
+    assert records["adam"]["cost_epochs"] == 2.0
+    assert records["adam+cg auto"]["switch_epoch"] is None  # too short to switch: Adam's run
+    assert records["adam+cg auto"]["train_loss"] == records["adam"]["train_loss"]
+    assert records["adam+cg after 1"]["switch_epoch"] == 2  # 1 Adam epoch, CG from epoch 2
+
+
+def test_experiment_grid_skip_auto(tmp_path):
+    out_json = tmp_path / "grid.json"
+    out = run_script(
+        "experiment_grid.py",
+        "--dataset",
+        "digits",
+        "--epochs",
+        "2",
+        "--splits",
+        "--skip-cg",
+        "--skip-auto",
+        "--models",
+        "mlp",
+        "--max-train",
+        "256",
+        "--out",
+        str(out_json),
+    )
+    (row,) = table_rows(out, "mlp")[-1:]
+    assert row[5] == "not run" and row[6] == "not run", row
+    (result,) = json.loads(out_json.read_text())
+    assert set(result["records"]) == {"adam"}
+
+
+def test_final_polish_rows():
+    out = run_script("final_polish.py", "--budgets", "10", "--checks", "2")
+    for name in ("teacher-student-small", "teacher-student", "digits", "friedman1"):
+        (row,) = table_rows(out, name)
+        assert math.isfinite(float(row[2])) and math.isfinite(float(row[3])), row
+
+
+def test_overhead_state_sizes():
+    out = run_script("overhead.py", "--quick", "--rounds", "2")
+    # the state table's rows end with "N (+B B)": parameter-sized buffers and the rest
+    (adam,) = [row for row in table_rows(out, "optax.adam") if "(+" in row[-1]]
+    assert adam[2] == "1.000" and adam[3].startswith("2 "), adam
+    # tp.adam_cg holds Adam's two buffers and CG's two: twice Adam's state, plus scalars.
+    (default,) = table_rows(out, "tp.adam_cg (default)")
+    assert abs(float(default[2]) - 2.0) < 1e-3, default
+    (lbfgs,) = table_rows(out, "optax.lbfgs(memory_size=10)")
+    assert float(lbfgs[2]) > float(default[2])
+
+
+def test_cg_suite_converges_on_rosenbrock():
+    out = run_script("cg_suite.py", "--quick", "--problems", "rosenbrock-2", "--starts", "1")
+    (row,) = table_rows(out, "rosenbrock-2")
+    evals = int(row[2].split()[0])  # twophase polak_ribiere: "evaluations (iterations)"
+    assert 0 < evals < 5000, row
+
+
+def test_full_batch_memory_rows():
+    sizes = ("64", "256")
+    out = run_script(
+        "full_batch_memory.py",
+        "--examples",
+        "256",
+        "--features",
+        "8",
+        "--hidden",
+        "8",
+        "--batch-sizes",
+        *sizes,
+    )
+    for size in sizes:
+        (row,) = table_rows(out, size)
+        assert float(row[2]) >= 0, row
