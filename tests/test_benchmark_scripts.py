@@ -69,25 +69,22 @@ def test_basin_rows_and_spectrum():
     assert rows[-1][1] == "0"  # the last row never runs CG
 
 
-def test_experiment_grid_records(tmp_path):
+def run_grid(tmp_path, *options: str) -> tuple[str, dict]:
+    """experiment_grid.py on 256 digits images, mlp, 2 epoch-equivalents: (stdout, result)."""
     out_json = tmp_path / "grid.json"
     out = run_script(
         "experiment_grid.py",
-        "--dataset",
-        "digits",
-        "--epochs",
-        "2",
-        "--splits",
-        "0.5",
-        "--models",
-        "mlp",
-        "--max-train",
-        "256",
-        "--out",
-        str(out_json),
+        *("--dataset", "digits", "--epochs", "2", "--models", "mlp", "--max-train", "256"),
+        *options,
+        *("--out", str(out_json)),
     )
-    assert table_rows(out, "mlp"), out
     (result,) = json.loads(out_json.read_text())
+    return out, result
+
+
+def test_experiment_grid_records(tmp_path):
+    out, result = run_grid(tmp_path, "--splits", "0.5")
+    assert table_rows(out, "mlp"), out
     assert set(result["records"]) == {"adam", "cg", "adam+cg auto", "adam+cg after 1"}
     records = result["records"]
     for record in records.values():
@@ -101,26 +98,9 @@ def test_experiment_grid_records(tmp_path):
 
 
 def test_experiment_grid_skip_auto(tmp_path):
-    out_json = tmp_path / "grid.json"
-    out = run_script(
-        "experiment_grid.py",
-        "--dataset",
-        "digits",
-        "--epochs",
-        "2",
-        "--splits",
-        "--skip-cg",
-        "--skip-auto",
-        "--models",
-        "mlp",
-        "--max-train",
-        "256",
-        "--out",
-        str(out_json),
-    )
+    out, result = run_grid(tmp_path, "--splits", "--skip-cg", "--skip-auto")
     (row,) = table_rows(out, "mlp")[-1:]
     assert row[5] == "not run" and row[6] == "not run", row
-    (result,) = json.loads(out_json.read_text())
     assert set(result["records"]) == {"adam"}
 
 
