@@ -71,6 +71,13 @@ def run_model(args, model: str) -> dict:
     }
 
 
+def switch_cell(record: dict | None) -> str:
+    """The switch epoch of a run record: "never", the epoch, or "not run" without a record."""
+    if record is None:
+        return "not run"
+    return "never" if record["switch_epoch"] is None else str(record["switch_epoch"])
+
+
 def table_rows(result: dict) -> list[str]:
     records = result["records"]
     adam = records["adam"]["train_loss"]
@@ -97,11 +104,7 @@ def table_rows(result: dict) -> list[str]:
                 str(result["steps_per_epoch"]),
                 f"{fmt(adam)} / {records['adam']['train_acc']:.3f}",
                 cell("adam+cg auto"),
-                "not run"
-                if auto is None
-                else "never"
-                if auto["switch_epoch"] is None
-                else str(auto["switch_epoch"]),
+                switch_cell(auto),
                 "; ".join(f"{k.split()[-1]}: {fixed[k]['train_loss'] / adam:.2f}" for k in fixed),
                 "-" if best is None else f"{best.split()[-1]} ({best_ratio:.2f})",
                 cell("cg"),
