@@ -1,6 +1,7 @@
 """Per-step cost of `tp.adam_cg` in phase 0 against `optax.adam`, its state size, compile time.
 
-What is measured, on CPU, for a float32 tanh MLP 784-1024-256-10 (~1.07M parameters), batch 128,
+What is measured, on CPU, for a float32 tanh MLP 784-1024-256-10 (~1.07M parameters), batch 128
+(``--batch``: the train step's mini-batch),
 MSE on one-hot targets (random seeded data; a 1024-example set serves as the full-batch
 ``value_fn``, which phase 0 traces but never runs):
 
@@ -22,7 +23,7 @@ wall time of a freshly built train step (median of 3, interleaved).
 
 Usage::
 
-    python benchmarks/overhead.py [--quick] [--rounds N]
+    python benchmarks/overhead.py [--quick] [--rounds N] [--batch B] [--train-only]
 """
 
 from __future__ import annotations
@@ -168,17 +169,19 @@ def stateful_call(jitted, params, state, *args):
     return call
 
 
-def time_variants(kind: str, rounds: int, data, table=None) -> dict[str, list[float]]:
+def time_variants(
+    kind: str, rounds: int, data, table=None, batch: int = BATCH
+) -> dict[str, list[float]]:
     x, y = data
     params = mlp_init(1, SIZES)
-    grad = jax.grad(mse)(params, x[:BATCH], y[:BATCH])
+    grad = jax.grad(mse)(params, x[:batch], y[:batch])
     calls = {}
     for name, make in (table or variants()).items():
         opt = make()
         fresh = jax.tree.map(jnp.copy, params)
         if kind == "train":
             jitted = jax.jit(train_step_fn(opt), donate_argnums=(0, 1))
-            args = (x[:BATCH], y[:BATCH], data)
+            args = (x[:batch], y[:batch], data)
         else:
             jitted = jax.jit(update_fn(opt), donate_argnums=(0, 1))
             args = (grad, jnp.float32(0.5), data)
@@ -260,19 +263,31 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument(
+        "--batch", type=int, default=BATCH, help=f"train-step mini-batch (default {BATCH})"
+    )
+    parser.add_argument(
+        "--train-only", action="store_true", help="only the train-step table (e.g. with --batch)"
+    )
     args = parser.parse_args(argv)
+    if not 1 <= args.batch <= FULL:
+        parser.error(f"--batch must be in [1, {FULL}], got {args.batch}")
     rounds = args.rounds or (20 if args.quick else 200)
     data = make_data()
     params = mlp_init(1, SIZES)
     print(f"command: `{command_line()}`")
     print(
-        f"MLP {'-'.join(map(str, SIZES))} ({count_params(params):,} params), batch {BATCH}, "
+        f"MLP {'-'.join(map(str, SIZES))} ({count_params(params):,} params), batch {args.batch}, "
         f"float32, jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0]}, "
         f"load average before: {os.getloadavg()[0]:.2f}\n"
     )
     header = ["variant", "median ms", "ratio of medians", "median per-round ratio"]
     print(f"### Train step (gradient + update + apply), {rounds} interleaved rounds\n")
-    print(markdown_table(header, timing_rows(time_variants("train", rounds, data))))
+    print(
+        markdown_table(header, timing_rows(time_variants("train", rounds, data, batch=args.batch)))
+    )
+    if args.train_only:
+        return
     print(f"\n### Update alone (update + apply), {5 * rounds} interleaved rounds\n")
     print(markdown_table(header, timing_rows(time_variants("update", 5 * rounds, data))))
     print(f"\n### Update alone, pieces of phase 0's extra work, {5 * rounds} interleaved rounds\n")
