@@ -146,3 +146,21 @@ def test_full_batch_memory_rows():
     for size in sizes:
         (row,) = table_rows(out, size)
         assert float(row[2]) >= 0, row
+
+
+def test_overhead_train_only_at_another_batch():
+    out = run_script("overhead.py", "--rounds", "1", "--batch", "64", "--train-only")
+    assert "batch 64," in out
+    assert len(table_rows(out, "tp.adam_cg (default detector)")) == 1  # the train-step table only
+    assert "Optimizer state" not in out
+
+
+def test_overhead_rejects_a_bad_batch():
+    done = subprocess.run(
+        [sys.executable, "overhead.py", "--batch", "0"],
+        cwd=BENCHMARKS,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "--batch" in done.stderr
