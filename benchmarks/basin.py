@@ -51,21 +51,13 @@ def main(argv=None) -> None:
     schedule = batch_schedule(problem.x.shape[0], problem.batch_size, args.budget)
     spe = problem.steps_per_epoch
 
-    end_points = {}
-    original = switching.full_loss_and_norm
-
-    def recording(params, data):
-        end_points["params"] = params
-        return original(params, data)
-
-    switching.full_loss_and_norm = recording  # Trainer.run measures its final point with it
     trainer = switching.Trainer(problem, switching.methods(args.lr, spe)["split"])
     adam_loss, _ = switching.run_adam(problem, args.lr, schedule, data)
     rows = []
     never = args.budget + 1
     for split in [*args.splits, never]:
         run = trainer.run(schedule, data, split=split * spe)
-        loss, grad_norm, eig = end_point_spectrum(end_points["params"], data)
+        loss, grad_norm, eig = end_point_spectrum(run.params, data)
         negative = int(np.sum(eig < -1e-6 * eig[-1]))
         rows.append(
             [
@@ -82,7 +74,6 @@ def main(argv=None) -> None:
             ]
         )
         print(f"[split {split} done]", flush=True)
-    switching.full_loss_and_norm = original
     print("command:", command_line())
     print(
         f"{problem.name}, budget {args.budget}, Adam lr {args.lr}: Adam alone ends at "

@@ -95,6 +95,7 @@ class Run(NamedTuple):
     cost: float
     stats: dict[int, float]  # epoch -> detector grad_norm_stat (phase 0 only)
     count_mismatch: str = ""
+    params: object = None  # the final parameters
 
 
 # --------------------------------------------------------------------------- Adam alone
@@ -240,7 +241,7 @@ class Trainer:
         if int(state.phase) == 0:
             evals = self.evals(state, 0)
             loss, _ = full_loss_and_norm(params, data)
-            return Run(float(loss), None, epochs, evals, 0, epochs + evals, stats)
+            return Run(float(loss), None, epochs, evals, 0, epochs + evals, stats, params=params)
         return self._phase1(params, state, split_arr, data, epochs, stats, budget)
 
     def _phase1(self, params, state, split_arr, data, epochs, stats, budget) -> Run:
@@ -264,7 +265,15 @@ class Trainer:
         loss, _ = full_loss_and_norm(params, data)
         switch_epoch = int(state.switch_step) // self.problem.steps_per_epoch
         return Run(
-            float(loss), switch_epoch, epochs, evals, iterations, epochs + evals, stats, mismatch
+            float(loss),
+            switch_epoch,
+            epochs,
+            evals,
+            iterations,
+            epochs + evals,
+            stats,
+            mismatch,
+            params,
         )
 
 
