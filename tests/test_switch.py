@@ -203,8 +203,9 @@ def test_vmap_over_an_ensemble_matches_separate_runs():
         chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], p), q, rtol=2e-4, atol=1e-6)
 
 
-def test_fallback_returns_to_phase0_after_consecutive_failures():
-    # A value_fn whose gradient points uphill: every CG line search fails.
+def _lying_objective():
+    """FULL with a gradient that points uphill: every CG line search fails."""
+
     @jax.custom_vjp
     def lying(p):
         return FULL(p)
@@ -213,6 +214,11 @@ def test_fallback_returns_to_phase0_after_consecutive_failures():
         lambda p: (FULL(p), p),
         lambda p, ct: (jax.tree.map(lambda g: -ct * g, jax.grad(FULL)(p)),),
     )
+    return lying
+
+
+def test_fallback_returns_to_phase0_after_consecutive_failures():
+    lying = _lying_objective()
     opt = tp.adam_cg(1e-2, detector=tp.switch_at(2), fallback=3)
     p, s = PARAMS, opt.init(PARAMS)
     phases = []
@@ -309,3 +315,56 @@ def test_detector_that_needs_value_is_a_type_error_without_it():
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         tp.adam_cg(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, value_fn",
+    [
+        (dict(), FULL),
+        (dict(precondition=True), FULL),
+        (dict(learning_rate=optax.linear_schedule(1e-2, 1e-3, 6)), FULL),
+        (dict(fallback=2), _lying_objective()),
+    ],
+    ids=["plain", "precondition", "schedule", "fallback"],
+)
+def test_adam_cg_fused_adam_equals_generic_two_phase(kwargs, value_fn):
+    """adam_cg runs Adam in a fused, scalar-gated pass: same updates and states
+    as two_phase(optax.adam, nonlinear_cg) through a skipped step, the switch,
+    CG steps and a fallback."""
+    kwargs = dict(kwargs)
+    lr = kwargs.pop("learning_rate", 1e-2)
+    fused = tp.adam_cg(lr, detector=tp.switch_at(4), **kwargs)
+    precondition = kwargs.get("precondition", False)
+    generic = tp.two_phase(
+        optax.adam(lr),
+        tp.nonlinear_cg(preconditioner="state" if precondition else None),
+        tp.switch_at(4),
+        fallback=kwargs.get("fallback"),
+        handover=tp.adam_second_moment_preconditioner if precondition else None,
+    )
+
+    def run(opt):
+        @jax.jit
+        def step(p, s, g):
+            u, s = opt.update(g, s, p, value=FULL(p), value_fn=value_fn)
+            return optax.apply_updates(p, u), s, u
+
+        p, s, out = PARAMS, opt.init(PARAMS), []
+        for t in range(11):
+            g = jax.grad(FULL)(p)
+            if t == 1:
+                g = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf), g)
+            p, s, u = step(p, s, g)
+            out.append((u, int(tp.info(s).phase)))
+        return out, s
+
+    fused_out, fused_state = run(fused)
+    generic_out, generic_state = run(generic)
+    assert [ph for _, ph in fused_out] == [ph for _, ph in generic_out]
+    assert 1 in [ph for _, ph in fused_out]
+    for (u, _), (v, _) in zip(fused_out, generic_out, strict=True):
+        chex.assert_trees_all_close(u, v, rtol=1e-5, atol=1e-8)
+    chex.assert_trees_all_close(fused_state, generic_state, rtol=1e-5, atol=1e-8)
+    assert int(tp.info(fused_state).skipped_steps) == 1
+    if "fallback" in kwargs:
+        assert int(tp.info(fused_state).fallbacks) >= 1

@@ -21,6 +21,7 @@ from twophase import cg as _cg
 from twophase import detectors as _det
 from twophase import linesearch as _ls
 from twophase._control import run_if
+from twophase._gated_adam import AdamConstants, gated_adam_update
 from twophase.objectives import as_value_and_grad
 
 __all__ = ["TwoPhaseState", "adam_cg", "adam_lbfgs", "two_phase"]
@@ -150,6 +151,21 @@ def two_phase(
       TypeError: ``update`` without ``value_fn`` (at trace time), or without
         ``value`` for a detector that needs it.
     """
+    return _two_phase(first, second, detector, fallback=fallback, handover=handover)
+
+
+def _two_phase(
+    first: optax.GradientTransformation,
+    second: optax.GradientTransformation,
+    detector: _det.Detector,
+    *,
+    fallback: int | None,
+    handover: Handover | None,
+    adam: AdamConstants | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """:func:`two_phase`; with ``adam`` given, ``first`` is ``optax.adam`` with
+    those constants and its phase-0 step is the fused :func:`gated_adam_update`
+    (same updates and states, fewer passes over the parameters)."""
     if not isinstance(detector, _det.Detector):
         raise ValueError(f"`detector` must be a twophase Detector, got {detector!r}.")
     if fallback is not None and (
@@ -279,6 +295,65 @@ def two_phase(
         def _like(tree, ref):
             return jax.tree.map(lambda x, r: x.astype(r.dtype), tree, ref)
 
+        def fused_adam_step(grad, state):
+            # Adam runs outside any loop, switched on and off by scalars, so that XLA
+            # fuses it with the caller's apply_updates as it does optax.adam. The
+            # second phase runs first and writes its update over the incoming
+            # gradient (`slot`), which Adam's pass hands on where it is inactive.
+            # Everything reads the gradient through that loop's output: a loop
+            # operand with other users would be copied before the loop.
+            in_first = state.phase == 0
+            slot, state = run_if(~in_first, phase1, (grad, state))
+            grad = slot  # in phase 0, where it is read as a gradient
+            grad_norm = jnp.asarray(optax.tree.norm(grad)).astype(jnp.float32)
+            finite = jnp.isfinite(grad_norm)
+            if value is not None:
+                finite &= jnp.all(jnp.isfinite(value))
+            active = in_first & finite
+
+            def detect(carry):
+                _, switch_step, phase0_steps, detector_state = carry
+                detector_state, fire = detector.update(
+                    detector_state,
+                    grad=grad,
+                    grad_norm=grad_norm,
+                    value=value,
+                    step=phase0_steps,
+                    params=params,
+                    value_fn=value_fn,
+                )
+                return (
+                    fire.astype(jnp.int32),
+                    jnp.where(fire, state.step + 1, switch_step),
+                    phase0_steps + 1,
+                    detector_state,
+                )
+
+            phase, switch_step, phase0_steps, detector_state = run_if(
+                active,
+                detect,
+                (state.phase, state.switch_step, state.phase0_steps, state.detector_state),
+            )
+            state = state._replace(
+                phase=phase,
+                switch_step=switch_step,
+                phase0_steps=phase0_steps,
+                detector_state=detector_state,
+                skipped_steps=state.skipped_steps + (in_first & ~finite).astype(jnp.int32),
+            )
+            new_updates, first_state = gated_adam_update(
+                adam, slot, state.first_state, active, ~in_first
+            )
+            state = state._replace(first_state=first_state)
+            if handover is not None:
+                fired = active & (state.phase == 1)
+                state = state._replace(
+                    second_state=run_if(
+                        fired, lambda s: handover(first_state, s, params), state.second_state
+                    )
+                )
+            return new_updates, state
+
         # The incoming gradient is the carry that becomes the outgoing update, so
         # phase 0 can write Adam's update over it in place. Its dtype is promoted
         # with the parameters' so that neither phase's update loses precision.
@@ -286,8 +361,11 @@ def two_phase(
         grad = jax.tree.map(
             lambda u, p: u.astype(jnp.promote_types(u.dtype, jnp.result_type(p))), updates, params
         )
-        carry = run_if(in_first_phase, phase0, (grad, state))
-        new_updates, new_state = run_if(~in_first_phase, phase1, carry)
+        if adam is None:
+            carry = run_if(in_first_phase, phase0, (grad, state))
+            new_updates, new_state = run_if(~in_first_phase, phase1, carry)
+        else:
+            new_updates, new_state = fused_adam_step(grad, state)
         new_updates = jax.tree.map(lambda u, p: u.astype(jnp.result_type(p)), new_updates, params)
         return new_updates, new_state._replace(step=optax.safe_increment(state.step))
 
@@ -366,7 +444,13 @@ def adam_cg(
 ) -> optax.GradientTransformationExtraArgs:
     """Adam, then full-batch nonlinear CG: the paper's two-phase optimizer.
 
-    ``two_phase(optax.adam(...), twophase.nonlinear_cg(beta, linesearch), detector)``.
+    ``two_phase(optax.adam(...), twophase.nonlinear_cg(beta, linesearch), detector)``,
+    with the same updates and states, except that Adam's step is not run inside
+    a loop but switched by scalar coefficients (``twophase._gated_adam``), which
+    lets XLA fuse it with ``optax.apply_updates`` as it does ``optax.adam``'s: in
+    phase 0 the step costs optax.adam's plus one reduction over the gradient
+    (its norm, for the non-finite check and the detector) and one more read of
+    it (``benchmarks/overhead.py``).
 
     Call ``update(grads, state, params, value=loss, value_fn=full_batch_loss)``
     with the mini-batch gradient and loss; ``value_fn(params)`` is the
@@ -430,12 +514,13 @@ def adam_cg(
     elif not isinstance(detector, _det.Detector):
         raise ValueError(f"`detector` must be a twophase Detector or None, got {detector!r}.")
     second = _cg.nonlinear_cg(beta, linesearch, preconditioner="state" if precondition else None)
-    return two_phase(
+    return _two_phase(
         optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
         second,
         detector,
         fallback=fallback,
         handover=adam_second_moment_preconditioner if precondition else None,
+        adam=AdamConstants(learning_rate, b1, b2, eps),
     )
 
 
@@ -453,4 +538,11 @@ def adam_lbfgs(
     _det._check_int("min_steps", min_steps, 0)
     if detector is None:
         detector = _default_detector(window, min_steps)
-    return two_phase(optax.adam(learning_rate), optax.lbfgs(memory_size=memory_size), detector)
+    return _two_phase(
+        optax.adam(learning_rate),
+        optax.lbfgs(memory_size=memory_size),
+        detector,
+        fallback=None,
+        handover=None,
+        adam=AdamConstants(learning_rate, 0.9, 0.999, 1e-8),
+    )
