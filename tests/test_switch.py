@@ -324,24 +324,29 @@ def test_bad_arguments(kwargs, name):
         (dict(precondition=True), FULL),
         (dict(learning_rate=optax.linear_schedule(1e-2, 1e-3, 6)), FULL),
         (dict(fallback=2), _lying_objective()),
+        (dict(lbfgs=True), FULL),
     ],
-    ids=["plain", "precondition", "schedule", "fallback"],
+    ids=["plain", "precondition", "schedule", "fallback", "adam_lbfgs"],
 )
 def test_adam_cg_fused_adam_equals_generic_two_phase(kwargs, value_fn):
-    """adam_cg runs Adam in a fused, scalar-gated pass: same updates and states
-    as two_phase(optax.adam, nonlinear_cg) through a skipped step, the switch,
-    CG steps and a fallback."""
+    """adam_cg and adam_lbfgs run Adam in a fused, scalar-gated pass: same
+    updates and states as two_phase(optax.adam, ...) through a skipped step,
+    the switch, second-phase steps and a fallback."""
     kwargs = dict(kwargs)
     lr = kwargs.pop("learning_rate", 1e-2)
-    fused = tp.adam_cg(lr, detector=tp.switch_at(4), **kwargs)
     precondition = kwargs.get("precondition", False)
-    generic = tp.two_phase(
-        optax.adam(lr),
-        tp.nonlinear_cg(preconditioner="state" if precondition else None),
-        tp.switch_at(4),
-        fallback=kwargs.get("fallback"),
-        handover=tp.adam_second_moment_preconditioner if precondition else None,
-    )
+    if kwargs.pop("lbfgs", False):
+        fused = tp.adam_lbfgs(lr, detector=tp.switch_at(4))
+        generic = tp.two_phase(optax.adam(lr), optax.lbfgs(), tp.switch_at(4))
+    else:
+        fused = tp.adam_cg(lr, detector=tp.switch_at(4), **kwargs)
+        generic = tp.two_phase(
+            optax.adam(lr),
+            tp.nonlinear_cg(preconditioner="state" if precondition else None),
+            tp.switch_at(4),
+            fallback=kwargs.get("fallback"),
+            handover=tp.adam_second_moment_preconditioner if precondition else None,
+        )
 
     def run(opt):
         @jax.jit

@@ -450,7 +450,9 @@ def adam_cg(
     lets XLA fuse it with ``optax.apply_updates`` as it does ``optax.adam``'s: in
     phase 0 the step costs optax.adam's plus one reduction over the gradient
     (its norm, for the non-finite check and the detector) and one more read of
-    it (``benchmarks/overhead.py``).
+    it (``benchmarks/overhead.py``). In phase 1 that pass still runs, leaving
+    Adam's state unchanged and passing CG's update on (a few elementwise passes,
+    small beside a full-batch evaluation).
 
     Call ``update(grads, state, params, value=loss, value_fn=full_batch_loss)``
     with the mini-batch gradient and loss; ``value_fn(params)`` is the
