@@ -163,9 +163,9 @@ def test_both_runs_cross_the_switch(runs):
 def test_sharded_trajectory_matches_single_device(runs):
     sharded, single = runs["sharded"], runs["single"]
     np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-4)
-    # The runs may round differently (XLA may order the sharded reductions
-    # differently), and 8 float32 CG iterations amplify that: measured up to
-    # 2.5e-5 on parameters of size up to 1.9. A sharding bug moves them by far more.
+    # The two programs are compiled separately and may round differently in the
+    # last bit, which 8 float32 CG iterations amplify: measured up to 2.5e-5 on
+    # parameters of size up to 1.9. A sharding bug moves them by far more.
     scale = max(np.abs(np.asarray(p)).max() for p in single["params"].values())
     for name in single["params"]:
         np.testing.assert_allclose(
