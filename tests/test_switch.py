@@ -182,6 +182,21 @@ def test_inject_hyperparams_learning_rate():
     assert int(tp.info(s).phase) == 0
 
 
+def test_inject_hyperparams_adam_constants_match_optax_adam():
+    """Injected b1, b2, eps reach the fused Adam step as traced scalars."""
+    hyper = dict(learning_rate=1e-2, b1=0.8, b2=0.95, eps=1e-6)
+    opt = optax.inject_hyperparams(tp.adam_cg)(**hyper)
+    ref = optax.inject_hyperparams(optax.adam)(**hyper)
+    step = jax.jit(lambda p, s: opt.update(jax.grad(FULL)(p), s, p, value=FULL(p), value_fn=FULL))
+    p, s, p_ref, s_ref = PARAMS, opt.init(PARAMS), PARAMS, ref.init(PARAMS)
+    for _ in range(5):
+        u, s = step(p, s)
+        u_ref, s_ref = ref.update(jax.grad(FULL)(p_ref), s_ref, p_ref)
+        chex.assert_trees_all_close(u, u_ref, rtol=1e-6, atol=1e-9)
+        p, p_ref = optax.apply_updates(p, u), optax.apply_updates(p_ref, u_ref)
+    assert isinstance(s.hyperparams["b1"], jax.Array)  # injected, not a Python constant
+
+
 def test_vmap_over_an_ensemble_matches_separate_runs():
     opt = tp.adam_cg(1e-2, detector=tp.switch_at(3))
     members = [make_problem(seed)[2] for seed in range(3)]
