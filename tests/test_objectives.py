@@ -98,6 +98,44 @@ def test_full_batch_remainder_is_weighted_by_its_size():
     np.testing.assert_allclose(value_fn(1.0), (n - 1) / 2, rtol=1e-14)
 
 
+@pytest.mark.parametrize(
+    "param_dtype, loss_dtype",
+    [
+        (jnp.bfloat16, jnp.bfloat16),
+        (jnp.float32, jnp.bfloat16),
+        (jnp.float16, jnp.float16),
+    ],
+    ids=["bf16-params", "f32-params-bf16-loss", "f16-params"],
+)
+def test_full_batch_low_precision_accumulates_in_float32(param_dtype, loss_dtype):
+    # 1024 chunks of 8: summed in bfloat16/float16 the mean, the gradient (accumulated in
+    # the params' dtype by the scan's reverse pass) and the jvp drift far beyond rounding.
+    n, batch_size = 8192, 8
+    rng = np.random.default_rng(0)
+    data = {
+        "x": jnp.asarray(rng.uniform(0.5, 1.5, size=(n, 3)), loss_dtype),
+        "y": jnp.asarray(rng.uniform(0.0, 0.5, size=(n,)), loss_dtype),
+    }
+    w = jnp.asarray([0.5, 1.0, 1.5], param_dtype)
+
+    def loss(w, batch):
+        return jnp.mean((batch["x"] @ w.astype(loss_dtype) - batch["y"]) ** 2)
+
+    # Exact float64 mean and gradient of the (already rounded) inputs.
+    x, y, w64 = (np.asarray(a, np.float64) for a in (data["x"], data["y"], w))
+    residual = x @ w64 - y
+    want_value, want_grad = np.mean(residual**2), 2.0 * x.T @ residual / n
+
+    value_fn = full_batch(loss, data, batch_size=batch_size)
+    value, grad = jax.value_and_grad(value_fn)(w)
+    _, dv = jax.jvp(value_fn, (w,), (jnp.ones_like(w),))
+    assert value.dtype == loss_dtype and grad.dtype == param_dtype
+    tol = dict(rtol=2 * float(jnp.finfo(loss_dtype).eps))
+    np.testing.assert_allclose(np.float64(value), want_value, **tol)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), want_grad, **tol)
+    np.testing.assert_allclose(np.float64(dv), want_grad.sum(), **tol)
+
+
 def test_full_batch_jit_and_forward_mode():
     data, params = make_data(64), make_params()
     value_fn = full_batch(mlp_loss, data, batch_size=12)

@@ -79,6 +79,14 @@ def _num_examples(data: PyTree) -> int:
     return n
 
 
+def _accumulation_dtype(dtype: Any) -> Any:
+    """``dtype`` for float32/float64 (and non-floating) dtypes; float32 for narrower
+    floats (bfloat16, float16, float8), whose sums over many chunks round badly."""
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.promote_types(dtype, jnp.float32)
+    return dtype
+
+
 def _chunk_size(batch_size: Any, n: int) -> int:
     """Validated chunk size in ``[1, n]``; ``None`` means one chunk of ``n``."""
     if batch_size is None:
@@ -125,6 +133,18 @@ def full_batch(
       Pure, jit-able, and differentiable in forward and reverse mode with
       respect to ``params`` (and ``data``).
 
+    Precision: the chunk losses are summed, weighted and added to the remainder
+    in at least float32 (``promote_types(loss dtype, float32)``), and only the
+    final value is cast back to ``loss_fn``'s dtype. Likewise the gradient (and
+    forward-mode tangent) over the full chunks is accumulated in at least
+    float32: ``params`` leaves narrower than float32 enter the chunk loop as a
+    float32 copy, cast back to their own dtype inside each chunk (exactly, so
+    ``loss_fn`` sees the original values), and the summed gradient is cast to
+    the leaf's dtype once. A bfloat16/float16 loss or parameters thus give the
+    full-data mean and gradient to within the dtype's rounding, whatever the
+    number of chunks. float32 and float64 losses and parameters are unaffected
+    (no casts are added).
+
     Weighting: with ``B = min(batch_size, N)``, ``C = N // B`` full chunks and
     ``R = N - C * B`` leftover examples,
     ``value = (B * sum_c loss_fn(params, chunk_c) + R * loss_fn(params, rest)) / N``,
@@ -138,7 +158,9 @@ def full_batch(
     backward pass saves only the chunk index per step and recomputes one chunk's
     forward pass just before its backward pass: peak temporary memory scales
     with ``B``, not ``N`` (about one extra forward pass of compute under
-    ``jax.grad``). ``data`` itself is never copied.
+    ``jax.grad``). ``data`` itself is never copied; ``params`` leaves narrower
+    than float32 get one float32 copy, and a float32 gradient accumulator
+    (see "Precision").
 
     Chunk layout and sharding: each leaf is viewed (a free reshape) as
     ``(Q, N // Q, ...)`` with ``Q = gcd(N, B)``; chunk ``c`` is the column block
@@ -194,22 +216,38 @@ def full_batch(
         if num_chunks == 1 and rest == 0:
             return scalar_loss(params, data)
         grouped = jax.tree.map(as_groups, data)
+        acc_dtype = _accumulation_dtype(out.dtype)
+
+        # The scan's reverse pass sums the cotangents of closed-over `params` in
+        # their own dtype: entering the loop as float32 makes that sum float32.
+        param_dtypes = jax.tree.map(lambda x: getattr(x, "dtype", None), params)
+
+        def widen(x, dtype):
+            if dtype is None or _accumulation_dtype(dtype) == dtype:
+                return x
+            return x.astype(_accumulation_dtype(dtype))
+
+        def narrow(x, dtype):
+            return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+
+        wide_params = jax.tree.map(widen, params, param_dtypes)
 
         @jax.checkpoint
-        def chunk_loss(params, c):
+        def chunk_loss(wide_params, c):
             chunk = jax.tree.map(
                 lambda x: merge(lax.dynamic_slice_in_dim(x, c * cols, cols, axis=1)), grouped
             )
-            return scalar_loss(params, chunk)
+            params = jax.tree.map(narrow, wide_params, param_dtypes)
+            return scalar_loss(params, chunk).astype(acc_dtype)
 
         def body(total, c):
-            return total + chunk_loss(params, c), None
+            return total + chunk_loss(wide_params, c), None
 
-        total, _ = lax.scan(body, jnp.zeros((), out.dtype), jnp.arange(num_chunks))
+        total, _ = lax.scan(body, jnp.zeros((), acc_dtype), jnp.arange(num_chunks))
         value = total * (b / n)
         if rest:
             remainder = jax.tree.map(lambda x: merge(x[:, num_chunks * cols :]), grouped)
-            value = value + scalar_loss(params, remainder) * (rest / n)
-        return value
+            value = value + scalar_loss(params, remainder).astype(acc_dtype) * (rest / n)
+        return value.astype(out.dtype)
 
     return value_fn
