@@ -256,6 +256,31 @@ def test_converged_point_does_not_move():
     assert int(state.linesearch_failures) == 0
 
 
+def test_repeated_failure_is_counted_without_evaluating():
+    """After a failed CG search and a failed steepest-descent restart from the same point,
+    a third call would repeat the restart exactly: it fails without evaluating."""
+    f = lambda x: jnp.sum((x - 1.0) ** 2)
+
+    @jax.custom_vjp
+    def uphill(x):  # f, with a gradient of the wrong sign: every line search fails
+        return f(x)
+
+    uphill.defvjp(lambda x: (f(x), x), lambda x, ct: (-ct * jax.grad(f)(x),))
+    opt = tp.nonlinear_cg()
+    x = jnp.array([3.0, -2.0])
+    state = opt.init(x)
+    step = jax.jit(lambda x, s: opt.update(x, s, x, value_fn=uphill))
+    evals = []
+    for _ in range(5):
+        u, state = step(x, state)
+        chex.assert_trees_all_equal(u, jnp.zeros(2))
+        evals.append(int(state.value_and_grad_evals))
+    assert evals[0] < evals[1]  # the restart searched again
+    assert evals[1:] == [evals[1]] * 4  # afterwards nothing is evaluated
+    assert int(state.consecutive_failures) == int(state.linesearch_failures) == 5
+    assert int(state.cg_iterations) == 5
+
+
 def test_powell_and_periodic_restarts_are_counted():
     f, x0 = problems.rosenbrock, problems.rosenbrock_x0(10)
     _, s_periodic = run_cg(tp.nonlinear_cg("fletcher_reeves", restart_every=3), f, x0, max_iter=30)
@@ -332,6 +357,9 @@ def test_empty_and_scalar_pytrees():
         (dict(restart_every=0), "restart_every"),
         (dict(initial_step="nope"), "initial_step"),
         (dict(grad_tol=-1.0), "grad_tol"),
+        (dict(grad_tol=float("inf")), "grad_tol"),
+        (dict(restart_every=2.5), "restart_every"),
+        (dict(restart_threshold=True), "restart_threshold"),
         (dict(preconditioner="nope"), "preconditioner"),
     ],
 )

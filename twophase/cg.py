@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -25,6 +26,7 @@ import optax.tree
 from jax import lax
 
 from twophase import linesearch as _ls
+from twophase._checks import concrete
 from twophase.objectives import as_value_and_grad
 
 __all__ = [
@@ -286,6 +288,14 @@ def nonlinear_cg(
     the others: PR+ restarts itself through ``max(0, beta)``, and Powell's test
     cost PR+, HS and HZ evaluations on ``benchmarks/cg_suite.py``.
 
+    **Stalls.** A failed line search leaves the parameters where they are and
+    makes the next call a steepest-descent restart from the same point. Once
+    that restart has failed too (two failures in a row; typically the objective
+    has converged to its floating-point resolution), every later call would
+    repeat the same search, since ``value_fn`` is assumed deterministic: such a
+    call returns a zero update and counts a failed iteration (so
+    ``two_phase``'s ``fallback`` still counts it) without evaluating anything.
+
     **First trial step** of the line search (``initial_step``): on the first
     iteration and after restarts caused by failures, Hager & Zhang's (2006)
     ``0.01 ||x||_inf / ||d||_inf`` (or ``0.01 |f| / ||g||^2`` at ``x = 0``).
@@ -333,22 +343,28 @@ def nonlinear_cg(
     search = _resolve_linesearch(linesearch)
     if restart_threshold == "auto":
         restart_threshold = 0.2 if beta in _JAMMING_RULES else None
-    if restart_threshold is not None and not (
-        isinstance(restart_threshold, (int, float)) and 0 < restart_threshold <= 1
+    threshold = concrete(restart_threshold)
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not 0 < threshold <= 1
     ):
         raise ValueError(
             f"`restart_threshold` must be in (0, 1], None or 'auto', got {restart_threshold!r}."
         )
-    if restart_every is not None and (
-        not isinstance(restart_every, int) or isinstance(restart_every, bool) or restart_every < 1
-    ):
+    every = concrete(restart_every)
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
         raise ValueError(f"`restart_every` must be a positive int or None, got {restart_every!r}.")
     if initial_step not in _INITIAL_STEP_RULES:
         raise ValueError(
             f"`initial_step` must be one of {list(_INITIAL_STEP_RULES)}, got {initial_step!r}."
         )
-    if not (isinstance(grad_tol, (int, float)) and grad_tol >= 0):
-        raise ValueError(f"`grad_tol` must be a non-negative number, got {grad_tol!r}.")
+    tol = concrete(grad_tol)
+    if grad_tol is None or (
+        tol is not None
+        and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf)
+    ):
+        raise ValueError(f"`grad_tol` must be a finite number >= 0, got {grad_tol!r}.")
     stored_preconditioner = preconditioner is not None and not callable(preconditioner)
     if isinstance(preconditioner, str) and preconditioner != "state":
         raise ValueError(
@@ -522,7 +538,27 @@ def nonlinear_cg(
             )
             return delta, new_state
 
-        delta, new_state = lax.cond(finite_here & ~converged, step_branch, hold_branch, None)
+        def stalled_branch(_):
+            # Every failed search makes the next call a steepest-descent restart from the
+            # same cached point, so after two failures in a row the last attempt was
+            # exactly the search this call would repeat (value_fn is deterministic): it
+            # fails again. Count it as failed without evaluating anything.
+            delta = optax.tree.zeros_like(params)
+            new_state = state._replace(
+                cg_iterations=state.cg_iterations + 1,
+                restarts=state.restarts + 1,
+                linesearch_failures=state.linesearch_failures + 1,
+                consecutive_failures=state.consecutive_failures + 1,
+            )
+            return delta, new_state
+
+        stalled = cached & (state.consecutive_failures >= 2)
+        delta, new_state = lax.cond(
+            finite_here & ~converged,
+            lambda _: lax.cond(stalled, stalled_branch, step_branch, None),
+            hold_branch,
+            None,
+        )
         # A NaN never reaches the parameters.
         delta = _zero_if_nonfinite(delta)
         return delta, new_state
