@@ -337,6 +337,7 @@ def test_property_fires_after_peak_and_not_before_min_steps(peak, noise, min_ste
         (tp.loss_plateau, dict(patience=0), "patience"),
         (tp.loss_plateau, dict(history=2), "history"),
         (tp.loss_plateau, dict(z_score=-1.0), "z_score"),
+        (tp.loss_plateau, dict(z_score=float("inf")), "z_score"),
         (tp.loss_plateau, dict(min_steps=-3), "min_steps"),
         (tp.switch_at, dict(step=0), "step"),
     ],
@@ -344,6 +345,16 @@ def test_property_fires_after_peak_and_not_before_min_steps(peak, noise, min_ste
 def test_bad_arguments(make, kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         make(**kwargs)
+
+
+def test_numpy_scalar_arguments_are_accepted():
+    for detector in (
+        tp.loss_plateau(window=np.int64(4), z_score=np.float32(1.0)),
+        tp.norm_loss_slope(window=np.int32(3), z_score=np.float64(2.0)),
+        tp.grad_norm_peak(ratio=np.float32(0.9), window=np.int64(2)),
+        tp.switch_at(np.int32(3)),
+    ):
+        assert isinstance(detector, tp.Detector)
 
 
 def test_combinators_reject_non_detectors():

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -89,11 +90,21 @@ def test_failure_when_no_decrease_exists(make):
         (tp.golden_section_linesearch, dict(tolerance=0.0), "tolerance"),
         (tp.golden_section_linesearch, dict(tolerance=2.0), "tolerance"),
         (tp.golden_section_linesearch, dict(max_evaluations=2.5), "max_evaluations"),
+        (tp.wolfe_linesearch, dict(c1=True), "c1"),
     ],
 )
 def test_bad_arguments(make, kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         make(**kwargs)
+
+
+def test_numpy_scalar_arguments_are_accepted():
+    assert isinstance(tp.wolfe_linesearch(max_evaluations=np.int64(5)), tp.LineSearch)
+    assert isinstance(tp.golden_section_linesearch(max_evaluations=np.int32(5)), tp.LineSearch)
+    opt = tp.nonlinear_cg(restart_every=np.int64(5), grad_tol=np.float32(1e-6))
+    x = jnp.array([3.0, -1.0])
+    u, _ = opt.update(x, opt.init(x), x, value_fn=lambda p: jnp.sum((p - 1.0) ** 2))
+    assert float(jnp.sum((x + u - 1.0) ** 2)) < float(jnp.sum((x - 1.0) ** 2))
 
 
 def test_small_c2_below_slope_rounding_still_makes_progress():

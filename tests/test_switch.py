@@ -251,7 +251,8 @@ def test_fallback_returns_to_phase0_after_consecutive_failures():
     assert int(tp.info(s).linesearch_failures) == 1
 
 
-def test_adam_lbfgs_reuses_stored_value_and_grad():
+def _counting(fn):
+    """``fn`` and a dict whose ``"n"`` counts its executed calls (also under jit)."""
     calls = {"n": 0}
 
     def count():
@@ -259,8 +260,13 @@ def test_adam_lbfgs_reuses_stored_value_and_grad():
 
     def counted(p):
         jax.debug.callback(count)
-        return FULL(p)
+        return fn(p)
 
+    return counted, calls
+
+
+def test_adam_lbfgs_reuses_stored_value_and_grad():
+    counted, calls = _counting(FULL)
     opt = tp.adam_lbfgs(1e-2, detector=tp.switch_at(1))
     step = jax.jit(
         lambda p, s: opt.update(jax.grad(FULL)(p), s, p, value=FULL(p), value_fn=counted)
@@ -279,6 +285,29 @@ def test_adam_lbfgs_reuses_stored_value_and_grad():
     lbfgs_state = s.second_state
     linesearch_steps = int(optax.tree.get(lbfgs_state, "info").num_linesearch_steps)
     assert calls["n"] <= 1 + 9 * max(linesearch_steps, 1) + 9
+    # info counts exactly the evaluations that ran (tp.train charges them as cost).
+    assert int(tp.info(s).value_and_grad_evals) == calls["n"]
+    assert int(s.second_phase_evals) == calls["n"]
+
+
+def test_info_sums_the_evaluations_of_every_combined_detector():
+    counted, calls = _counting(FULL)
+    detector = tp.any_of(tp.grad_norm_peak(window=2), tp.norm_loss_slope(window=3))
+    opt = tp.adam_cg(1e-2, detector=detector)
+    step = jax.jit(
+        lambda p, s: opt.update(jax.grad(FULL)(p), s, p, value=FULL(p), value_fn=counted)
+    )
+    p, s = PARAMS, opt.init(PARAMS)
+    for _ in range(12):
+        u, s = step(p, s)
+        p = optax.apply_updates(p, u)
+    jax.effects_barrier()
+    members = [int(d.value_and_grad_evals) for d in s.detector_state]
+    assert all(n > 0 for n in members), members  # both detectors evaluated
+    assert int(tp.info(s).value_and_grad_evals) == sum(members) + int(
+        s.second_state.value_and_grad_evals
+    )
+    assert int(tp.info(s).value_and_grad_evals) == calls["n"]
 
 
 def test_precondition_hands_adam_second_moments_to_cg():
@@ -324,12 +353,74 @@ def test_detector_that_needs_value_is_a_type_error_without_it():
         (dict(min_steps=-1), "min_steps"),
         (dict(detector="peak"), "detector"),
         (dict(fallback=0), "fallback"),
+        (dict(fallback=2.0), "fallback"),
         (dict(beta="nope"), "beta"),
+        (dict(learning_rate=-1e-3), "learning_rate"),
+        (dict(learning_rate="fast"), "learning_rate"),
+        (dict(learning_rate=None), "learning_rate"),
+        (dict(b1=1.0), "b1"),
+        (dict(b2=-0.1), "b2"),
+        (dict(eps=-1.0), "eps"),
+        (dict(eps=float("nan")), "eps"),
+        (dict(precondition="yes"), "precondition"),
     ],
 )
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         tp.adam_cg(**kwargs)
+
+
+def test_bad_two_phase_and_adam_lbfgs_arguments():
+    cg = tp.nonlinear_cg()
+    with pytest.raises(ValueError, match="`first`"):
+        tp.two_phase(None, cg, tp.switch_at(1))
+    with pytest.raises(ValueError, match="`second`"):
+        tp.two_phase(optax.adam(1e-3), tp.nonlinear_cg, tp.switch_at(1))
+    with pytest.raises(ValueError, match="`handover`"):
+        tp.two_phase(optax.adam(1e-3), cg, tp.switch_at(1), handover=3)
+    with pytest.raises(ValueError, match="`memory_size`"):
+        tp.adam_lbfgs(memory_size=0)
+    with pytest.raises(ValueError, match="`learning_rate`"):
+        tp.adam_lbfgs(-1.0)
+
+
+def test_numpy_and_injected_integer_arguments_are_accepted():
+    # NumPy scalars (e.g. computed from array sizes) and injected hyperparameters (0-d
+    # arrays) pass the same checks as Python numbers.
+    tp.adam_cg(fallback=np.int64(2), window=np.int32(5), b1=np.float32(0.9))
+    opt = optax.inject_hyperparams(tp.adam_cg, static_args=("detector",))(
+        learning_rate=1e-2, fallback=3, detector=tp.switch_at(2)
+    )
+    p, s = PARAMS, opt.init(PARAMS)
+    for _ in range(3):
+        u, s = opt.update(jax.grad(FULL)(p), s, p, value=FULL(p), value_fn=FULL)
+        p = optax.apply_updates(p, u)
+    assert int(tp.info(s).phase) == 1 and int(tp.info(s).cg_iterations) == 1
+
+
+def test_inside_optax_masked_is_a_clear_type_error():
+    params = {"w": PARAMS, "frozen": jnp.ones(3)}
+    opt = optax.masked(tp.adam_cg(detector=tp.switch_at(1)), {"w": True, "frozen": False})
+    full = lambda p: FULL(p["w"]) + jnp.sum(p["frozen"])
+    with pytest.raises(TypeError, match=r"optax\.masked"):
+        opt.update(params, opt.init(params), params, value=full(params), value_fn=full)
+
+
+def test_per_example_value_is_a_value_error():
+    opt = tp.adam_cg(detector=tp.switch_at(5))
+    per_example = jnp.ones(8)
+    with pytest.raises(ValueError, match="`value`"):
+        opt.update(PARAMS, opt.init(PARAMS), PARAMS, value=per_example, value_fn=FULL)
+
+
+def test_adam_lbfgs_accepts_optax_lbfgs_grad_keyword():
+    opt = tp.adam_lbfgs(1e-2, detector=tp.switch_at(1))
+    p, s = PARAMS, opt.init(PARAMS)
+    for _ in range(3):
+        g = jax.grad(FULL)(p)
+        u, s = opt.update(g, s, p, value=FULL(p), grad=g, value_fn=FULL)
+        p = optax.apply_updates(p, u)
+    assert float(FULL(p)) < float(FULL(PARAMS))
 
 
 @pytest.mark.parametrize(

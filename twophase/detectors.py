@@ -47,10 +47,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax.tree
 from jax import lax
 
+from twophase._checks import concrete as _concrete
 from twophase.objectives import as_value_and_grad
 
 __all__ = [
@@ -86,17 +86,6 @@ class Detector(NamedTuple):
     needs_value: bool = False
 
 
-def _concrete(value: Any) -> Any:
-    """A Python scalar for a concrete 0-d array (``optax.inject_hyperparams``
-    passes hyperparameters as arrays); ``None`` for a tracer, which was
-    validated when the transformation was built."""
-    if isinstance(value, jax.core.Tracer):
-        return None
-    if isinstance(value, (jax.Array, np.ndarray, np.generic)) and np.ndim(value) == 0:
-        return np.asarray(value).item()
-    return value
-
-
 def _check_int(name: str, value: Any, minimum: int) -> None:
     value = _concrete(value)
     if value is None:
@@ -106,8 +95,15 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 
 def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
+    value = _concrete(value)
+    if value is None:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value < float("inf")
+    ):
+        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
 
 
 def _check_ratio(ratio: Any) -> None:

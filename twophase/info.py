@@ -24,7 +24,10 @@ class Info(NamedTuple):
     Attributes:
       cg_iterations: int32, CG iterations (line searches) made.
       value_and_grad_evals: int32, evaluations of the full-batch objective with
-        its gradient: by the CG phase, plus those of exact-norm detectors.
+        its gradient: by the second phase (CG's own count; for another second
+        phase such as ``optax.lbfgs()``, ``TwoPhaseState.second_phase_evals``),
+        plus those of every exact-norm detector (all members of ``any_of`` /
+        ``all_of``).
       restarts: int32, steepest-descent restarts after the first CG iteration.
       linesearch_failures: int32, line searches that found no decrease.
       value: objective at the current point as last evaluated by CG (``inf``
@@ -41,8 +44,9 @@ class Info(NamedTuple):
       step: int32, ``update`` calls so far.
       grad_norm_stat: float32, the detector's gradient-norm statistic (the full-batch
         norm for ``grad_norm_peak``/``norm_loss_slope`` with ``"exact"``; the RMS of the
-        window's mini-batch norms for ``loss_plateau``).
-      grad_norm_max: float32, its running maximum.
+        window's mini-batch norms for ``loss_plateau``); in ``any_of`` / ``all_of``,
+        that of the first member detector holding one.
+      grad_norm_max: float32, its running maximum (same detector).
       skipped_steps: int32, first-phase steps skipped for non-finite gradients.
       fallbacks: int32, returns from phase 1 to phase 0.
     """
@@ -88,22 +92,30 @@ def _only(found: list, what: str):
     return found[0] if found else None
 
 
-def _with_field(tree: Any, field: str):
-    """First NamedTuple in ``tree`` (depth first) that has ``field``."""
+def _all_with_field(tree: Any, field: str) -> list:
+    """``field`` of every NamedTuple in ``tree`` that has it, depth first (not
+    looking inside those that have it)."""
 
     def is_named(x):
         return isinstance(x, tuple) and hasattr(x, "_fields")
 
+    found = []
     stack = [tree]
     while stack:
         node = stack.pop(0)
         if is_named(node) and field in node._fields:
-            return getattr(node, field)
-        if isinstance(node, (tuple, list)):
+            found.append(getattr(node, field))
+        elif isinstance(node, (tuple, list)):
             stack[:0] = list(node)
         elif isinstance(node, dict):
             stack[:0] = list(node.values())
-    return None
+    return found
+
+
+def _with_field(tree: Any, field: str):
+    """``field`` of the first NamedTuple in ``tree`` (depth first) that has it."""
+    found = _all_with_field(tree, field)
+    return found[0] if found else None
 
 
 def info(state: Any) -> Info:
@@ -136,10 +148,10 @@ def info(state: Any) -> Info:
             consecutive_failures=cg.consecutive_failures,
         )
     if two is not None:
-        detector_evals = _with_field(two.detector_state, "value_and_grad_evals")
-        if detector_evals is not None:
-            base = fields.get("value_and_grad_evals", jnp.zeros([], jnp.int32))
-            fields["value_and_grad_evals"] = base + detector_evals
+        if cg is None:
+            fields["value_and_grad_evals"] = two.second_phase_evals
+        for detector_evals in _all_with_field(two.detector_state, "value_and_grad_evals"):
+            fields["value_and_grad_evals"] = fields["value_and_grad_evals"] + detector_evals
         fields.update(
             phase=two.phase,
             switch_step=two.switch_step,

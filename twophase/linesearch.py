@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from twophase._checks import concrete
+
 __all__ = [
     "LineSearch",
     "LineSearchFn",
@@ -108,11 +110,18 @@ class LineSearch(NamedTuple):
 
 
 def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    value = concrete(value)
+    if not (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    ):
         raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
 
 
 def _check_max_evaluations(max_evaluations: int) -> None:
+    max_evaluations = concrete(max_evaluations)
     if not isinstance(max_evaluations, int) or isinstance(max_evaluations, bool):
         raise ValueError(f"`max_evaluations` must be an int, got {max_evaluations!r}.")
     if max_evaluations < 1:

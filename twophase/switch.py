@@ -8,6 +8,7 @@ full-batch nonlinear conjugate gradient.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,6 +21,7 @@ from jax import lax
 from twophase import cg as _cg
 from twophase import detectors as _det
 from twophase import linesearch as _ls
+from twophase._checks import concrete, is_number_in
 from twophase._control import run_if
 from twophase._gated_adam import AdamConstants, gated_adam_update
 from twophase.objectives import as_value_and_grad
@@ -47,6 +49,12 @@ class TwoPhaseState(NamedTuple):
       skipped_steps: int32, first-phase steps skipped because the incoming
         gradient or loss was not finite.
       fallbacks: int32, returns from phase 1 to phase 0 (``fallback=k``).
+      second_phase_evals: int32, full-batch value-and-gradient evaluations made
+        for a second phase that does not count its own (one that is not a
+        :func:`twophase.nonlinear_cg`, e.g. ``optax.lbfgs()``): the evaluation
+        at the current point when its state holds no finite ``value``, plus the
+        ``num_linesearch_steps`` of an optax zoom line search in its state. 0 for
+        a nonlinear CG second phase, which counts its own.
     """
 
     phase: jax.Array
@@ -58,6 +66,7 @@ class TwoPhaseState(NamedTuple):
     second_state: Any
     skipped_steps: jax.Array
     fallbacks: jax.Array
+    second_phase_evals: jax.Array
 
 
 def _strongly_typed(tree: Any) -> Any:
@@ -166,12 +175,25 @@ def _two_phase(
     """:func:`two_phase`; with ``adam`` given, ``first`` is ``optax.adam`` with
     those constants and its phase-0 step is the fused :func:`gated_adam_update`
     (same updates and states, fewer passes over the parameters)."""
+    for name, transformation in (("first", first), ("second", second)):
+        if not (
+            callable(getattr(transformation, "init", None))
+            and callable(getattr(transformation, "update", None))
+        ):
+            raise ValueError(
+                f"`{name}` must be an optax GradientTransformation, got {transformation!r}."
+            )
     if not isinstance(detector, _det.Detector):
         raise ValueError(f"`detector` must be a twophase Detector, got {detector!r}.")
-    if fallback is not None and (
-        isinstance(fallback, bool) or not isinstance(fallback, int) or fallback < 1
+    checked = concrete(fallback)
+    if (
+        fallback is not None
+        and checked is not None
+        and (isinstance(checked, bool) or not isinstance(checked, int) or checked < 1)
     ):
         raise ValueError(f"`fallback` must be a positive int or None, got {fallback!r}.")
+    if handover is not None and not callable(handover):
+        raise ValueError(f"`handover` must be a callable or None, got {handover!r}.")
     first = optax.with_extra_args_support(first)
     second = optax.with_extra_args_support(second)
 
@@ -187,6 +209,7 @@ def _two_phase(
             second_state=_strongly_typed(second.init(params)),
             skipped_steps=izero,
             fallbacks=izero,
+            second_phase_evals=izero,
         )
 
     def update_fn(updates, state, params=None, *, value=None, value_fn=None, **extra_args):
@@ -197,11 +220,29 @@ def _two_phase(
             )
         if params is None:
             raise TypeError("two_phase.update requires `params`.")
+        if any(
+            isinstance(x, optax.MaskedNode)
+            for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+        ):
+            raise TypeError(
+                "two_phase cannot run inside optax.masked / optax.partition: its second "
+                "phase evaluates `value_fn` at the full parameters, and `params` here has "
+                "masked-out leaves. Mask the other transformations instead, or freeze "
+                "parameters inside `value_fn`."
+            )
         if detector.needs_value and value is None:
             raise TypeError("this detector needs the mini-batch loss: pass `value=` to update.")
+        if value is not None and jnp.size(value) != 1:
+            raise ValueError(
+                "`value` must be the scalar mini-batch loss (the mean over the batch), got "
+                f"shape {jnp.shape(value)}."
+            )
         second_evaluates_itself = _holds(state.second_state, _cg.NonlinearCGState)
         if fallback is not None and not second_evaluates_itself:
             raise TypeError("`fallback` needs a second phase that holds a nonlinear_cg.")
+        # A `grad=` keyword (optax.lbfgs's convention) is the incoming gradient again;
+        # the second phase gets the full-batch one from value_fn.
+        extra_args.pop("grad", None)
         value_and_grad = as_value_and_grad(value_fn, params)
         value_kwargs = {} if value is None else {"value": value}
 
@@ -264,7 +305,7 @@ def _two_phase(
                     carry[0], state.second_state, params, value_fn=value_fn, **extra_args
                 )
             else:
-                cur_value, cur_grad = _value_and_grad_from_state(
+                cur_value, cur_grad, evaluated = _value_and_grad_from_state(
                     state.second_state, params, value_and_grad
                 )
                 new_updates, second_state = second.update(
@@ -275,6 +316,11 @@ def _two_phase(
                     grad=cur_grad,
                     value_fn=value_fn,
                     **extra_args,
+                )
+                state = state._replace(
+                    second_phase_evals=state.second_phase_evals
+                    + evaluated.astype(jnp.int32)
+                    + _linesearch_evals(second_state)
                 )
             new_state = state._replace(second_state=second_state)
             if fallback is not None:
@@ -373,14 +419,16 @@ def _two_phase(
 
 
 def _value_and_grad_from_state(second_state, params, value_and_grad):
-    """(value, grad) at ``params``: from the ``value``/``grad`` a transformation
-    stored in its state when finite, else evaluated."""
+    """(value, grad, evaluated) at ``params``: from the ``value``/``grad`` a
+    transformation stored in its state when finite, else evaluated
+    (``evaluated``, a bool scalar, says which)."""
     stored_value = optax.tree.get(second_state, "value")
     stored_grad = optax.tree.get(second_state, "grad")
     if stored_value is None or stored_grad is None:
-        return value_and_grad(params)
-    return lax.cond(
-        jnp.isfinite(stored_value),
+        return *value_and_grad(params), jnp.ones([], bool)
+    cached = jnp.isfinite(stored_value)
+    value, grad = lax.cond(
+        cached,
         lambda: (
             stored_value,
             jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), stored_grad, params),
@@ -389,6 +437,20 @@ def _value_and_grad_from_state(second_state, params, value_and_grad):
             lambda x, ref: x.astype(ref.dtype), value_and_grad(params), (stored_value, stored_grad)
         ),
     )
+    return value, grad, ~cached
+
+
+def _linesearch_evals(second_state) -> jax.Array:
+    """Evaluations of the last optax zoom line search held in ``second_state``
+    (``num_linesearch_steps``; each trial evaluates the value and gradient), 0
+    if it holds none."""
+    kind = optax.ScaleByZoomLinesearchState
+    found = [
+        node.info.num_linesearch_steps
+        for node in jax.tree.leaves(second_state, is_leaf=lambda x: isinstance(x, kind))
+        if isinstance(node, kind)
+    ]
+    return sum((jnp.asarray(n, jnp.int32) for n in found), jnp.zeros([], jnp.int32))
 
 
 def adam_second_moment_preconditioner(
@@ -421,6 +483,20 @@ def adam_second_moment_preconditioner(
     floor = 1e-8 * mean_root + jnp.finfo(jnp.float32).tiny
     scales = jax.tree.map(lambda r: 1.0 / (r + floor), root)
     return _cg.set_preconditioner(second_state, scales)
+
+
+def _check_adam_constants(learning_rate, b1, b2, eps) -> None:
+    """ValueError naming the first bad Adam argument (traced ones pass)."""
+    if not callable(learning_rate) and not is_number_in(learning_rate, 0.0, math.inf):
+        raise ValueError(
+            "`learning_rate` must be a finite number >= 0 or a schedule (step -> number), "
+            f"got {learning_rate!r}."
+        )
+    for name, value in (("b1", b1), ("b2", b2)):
+        if not is_number_in(value, 0.0, 1.0):
+            raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
+    if not is_number_in(eps, 0.0, math.inf):
+        raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}.")
 
 
 def _default_detector(window: int, min_steps: int) -> _det.Detector:
@@ -511,6 +587,9 @@ def adam_cg(
     _det._check_ratio(ratio)
     _det._check_int("window", window, 1)
     _det._check_int("min_steps", min_steps, 0)
+    _check_adam_constants(learning_rate, b1, b2, eps)
+    if not isinstance(precondition, bool):
+        raise ValueError(f"`precondition` must be a bool, got {precondition!r}.")
     if detector is None:
         detector = _default_detector(window, min_steps)
     elif not isinstance(detector, _det.Detector):
@@ -538,6 +617,8 @@ def adam_lbfgs(
     :func:`adam_cg` with L-BFGS (zoom line search) as the second phase."""
     _det._check_int("window", window, 1)
     _det._check_int("min_steps", min_steps, 0)
+    _det._check_int("memory_size", memory_size, 1)
+    _check_adam_constants(learning_rate, 0.9, 0.999, 1e-8)
     if detector is None:
         detector = _default_detector(window, min_steps)
     return _two_phase(
