@@ -142,6 +142,74 @@ def test_stop_on_cost_budget(digits, params0):
     assert costs[-1] >= 4.5 > costs[-2]
 
 
+def test_strict_budget_discards_the_epoch_that_would_exceed_it(digits, params0):
+    """After the switch each epoch is one CG iteration costing its evaluations (> 1 here):
+    with ``strict_budget`` the iteration that would end above the budget is discarded, and
+    the result equals the non-strict run stopped one epoch earlier."""
+    budget = 6.0  # costs 1, 2, 5, 7, ...: the CG iteration ending at 7 would exceed it
+    common = dict(batch_size=BATCH, max_epochs=50, cost_budget=budget, progress=False)
+    loose = train(plain_loss, params0, digits[0], ADAM_CG, **common)
+    strict = train(plain_loss, params0, digits[0], ADAM_CG, strict_budget=True, **common)
+    loose_costs = history_columns(loose.history)["cost"]
+    strict_costs = history_columns(strict.history)["cost"]
+    assert loose_costs[-1] > budget  # the case being tested: CG overshoots without it
+    assert strict.stop_reason == "cost_budget"
+    assert strict_costs[-1] <= budget < strict_costs[-1] + loose.history[-1]["epoch_cost"]
+    assert len(strict.history) == len(loose.history) - 1
+
+    def timeless(history):
+        return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in history]
+
+    assert timeless(strict.history) == timeless(loose.history[:-1])
+    shorter = train(
+        plain_loss, params0, digits[0], ADAM_CG, batch_size=BATCH,
+        max_epochs=len(strict.history), progress=False,
+    )  # fmt: skip
+    jax.tree.map(np.testing.assert_array_equal, strict.params, shorter.params)
+    np.testing.assert_array_equal(
+        tp.info(strict.opt_state).value_and_grad_evals,
+        tp.info(shorter.opt_state).value_and_grad_evals,
+    )
+
+
+def test_strict_budget_keeps_the_first_epoch_and_needs_a_budget(digits, params0):
+    result = train(
+        plain_loss, params0, digits[0], ADAM, batch_size=BATCH, max_epochs=5,
+        cost_budget=0.5, strict_budget=True, progress=False,
+    )  # fmt: skip
+    assert [r["cost"] for r in result.history] == [1.0]
+    assert result.stop_reason == "cost_budget"
+    with pytest.raises(ValueError, match="`strict_budget`"):
+        train(plain_loss, params0, digits[0], ADAM, strict_budget=True, progress=False)
+    with pytest.raises(ValueError, match="`strict_budget`"):
+        train(plain_loss, params0, digits[0], ADAM, cost_budget=3, strict_budget=1)
+
+
+def test_adam_lbfgs_epochs_are_charged_their_evaluations(digits, params0):
+    opt = tp.adam_lbfgs(1e-2, detector=tp.switch_at(SWITCH_EPOCHS * STEPS))
+    result = train(
+        plain_loss, params0, digits[0], opt, batch_size=BATCH, max_epochs=30,
+        cost_budget=8, progress=False,
+    )  # fmt: skip
+    assert result.stop_reason == "cost_budget"
+    phase1 = [r["epoch_cost"] for r in result.history if r["phase"] == 1]
+    assert phase1 and all(c >= 1 for c in phase1)  # every L-BFGS step evaluates
+    assert sum(phase1) == int(tp.info(result.opt_state).value_and_grad_evals)
+
+
+def test_multisteps_wrapper_gets_value_fn(digits, params0):
+    # optax.MultiSteps forwards extra arguments; train must not drop them.
+    opt = optax.MultiSteps(tp.adam_cg(1e-2, detector=tp.switch_at(2)), every_k_schedule=2)
+    result = train(plain_loss, params0, digits[0], opt, batch_size=BATCH, max_epochs=3,
+                   progress=False)  # fmt: skip
+    columns = history_columns(result.history)
+    # Epoch 1: 4 mini-batches = 2 inner Adam steps, the switch. Then one call per epoch,
+    # and MultiSteps runs the inner CG iteration on every second call.
+    assert columns["phase"] == [0, 1, 1]
+    assert columns["cg_iterations"] == [0, 0, 1]
+    assert columns["train_loss"][2] < columns["train_loss"][1]
+
+
 def test_stop_on_grad_tol(digits, params0):
     result = train(
         loss_fn, params0, digits[0], ADAM_CG, batch_size=BATCH, max_epochs=50,

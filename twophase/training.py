@@ -129,6 +129,15 @@ def _num_examples(name: str, data: PyTree) -> int:
     return n
 
 
+def _with_extra_args(optimizer) -> optax.GradientTransformationExtraArgs:
+    """``optimizer`` passing ``value``/``value_fn`` on. An ``optax.MultiSteps``
+    object does (its ``update`` forwards them to the wrapped transformation),
+    but ``optax.with_extra_args_support`` would drop them."""
+    if isinstance(optimizer, optax.MultiSteps):
+        return optax.GradientTransformationExtraArgs(optimizer.init, optimizer.update)
+    return optax.with_extra_args_support(optimizer)
+
+
 def _optimizer_mode(opt_state: PyTree) -> str:
     try:
         diagnostics = _info(opt_state)
@@ -150,6 +159,7 @@ def train(
     batch_size: int = 512,
     max_epochs: int = 100,
     cost_budget: float | None = None,
+    strict_budget: bool = False,
     grad_tol: float | None = None,
     full_batch_size: int | None = None,
     val_data: PyTree | None = None,
@@ -228,8 +238,18 @@ def train(
     **Stops** (checked after each epoch, in this order): ``grad_tol`` when the
     full-batch gradient norm is ``<= grad_tol``; ``cost_budget`` once the
     cumulative cost is ``>= cost_budget`` (the last epoch may overshoot the
-    budget by part of an epoch); ``max_epochs`` epochs in total (restored ones
-    included).
+    budget by part of an epoch, e.g. by the trial points of a CG iteration's
+    line search); ``max_epochs`` epochs in total (restored ones included).
+
+    **Strict budget** (``strict_budget=True``, for comparisons at equal cost):
+    an epoch that takes the cumulative cost above ``cost_budget`` is discarded,
+    as if it had not run (parameters, optimizer state and shuffling key revert
+    to before it; no history record, no checkpoint), and training stops with
+    ``"cost_budget"``; so the final cost never exceeds the budget, except that
+    the first epoch is always kept. The previous epoch's buffers must survive
+    the step, so the jitted steps are not donated (``donate`` is ignored) and
+    the wall time of a discarded epoch is not in the history. A resumed run
+    reruns the discarded epoch before it stops again.
 
     **Checkpoints** (``checkpoint_dir``; needs :mod:`twophase.checkpoint`, i.e.
     orbax-checkpoint): ``{"params", "opt_state", "key", "epoch"}`` is saved
@@ -253,6 +273,8 @@ def train(
       batch_size: mini-batch size, a positive int.
       max_epochs: maximum number of epochs, a positive int.
       cost_budget: ``None`` or a positive number of epoch equivalents.
+      strict_budget: discard an epoch that would exceed ``cost_budget`` (see
+        above); needs ``cost_budget``.
       grad_tol: ``None`` or a positive gradient-norm tolerance.
       full_batch_size: chunk size of the full-batch evaluations, a positive int
         or ``None`` (all ``N`` at once).
@@ -274,7 +296,8 @@ def train(
         positive int; ``cost_budget`` or ``grad_tol`` not positive; ``data`` or
         ``val_data`` empty, with a scalar leaf, or with leaves of different
         leading sizes; ``metrics`` not a mapping of callables;
-        ``checkpoint_every`` without ``checkpoint_dir``.
+        ``checkpoint_every`` without ``checkpoint_dir``; ``strict_budget`` not a
+        bool, or true without ``cost_budget``.
     """
     batch_size = _positive_int("batch_size", batch_size)
     max_epochs = _positive_int("max_epochs", max_epochs)
@@ -284,6 +307,10 @@ def train(
     checkpoint_every = _positive_int("checkpoint_every", checkpoint_every, allow_none=True)
     if checkpoint_every is not None and checkpoint_dir is None:
         raise ValueError("`checkpoint_every` needs `checkpoint_dir`.")
+    if not isinstance(strict_budget, bool):
+        raise ValueError(f"`strict_budget` must be a bool, got {strict_budget!r}.")
+    if strict_budget and cost_budget is None:
+        raise ValueError("`strict_budget` needs `cost_budget`.")
     n = _num_examples("data", data)
     if val_data is not None:
         _num_examples("val_data", val_data)
@@ -304,7 +331,7 @@ def train(
     params = jax.tree.map(jnp.array, params)
     # Copies: the caller's buffers survive donation, and no two donated leaves share
     # a buffer (an init may reuse one zeros array for several state fields).
-    opt_state = jax.tree.map(jnp.array, optax.with_extra_args_support(optimizer).init(params))
+    opt_state = jax.tree.map(jnp.array, _with_extra_args(optimizer).init(params))
     mode = _optimizer_mode(opt_state)
 
     config = _Config(
@@ -317,7 +344,7 @@ def train(
         full_batch_size=full_batch_size,
         metrics=tuple(metrics.items()),
     )
-    if donate:
+    if donate and not strict_budget:
         phase0_epoch_jit, phase1_step_jit = _phase0_epoch_donating, _phase1_step_donating
     else:
         phase0_epoch_jit, phase1_step_jit = _phase0_epoch, _phase1_step
@@ -359,6 +386,7 @@ def train(
         epoch = start_epoch
         while epoch < max_epochs and reason is None:
             epoch += 1
+            kept = (params, opt_state, key)  # alive: not donated under strict_budget
             before = diagnostics(opt_state)
             phase = 1 if mode == _CG or (mode == _TWO_PHASE and int(before.phase) == 1) else 0
             if phase == 0:
@@ -373,6 +401,11 @@ def train(
             after = diagnostics(opt_state)
             if after is not None and after.value_and_grad_evals is not None:
                 epoch_cost += int(after.value_and_grad_evals) - int(before.value_and_grad_evals)
+            if strict_budget and history and _exceeds(cost + epoch_cost, cost_budget):
+                params, opt_state, key = kept
+                epoch -= 1
+                stop_reason = reason = "cost_budget"
+                break
             cost += epoch_cost
             measured = jax.device_get(_evaluate(params, data, val_data, config=config))
             measured = {k: float(v) for k, v in measured.items()}
@@ -438,7 +471,7 @@ def _objective(config: _Config, data: PyTree) -> Callable[[PyTree], jax.Array]:
 
 def _phase0_epoch_impl(params, opt_state, key, data, *, config: _Config):
     """One shuffled mini-batch epoch in a ``lax.scan``; steps after a switch are skipped."""
-    optimizer = optax.with_extra_args_support(config.optimizer)
+    optimizer = _with_extra_args(config.optimizer)
     key, shuffle_key = jax.random.split(key)
     used = config.steps_per_epoch * config.batch
     order = jax.random.permutation(shuffle_key, config.num_examples)[:used]
@@ -466,7 +499,7 @@ def _phase0_epoch_impl(params, opt_state, key, data, *, config: _Config):
 
 def _phase1_step_impl(params, opt_state, data, *, config: _Config):
     """One second-phase step: zero incoming updates, no mini-batch gradient."""
-    optimizer = optax.with_extra_args_support(config.optimizer)
+    optimizer = _with_extra_args(config.optimizer)
     updates, opt_state = optimizer.update(
         optax.tree.zeros_like(params),
         opt_state,
@@ -502,6 +535,11 @@ _evaluate = jax.jit(_evaluate_impl, static_argnames="config")
 
 # --------------------------------------------------------------------------- #
 # Helpers of the loop.
+
+
+def _exceeds(cost: float, cost_budget: float) -> bool:
+    # Fractional epoch costs (steps / steps_per_epoch) add up with rounding.
+    return cost > cost_budget * (1 + 1e-9)
 
 
 def _stop_reason(record, cost_budget, grad_tol) -> str | None:

@@ -16,11 +16,13 @@ adam+cg     ``tp.adam_cg(lr, window=steps_per_epoch)``: Adam, then one full-batc
 cg          ``tp.nonlinear_cg()`` from the start (full-batch, one iteration per epoch)
 ==========  =================================================================================
 
-**Equal cost.** Every run stops once its cumulative cost reaches ``epochs`` epoch-equivalents
-(``tp.train(..., cost_budget=epochs)``): a mini-batch epoch costs 1 and every full-batch
-value-and-gradient evaluation costs 1, the CG line search's trial points included. The last epoch
-may overshoot the budget by part of that epoch's cost. A CG epoch usually costs more than 1, so a
-CG run makes fewer epochs (iterations) than an Adam run.
+**Equal cost.** Every run spends at most ``epochs`` epoch-equivalents
+(``tp.train(..., cost_budget=epochs, strict_budget=True)``): a mini-batch epoch costs 1 and every
+full-batch value-and-gradient evaluation costs 1, the CG line search's trial points included. An
+epoch (a CG iteration) that would end above the budget is discarded and the run stops before it,
+so a CG run may end up to one iteration's cost (typically 2-3) below the budget; a mini-batch run
+spends it exactly. A CG epoch usually costs more than 1, so a CG run makes fewer epochs
+(iterations) than an Adam run.
 
 **Switch convention.** ``switch_epoch`` is the 1-based index of the first CG epoch in the
 history (``None`` for ``adam`` and ``cg``, and for an ``adam+cg`` run whose detector never fired).
@@ -371,6 +373,7 @@ def run_one(
         # against a run that stopped paying (e.g. an exactly zero CG gradient).
         max_epochs=2 * config.epochs + 1,
         cost_budget=float(config.epochs),
+        strict_budget=True,
         full_batch_size=config.full_batch_size,
         val_data=problem.val_data,
         metrics=problem.metrics,
