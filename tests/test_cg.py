@@ -368,6 +368,15 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
         tp.nonlinear_cg(**kwargs)
 
 
+def test_missing_params_is_a_type_error_but_an_empty_none_tree_is_not():
+    opt = tp.nonlinear_cg()
+    x = jnp.ones(2)
+    with pytest.raises(TypeError, match="`params`"):
+        opt.update(x, opt.init(x), value_fn=lambda p: jnp.sum(p**2))
+    u, _ = opt.update(None, opt.init(None), None, value_fn=lambda p: jnp.zeros([]))
+    assert u is None
+
+
 def test_missing_value_fn_is_a_type_error():
     opt = tp.nonlinear_cg()
     x = jnp.ones(2)

@@ -398,14 +398,6 @@ def test_numpy_and_injected_integer_arguments_are_accepted():
     assert int(tp.info(s).phase) == 1 and int(tp.info(s).cg_iterations) == 1
 
 
-def test_inside_optax_masked_is_a_clear_type_error():
-    params = {"w": PARAMS, "frozen": jnp.ones(3)}
-    opt = optax.masked(tp.adam_cg(detector=tp.switch_at(1)), {"w": True, "frozen": False})
-    full = lambda p: FULL(p["w"]) + jnp.sum(p["frozen"])
-    with pytest.raises(TypeError, match=r"optax\.masked"):
-        opt.update(params, opt.init(params), params, value=full(params), value_fn=full)
-
-
 def test_per_example_value_is_a_value_error():
     opt = tp.adam_cg(detector=tp.switch_at(5))
     per_example = jnp.ones(8)

@@ -427,14 +427,15 @@ def nonlinear_cg(
         return direction, jnp.where(restart, -gz, slope_candidate), restart
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        del updates, extra_args
+        del extra_args
         if value_fn is None:
             raise TypeError(
                 "nonlinear_cg.update requires the keyword argument `value_fn` "
                 "(params -> full-batch objective, a scalar)."
             )
-        if params is None:
+        if params is None and jax.tree.leaves(updates):  # (None is also an empty pytree)
             raise TypeError("nonlinear_cg.update requires `params`.")
+        del updates
         dtype = state.value.dtype
         value_and_grad = as_value_and_grad(value_fn, params)
 

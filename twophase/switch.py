@@ -127,7 +127,15 @@ def two_phase(
       stored in its state when finite (as :func:`optax.value_and_grad_from_state`
       does), else evaluated: nothing is evaluated twice. The incoming
       ``updates`` are ignored in phase 1, so the caller may skip computing
-      mini-batch gradients there.
+      mini-batch gradients there. A ``grad=`` keyword (``optax.lbfgs``'s
+      convention) is accepted and ignored: the full-batch gradient comes from
+      ``value_fn``. Evaluations made for a ``second`` that does not count its
+      own are counted in ``second_phase_evals``.
+
+    Inside ``optax.masked`` / ``optax.partition``, ``params`` (and so what
+    ``value_fn`` receives in phase 1) is the masked tree, with
+    ``optax.MaskedNode`` for the masked-out leaves: ``value_fn`` must accept
+    that tree. Usually it is simpler to mask the other transformations.
 
     The phases are selected on device, with no Python control flow on traced
     values: one phase runs per step and the step compiles once; the switch does
@@ -156,7 +164,9 @@ def two_phase(
       :class:`TwoPhaseState`.
 
     Raises:
-      ValueError: ``detector`` is not a Detector, or a bad ``fallback``.
+      ValueError: ``first``/``second`` not transformations, ``detector`` not a
+        Detector, a bad ``fallback`` or ``handover``; at trace time, a
+        non-scalar ``value``.
       TypeError: ``update`` without ``value_fn`` (at trace time), or without
         ``value`` for a detector that needs it.
     """
@@ -218,18 +228,8 @@ def _two_phase(
                 "two_phase.update requires the keyword argument `value_fn` "
                 "(params -> full-batch objective), used from the switch on."
             )
-        if params is None:
+        if params is None and jax.tree.leaves(updates):
             raise TypeError("two_phase.update requires `params`.")
-        if any(
-            isinstance(x, optax.MaskedNode)
-            for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-        ):
-            raise TypeError(
-                "two_phase cannot run inside optax.masked / optax.partition: its second "
-                "phase evaluates `value_fn` at the full parameters, and `params` here has "
-                "masked-out leaves. Mask the other transformations instead, or freeze "
-                "parameters inside `value_fn`."
-            )
         if detector.needs_value and value is None:
             raise TypeError("this detector needs the mini-batch loss: pass `value=` to update.")
         if value is not None and jnp.size(value) != 1:
