@@ -578,7 +578,7 @@ def adam_cg(
       precondition: precondition CG with Adam's second-moment estimate at the
         switch (one more parameter-sized buffer). Measured worth it for a
         switch after a long Adam phase (four small ViTs after 900 of 1000
-        epochs: 0.87x-0.98x Adam's loss, plain CG 1.06x-1.15x); it lost after a
+        epochs: 0.90x-0.98x Adam's loss, plain CG 1.06x-1.15x); it lost after a
         very short one, where the estimate is poor (``benchmarks/RESULTS.md``).
 
     Returns:
