@@ -34,6 +34,8 @@ from twophase.linesearch import (
     wolfe_linesearch,
 )
 from twophase.objectives import as_value_and_grad, full_batch
+from twophase.policy import Policy, SafeResortState, safe_resort
+from twophase.second_phase import HVP_COST, EvaluatingState, evaluating
 from twophase.switch import (
     TwoPhaseState,
     adam_cg,
@@ -47,12 +49,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BETA_RULES",
+    "HVP_COST",
     "BetaFn",
     "Detector",
+    "EvaluatingState",
     "Info",
     "LineSearch",
     "LineSearchResult",
     "NonlinearCGState",
+    "Policy",
+    "SafeResortState",
     "TrainResult",
     "TwoPhaseState",
     "adam_cg",
@@ -62,6 +68,7 @@ __all__ = [
     "any_of",
     "as_value_and_grad",
     "dai_yuan",
+    "evaluating",
     "fletcher_reeves",
     "full_batch",
     "golden_section_linesearch",
@@ -76,6 +83,7 @@ __all__ = [
     "norm_loss_slope",
     "polak_ribiere",
     "restore_checkpoint",
+    "safe_resort",
     "save_checkpoint",
     "set_preconditioner",
     "switch_at",

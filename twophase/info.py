@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax.tree
 
-from twophase.cg import NonlinearCGState
+from twophase.second_phase import HVP_COST
 from twophase.switch import TwoPhaseState
 
 __all__ = ["Info", "info"]
@@ -49,6 +49,15 @@ class Info(NamedTuple):
       grad_norm_max: float32, its running maximum (same detector).
       skipped_steps: int32, first-phase steps skipped for non-finite gradients.
       fallbacks: int32, returns from phase 1 to phase 0.
+      switches: int32, switches from phase 0 to phase 1 (trials of the second
+        phase under :func:`twophase.safe_resort`).
+      return_step: int32, index of the latest return's first phase-0 step, -1
+        before the first return.
+      hessian_vector_products: int32, Hessian-vector products made by the
+        second phase (over all trials in a two-phase state).
+      cost: float32, the second phase's cost in evaluation-equivalents:
+        ``value_and_grad_evals + HVP_COST * hessian_vector_products``
+        (:mod:`twophase.second_phase`).
     """
 
     cg_iterations: jax.Array | None = None
@@ -66,6 +75,10 @@ class Info(NamedTuple):
     grad_norm_max: jax.Array | None = None
     skipped_steps: jax.Array | None = None
     fallbacks: jax.Array | None = None
+    switches: jax.Array | None = None
+    return_step: jax.Array | None = None
+    hessian_vector_products: jax.Array | None = None
+    cost: jax.Array | None = None
 
 
 def _find(state: Any, kind: type) -> list:
@@ -95,21 +108,7 @@ def _only(found: list, what: str):
 def _all_with_field(tree: Any, field: str) -> list:
     """``field`` of every NamedTuple in ``tree`` that has it, depth first (not
     looking inside those that have it)."""
-
-    def is_named(x):
-        return isinstance(x, tuple) and hasattr(x, "_fields")
-
-    found = []
-    stack = [tree]
-    while stack:
-        node = stack.pop(0)
-        if is_named(node) and field in node._fields:
-            found.append(getattr(node, field))
-        elif isinstance(node, (tuple, list)):
-            stack[:0] = list(node)
-        elif isinstance(node, dict):
-            stack[:0] = list(node.values())
-    return found
+    return [getattr(node, field) for node in _all_nodes_with_field(tree, field)]
 
 
 def _with_field(tree: Any, field: str):
@@ -128,28 +127,41 @@ def info(state: Any) -> Info:
       ValueError: ``state`` holds no twophase state, or several (ambiguous).
     """
     two = _only(_find(state, TwoPhaseState), "two_phase")
-    cg = _only(_find(state if two is None else two.second_state, NonlinearCGState), "nonlinear_cg")
-    if two is None and cg is None:
+    inner = _only(
+        _all_nodes_with_field(state if two is None else two.second_state, "value_and_grad_evals"),
+        "second-phase",
+    )
+    if two is None and inner is None:
         raise ValueError("`state` holds no twophase optimizer state.")
     fields: dict[str, Any] = {}
-    if cg is not None:
+    if inner is not None:
+        inner = _unwrap_variables(inner)
         fields.update(
-            cg_iterations=cg.cg_iterations,
-            value_and_grad_evals=cg.value_and_grad_evals,
-            restarts=cg.restarts,
-            linesearch_failures=cg.linesearch_failures,
-            value=cg.value,
-            grad_norm=jnp.where(
-                jnp.isfinite(cg.value),
-                jnp.asarray(optax.tree.norm(cg.grad)).astype(jnp.result_type(cg.value)),
-                jnp.inf,
-            ),
-            nonfinite_events=cg.nonfinite_events,
-            consecutive_failures=cg.consecutive_failures,
+            {
+                name: getattr(inner, name, None)
+                for name in (
+                    "cg_iterations",
+                    "value_and_grad_evals",
+                    "restarts",
+                    "linesearch_failures",
+                    "value",
+                    "nonfinite_events",
+                    "consecutive_failures",
+                    "hessian_vector_products",
+                )
+            }
         )
+        grad = getattr(inner, "grad", None)
+        if grad is not None:
+            fields["grad_norm"] = jnp.where(
+                jnp.isfinite(inner.value),
+                jnp.asarray(optax.tree.norm(grad)).astype(jnp.result_type(inner.value)),
+                jnp.inf,
+            )
     if two is not None:
-        if cg is None:
-            fields["value_and_grad_evals"] = two.second_phase_evals
+        two = _unwrap_variables(two)
+        fields["value_and_grad_evals"] = two.second_phase_evals
+        fields["hessian_vector_products"] = two.second_phase_hvps
         for detector_evals in _all_with_field(two.detector_state, "value_and_grad_evals"):
             fields["value_and_grad_evals"] = fields["value_and_grad_evals"] + detector_evals
         fields.update(
@@ -160,5 +172,32 @@ def info(state: Any) -> Info:
             grad_norm_max=_with_field(two.detector_state, "grad_norm_max"),
             skipped_steps=two.skipped_steps,
             fallbacks=two.fallbacks,
+            switches=two.switches,
+            return_step=two.return_step,
+        )
+    evals = fields.get("value_and_grad_evals")
+    if evals is not None:
+        hvps = fields.get("hessian_vector_products")
+        fields["cost"] = jnp.asarray(evals, jnp.float32) + (
+            0.0 if hvps is None else HVP_COST * jnp.asarray(hvps, jnp.float32)
         )
     return Info(**fields)
+
+
+def _all_nodes_with_field(tree: Any, field: str) -> list:
+    """Every NamedTuple in ``tree`` that has ``field`` (not looking inside them)."""
+
+    def is_named(x):
+        return isinstance(x, tuple) and hasattr(x, "_fields")
+
+    found = []
+    stack = [tree]
+    while stack:
+        node = stack.pop(0)
+        if is_named(node) and field in node._fields:
+            found.append(node)
+        elif isinstance(node, (tuple, list)):
+            stack[:0] = list(node)
+        elif isinstance(node, dict):
+            stack[:0] = list(node.values())
+    return found

@@ -9,6 +9,7 @@ full-batch nonlinear conjugate gradient.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -21,10 +22,11 @@ from jax import lax
 from twophase import cg as _cg
 from twophase import detectors as _det
 from twophase import linesearch as _ls
+from twophase import policy as _policy
+from twophase import second_phase as _sp
 from twophase._checks import concrete, is_number_in
 from twophase._control import run_if
 from twophase._gated_adam import AdamConstants, gated_adam_update
-from twophase.objectives import as_value_and_grad
 
 __all__ = ["TwoPhaseState", "adam_cg", "adam_lbfgs", "two_phase"]
 
@@ -37,24 +39,28 @@ class TwoPhaseState(NamedTuple):
 
     Attributes:
       phase: int32 scalar, 0 (first transformation) or 1 (second).
-      switch_step: int32 scalar, the step index of the first second-phase step;
-        -1 before the switch (it keeps the latest switch after a fallback).
+      switch_step: int32 scalar, the step index of the latest switch's first
+        second-phase step; -1 before the first switch.
       step: int32 scalar, number of ``update`` calls so far.
-      phase0_steps: int32 scalar, first-phase steps since the detector was
-        (re-)armed; the ``step`` the detector sees.
-      detector_state: the detector's state (its rolling statistics).
+      phase0_steps: int32 scalar, first-phase steps since the policy was
+        (re-)armed; the ``step`` a detector sees.
+      detector_state: the policy's (or detector's) state, e.g. its rolling
+        statistics.
       first_state: state of the first transformation.
       second_state: state of the second transformation; fresh at every switch
-        (initialised by ``init``, re-initialised at every fallback).
+        (initialised by ``init``, re-initialised at every return).
       skipped_steps: int32, first-phase steps skipped because the incoming
         gradient or loss was not finite.
-      fallbacks: int32, returns from phase 1 to phase 0 (``fallback=k``).
-      second_phase_evals: int32, full-batch value-and-gradient evaluations made
-        for a second phase that does not count its own (one that is not a
-        :func:`twophase.nonlinear_cg`, e.g. ``optax.lbfgs()``): the evaluation
-        at the current point when its state holds no finite ``value``, plus the
-        ``num_linesearch_steps`` of an optax zoom line search in its state. 0 for
-        a nonlinear CG second phase, which counts its own.
+      fallbacks: int32, returns from phase 1 to phase 0.
+      second_phase_evals: int32, full-batch value-and-gradient evaluations of
+        the second phase over all its trials (the increases of its state's
+        ``value_and_grad_evals``; :mod:`twophase.second_phase`).
+      second_phase_hvps: int32, its Hessian-vector products over all trials.
+      switches: int32, switches from phase 0 to phase 1.
+      return_step: int32, the step index of the latest return's first
+        phase-0 step; -1 before the first return.
+      second_phase_nonfinite: int32, second-phase steps whose update was not
+        finite (dropped: the update was zero).
     """
 
     phase: jax.Array
@@ -67,6 +73,10 @@ class TwoPhaseState(NamedTuple):
     skipped_steps: jax.Array
     fallbacks: jax.Array
     second_phase_evals: jax.Array
+    second_phase_hvps: jax.Array
+    switches: jax.Array
+    return_step: jax.Array
+    second_phase_nonfinite: jax.Array
 
 
 def _strongly_typed(tree: Any) -> Any:
@@ -77,60 +87,61 @@ def _strongly_typed(tree: Any) -> Any:
     return jax.tree.map(lambda x: lax.convert_element_type(x, jnp.asarray(x).dtype), tree)
 
 
-def _holds(tree: Any, kind: type) -> bool:
-    return any(
-        isinstance(n, kind) for n in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kind))
+def _as_policy(detector: Any, fallback: int | None) -> _policy.Policy:
+    """A :class:`Policy` for a policy or a detector (told apart by their fields)."""
+    if isinstance(detector, _policy.Policy):
+        if fallback is not None:
+            raise ValueError(
+                "`fallback` applies to a detector; a policy decides its returns itself "
+                "(e.g. `safe_resort(max_failures=k)`)."
+            )
+        return detector
+    if isinstance(detector, _det.Detector):
+        return _policy.from_detector(detector, fallback)
+    raise ValueError(
+        f"`detector` must be a twophase Detector or Policy, got {detector!r}."
     )
-
-
-def _consecutive_cg_failures(second_state) -> jax.Array:
-    found = [
-        n
-        for n in jax.tree.leaves(
-            second_state, is_leaf=lambda x: isinstance(x, _cg.NonlinearCGState)
-        )
-        if isinstance(n, _cg.NonlinearCGState)
-    ]
-    return found[0].consecutive_failures
 
 
 def two_phase(
     first: optax.GradientTransformation,
     second: optax.GradientTransformation,
-    detector: _det.Detector,
+    detector: _det.Detector | _policy.Policy,
     *,
     fallback: int | None = None,
     handover: Handover | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Runs ``first`` until ``detector`` fires, then ``second``.
+    """Runs ``first`` until the policy switches, then ``second`` until it returns.
 
     ``update(updates, state, params, *, value=None, value_fn, **extra_args)``:
 
     * **Phase 0**: ``updates`` is the incoming (mini-batch) gradient. The
-      detector sees it, its norm and ``value`` (the mini-batch loss: optional,
-      except for detectors with ``needs_value``); then ``first`` is applied to
+      policy sees it, its norm and ``value`` (the mini-batch loss: optional,
+      except for policies with ``needs_value``); then ``first`` is applied to
       it. A gradient (or ``value``) with a non-finite entry skips the step: the
-      update is zero, neither the detector nor ``first`` sees it, and
+      update is zero, neither the policy nor ``first`` sees it, and
       ``skipped_steps`` counts it.
-    * **Switch**: if the detector fires at the phase-0 update with step index
+    * **Switch**: if the policy switches at the phase-0 update with step index
       ``t`` (0-based over all ``update`` calls), that update is still ``first``'s
       and **the first second-phase step is step** ``t + 1`` (``switch_step``),
       as in Algorithm 1, which decides after each Adam epoch whether the next
       epoch is CG. ``second``'s state is fresh at the switch (initialised, and
-      re-initialised at every fallback) and is passed through
+      re-initialised at every return) and is passed through
       ``handover(first_state, second_state, params)`` if given, e.g. to hand
       Adam's second moments to CG as a preconditioner.
-    * **Phase 1**: ``second`` is applied. A :func:`twophase.nonlinear_cg` (or a
-      chain holding one) evaluates ``value_fn`` itself. Any other
-      transformation (e.g. ``optax.lbfgs()``) receives ``value``, ``grad`` and
-      ``value_fn`` at the current point, taken from the ``value``/``grad`` it
-      stored in its state when finite (as :func:`optax.value_and_grad_from_state`
-      does), else evaluated: nothing is evaluated twice. The incoming
-      ``updates`` are ignored in phase 1, so the caller may skip computing
-      mini-batch gradients there. A ``grad=`` keyword (``optax.lbfgs``'s
-      convention) is accepted and ignored: the full-batch gradient comes from
-      ``value_fn``. Evaluations made for a ``second`` that does not count its
-      own are counted in ``second_phase_evals``.
+    * **Phase 1**: ``second`` is applied. It evaluates ``value_fn`` itself when
+      its state has a ``value_and_grad_evals`` field (the second-phase contract,
+      :mod:`twophase.second_phase`: :func:`twophase.nonlinear_cg`); any other
+      transformation (e.g. ``optax.lbfgs()``) is wrapped by
+      :func:`twophase.second_phase.evaluating`, which evaluates for it (nothing
+      twice), computes in float32 at least and drops non-finite steps. The
+      incoming ``updates`` are ignored in phase 1, so the caller may skip
+      computing mini-batch gradients there. A ``grad=`` keyword (optax.lbfgs's
+      convention) is accepted and ignored. A second-phase update with a
+      non-finite entry is replaced by zeros (``second_phase_nonfinite``).
+    * **Return**: after each phase-1 step the policy may return to phase 0
+      (``fallbacks``, ``return_step``); the first transformation's state was
+      kept, the second's is re-initialised and the policy re-armed.
 
     Inside ``optax.masked`` / ``optax.partition``, ``params`` (and so what
     ``value_fn`` receives in phase 1) is the masked tree, with
@@ -138,24 +149,26 @@ def two_phase(
     that tree. Usually it is simpler to mask the other transformations.
 
     The phases are selected on device, with no Python control flow on traced
-    values: one phase runs per step and the step compiles once; the switch does
-    not recompile. The selection is ``lax.cond``'s semantics written as a
-    ``lax.while_loop`` run zero or one time, which updates the state in place
-    (a ``lax.cond`` copied the idle phase's buffers every step; see
-    ``benchmarks/overhead.py``). Under ``jax.vmap`` with a batched phase (an
-    ensemble) *both* phases execute every step and each member keeps its own
-    (results stay correct; the cost is that of both phases).
+    values: one phase runs per step and the step compiles once; the switch and
+    the returns do not recompile. The selection is ``lax.cond``'s semantics
+    written as a ``lax.while_loop`` run zero or one time, which updates the
+    state in place (a ``lax.cond`` copied the idle phase's buffers every step;
+    see ``benchmarks/overhead.py``). Under ``jax.vmap`` with a batched phase
+    (an ensemble) *both* phases execute every step and each member keeps its
+    own (results stay correct; the cost is that of both phases).
 
-    One-way by default (the paper). With ``fallback=k`` (``second`` must hold a
-    ``nonlinear_cg``), ``k`` consecutive failed line searches in phase 1 return to
+    A :class:`twophase.Detector` is a one-way policy (the paper); with
+    ``fallback=k``, ``k`` consecutive failed second-phase iterations (the
+    contract's ``consecutive_failures``), or a non-finite step, return to
     phase 0 with the detector re-armed: the paper's "safe resort" when the path
-    leaves the convex region.
+    leaves the convex region. :func:`twophase.safe_resort` also returns when
+    the second phase is slower than Adam.
 
     Args:
       first: the first-phase transformation (e.g. ``optax.adam(1e-3)``).
       second: the second-phase transformation (e.g. ``twophase.nonlinear_cg()``).
-      detector: a :class:`twophase.Detector`.
-      fallback: ``None`` or a positive int.
+      detector: a :class:`twophase.Detector` or a :class:`twophase.Policy`.
+      fallback: ``None`` or a positive int (detectors only).
       handover: optional ``(first_state, second_state, params) -> second_state``
         applied at the switch.
 
@@ -165,10 +178,10 @@ def two_phase(
 
     Raises:
       ValueError: ``first``/``second`` not transformations, ``detector`` not a
-        Detector, a bad ``fallback`` or ``handover``; at trace time, a
-        non-scalar ``value``.
+        Detector or Policy, a bad ``fallback`` (or one given with a Policy) or
+        ``handover``; at trace time, a non-scalar ``value``.
       TypeError: ``update`` without ``value_fn`` (at trace time), or without
-        ``value`` for a detector that needs it.
+        ``value`` for a policy that needs it.
     """
     return _two_phase(first, second, detector, fallback=fallback, handover=handover)
 
@@ -176,7 +189,7 @@ def two_phase(
 def _two_phase(
     first: optax.GradientTransformation,
     second: optax.GradientTransformation,
-    detector: _det.Detector,
+    detector: _det.Detector | _policy.Policy,
     *,
     fallback: int | None,
     handover: Handover | None,
@@ -193,8 +206,6 @@ def _two_phase(
             raise ValueError(
                 f"`{name}` must be an optax GradientTransformation, got {transformation!r}."
             )
-    if not isinstance(detector, _det.Detector):
-        raise ValueError(f"`detector` must be a twophase Detector, got {detector!r}.")
     checked = concrete(fallback)
     if (
         fallback is not None
@@ -202,24 +213,38 @@ def _two_phase(
         and (isinstance(checked, bool) or not isinstance(checked, int) or checked < 1)
     ):
         raise ValueError(f"`fallback` must be a positive int or None, got {fallback!r}.")
+    policy = _as_policy(detector, fallback)
     if handover is not None and not callable(handover):
         raise ValueError(f"`handover` must be a callable or None, got {handover!r}.")
     first = optax.with_extra_args_support(first)
     second = optax.with_extra_args_support(second)
+    wrapped_second = _sp.evaluating(second)
+
+    def second_for(params):
+        """``second`` if it evaluates ``value_fn`` itself, else its wrapper
+        (decided from the state's fields, at trace time)."""
+        if _sp.evaluates_itself(jax.eval_shape(second.init, params)):
+            return second
+        return wrapped_second
 
     def init_fn(params):
         izero = jnp.zeros([], jnp.int32)
+        minus_one = jnp.full([], -1, jnp.int32)
         return TwoPhaseState(
             phase=izero,
-            switch_step=jnp.full([], -1, jnp.int32),
+            switch_step=minus_one,
             step=izero,
             phase0_steps=izero,
-            detector_state=detector.init(params),
+            detector_state=policy.init(params),
             first_state=_strongly_typed(first.init(params)),
-            second_state=_strongly_typed(second.init(params)),
+            second_state=_strongly_typed(second_for(params).init(params)),
             skipped_steps=izero,
             fallbacks=izero,
             second_phase_evals=izero,
+            second_phase_hvps=izero,
+            switches=izero,
+            return_step=minus_one,
+            second_phase_nonfinite=izero,
         )
 
     def update_fn(updates, state, params=None, *, value=None, value_fn=None, **extra_args):
@@ -230,42 +255,64 @@ def _two_phase(
             )
         if params is None and jax.tree.leaves(updates):
             raise TypeError("two_phase.update requires `params`.")
-        if detector.needs_value and value is None:
-            raise TypeError("this detector needs the mini-batch loss: pass `value=` to update.")
+        if policy.needs_value and value is None:
+            raise TypeError("this policy needs the mini-batch loss: pass `value=` to update.")
         if value is not None and jnp.size(value) != 1:
             raise ValueError(
                 "`value` must be the scalar mini-batch loss (the mean over the batch), got "
                 f"shape {jnp.shape(value)}."
             )
-        second_evaluates_itself = _holds(state.second_state, _cg.NonlinearCGState)
-        if fallback is not None and not second_evaluates_itself:
-            raise TypeError("`fallback` needs a second phase that holds a nonlinear_cg.")
         # A `grad=` keyword (optax.lbfgs's convention) is the incoming gradient again;
         # the second phase gets the full-batch one from value_fn.
         extra_args.pop("grad", None)
-        value_and_grad = as_value_and_grad(value_fn, params)
         value_kwargs = {} if value is None else {"value": value}
+        second_phase = second_for(params)
 
-        def phase0(carry):
-            grad = carry[0]
+        def grad_norm_and_finite(grad):
             # A NaN or Inf anywhere in the gradient makes its norm non-finite: one
-            # reduction serves the detector and the finiteness check.
+            # reduction serves the policy and the finiteness check.
             grad_norm = jnp.asarray(optax.tree.norm(grad)).astype(jnp.float32)
             finite = jnp.isfinite(grad_norm)
             if value is not None:
                 finite &= jnp.all(jnp.isfinite(value))
+            return grad_norm, finite
+
+        def observe_phase0(grad, grad_norm, state):
+            """The policy's phase-0 decision: the switch bookkeeping of both paths."""
+            detector_state, fire = policy.first(
+                state.detector_state,
+                grad=grad,
+                grad_norm=grad_norm,
+                value=value,
+                step=state.phase0_steps,
+                params=params,
+                value_fn=value_fn,
+            )
+            return state._replace(
+                phase=fire.astype(jnp.int32),
+                switch_step=jnp.where(fire, state.step + 1, state.switch_step),
+                phase0_steps=state.phase0_steps + 1,
+                detector_state=detector_state,
+                switches=state.switches + fire.astype(jnp.int32),
+            )
+
+        def hand_over(fired, first_state, state):
+            # The second phase's state is pristine here (initialised, and reset on
+            # every return), so only a handover touches it at the switch.
+            if handover is None:
+                return state
+            return state._replace(
+                second_state=run_if(
+                    fired, lambda s: handover(first_state, s, params), state.second_state
+                )
+            )
+
+        def phase0(carry):
+            grad_norm, finite = grad_norm_and_finite(carry[0])
 
             def run(carry):
                 grad, state = carry
-                detector_state, fire = detector.update(
-                    state.detector_state,
-                    grad=grad,
-                    grad_norm=grad_norm,
-                    value=value,
-                    step=state.phase0_steps,
-                    params=params,
-                    value_fn=value_fn,
-                )
+                state = observe_phase0(grad, grad_norm, state)
                 new_updates, first_state = first.update(
                     grad,
                     state.first_state,
@@ -274,21 +321,8 @@ def _two_phase(
                     **value_kwargs,
                     **extra_args,
                 )
-                # The second phase's state is pristine here (initialised, and reset
-                # on every fallback), so only a handover touches it at the switch.
-                second_state = state.second_state
-                if handover is not None:
-                    second_state = run_if(
-                        fire, lambda s: handover(first_state, s, params), second_state
-                    )
-                return _like(new_updates, grad), state._replace(
-                    phase=fire.astype(jnp.int32),
-                    switch_step=jnp.where(fire, state.step + 1, state.switch_step),
-                    phase0_steps=state.phase0_steps + 1,
-                    detector_state=detector_state,
-                    first_state=first_state,
-                    second_state=second_state,
-                )
+                state = hand_over(state.phase == 1, first_state, state)
+                return _like(new_updates, grad), state._replace(first_state=first_state)
 
             def skip(carry):
                 grad, state = carry
@@ -300,43 +334,47 @@ def _two_phase(
 
         def phase1(carry):
             _, state = carry
-            if second_evaluates_itself:
-                new_updates, second_state = second.update(
-                    carry[0], state.second_state, params, value_fn=value_fn, **extra_args
+            new_updates, second_state = second_phase.update(
+                carry[0], state.second_state, params, value_fn=value_fn, **extra_args
+            )
+            finite = _all_finite(new_updates)
+            new_updates = optax.tree.where(
+                finite, new_updates, optax.tree.zeros_like(new_updates)
+            )
+            evals = _sp.value_and_grad_evals(second_state) - _sp.value_and_grad_evals(
+                state.second_state
+            )
+            hvps = _sp.hessian_vector_products(second_state) - _sp.hessian_vector_products(
+                state.second_state
+            )
+            detector_state, back = policy.second(
+                state.detector_state,
+                value=_sp.current_value(second_state),
+                cost=evals.astype(jnp.float32) + _sp.HVP_COST * hvps.astype(jnp.float32),
+                failures=_sp.failures(second_state),
+                finite=finite,
+                params=params,
+            )
+            state = state._replace(
+                second_state=second_state,
+                detector_state=detector_state,
+                second_phase_evals=state.second_phase_evals + evals,
+                second_phase_hvps=state.second_phase_hvps + hvps,
+                second_phase_nonfinite=state.second_phase_nonfinite
+                + (~finite).astype(jnp.int32),
+            )
+
+            def go_back(state):
+                return state._replace(
+                    second_state=_strongly_typed(second_phase.init(params)),
+                    phase=jnp.zeros([], jnp.int32),
+                    phase0_steps=jnp.zeros([], jnp.int32),
+                    detector_state=policy.rearm(state.detector_state, params),
+                    fallbacks=state.fallbacks + 1,
+                    return_step=state.step + 1,
                 )
-            else:
-                cur_value, cur_grad, evaluated = _value_and_grad_from_state(
-                    state.second_state, params, value_and_grad
-                )
-                new_updates, second_state = second.update(
-                    cur_grad,
-                    state.second_state,
-                    params,
-                    value=cur_value,
-                    grad=cur_grad,
-                    value_fn=value_fn,
-                    **extra_args,
-                )
-                state = state._replace(
-                    second_phase_evals=state.second_phase_evals
-                    + evaluated.astype(jnp.int32)
-                    + _linesearch_evals(second_state)
-                )
-            new_state = state._replace(second_state=second_state)
-            if fallback is not None:
-                give_up = _consecutive_cg_failures(second_state) >= fallback
-                new_state = new_state._replace(
-                    second_state=run_if(
-                        give_up, lambda _: _strongly_typed(second.init(params)), second_state
-                    ),
-                    phase=jnp.where(give_up, 0, 1).astype(jnp.int32),
-                    phase0_steps=jnp.where(give_up, 0, state.phase0_steps),
-                    detector_state=run_if(
-                        give_up, lambda _: detector.init(params), state.detector_state
-                    ),
-                    fallbacks=state.fallbacks + give_up.astype(jnp.int32),
-                )
-            return _like(new_updates, carry[0]), new_state
+
+            return _like(new_updates, carry[0]), run_if(back, go_back, state)
 
         def _like(tree, ref):
             return jax.tree.map(lambda x, r: x.astype(r.dtype), tree, ref)
@@ -351,54 +389,17 @@ def _two_phase(
             in_first = state.phase == 0
             slot, state = run_if(~in_first, phase1, (grad, state))
             grad = slot  # in phase 0, where it is read as a gradient
-            grad_norm = jnp.asarray(optax.tree.norm(grad)).astype(jnp.float32)
-            finite = jnp.isfinite(grad_norm)
-            if value is not None:
-                finite &= jnp.all(jnp.isfinite(value))
+            grad_norm, finite = grad_norm_and_finite(grad)
             active = in_first & finite
-
-            def detect(carry):
-                _, switch_step, phase0_steps, detector_state = carry
-                detector_state, fire = detector.update(
-                    detector_state,
-                    grad=grad,
-                    grad_norm=grad_norm,
-                    value=value,
-                    step=phase0_steps,
-                    params=params,
-                    value_fn=value_fn,
-                )
-                return (
-                    fire.astype(jnp.int32),
-                    jnp.where(fire, state.step + 1, switch_step),
-                    phase0_steps + 1,
-                    detector_state,
-                )
-
-            phase, switch_step, phase0_steps, detector_state = run_if(
-                active,
-                detect,
-                (state.phase, state.switch_step, state.phase0_steps, state.detector_state),
-            )
+            state = run_if(active, lambda s: observe_phase0(grad, grad_norm, s), state)
             state = state._replace(
-                phase=phase,
-                switch_step=switch_step,
-                phase0_steps=phase0_steps,
-                detector_state=detector_state,
-                skipped_steps=state.skipped_steps + (in_first & ~finite).astype(jnp.int32),
+                skipped_steps=state.skipped_steps + (in_first & ~finite).astype(jnp.int32)
             )
             new_updates, first_state = gated_adam_update(
                 adam, slot, state.first_state, active, ~in_first
             )
-            state = state._replace(first_state=first_state)
-            if handover is not None:
-                fired = active & (state.phase == 1)
-                state = state._replace(
-                    second_state=run_if(
-                        fired, lambda s: handover(first_state, s, params), state.second_state
-                    )
-                )
-            return new_updates, state
+            state = hand_over(active & (state.phase == 1), first_state, state)
+            return new_updates, state._replace(first_state=first_state)
 
         # The incoming gradient is the carry that becomes the outgoing update, so
         # phase 0 can write Adam's update over it in place. Its dtype is promoted
@@ -418,39 +419,12 @@ def _two_phase(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _value_and_grad_from_state(second_state, params, value_and_grad):
-    """(value, grad, evaluated) at ``params``: from the ``value``/``grad`` a
-    transformation stored in its state when finite, else evaluated
-    (``evaluated``, a bool scalar, says which)."""
-    stored_value = optax.tree.get(second_state, "value")
-    stored_grad = optax.tree.get(second_state, "grad")
-    if stored_value is None or stored_grad is None:
-        return *value_and_grad(params), jnp.ones([], bool)
-    cached = jnp.isfinite(stored_value)
-    value, grad = lax.cond(
-        cached,
-        lambda: (
-            stored_value,
-            jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), stored_grad, params),
-        ),
-        lambda: jax.tree.map(
-            lambda x, ref: x.astype(ref.dtype), value_and_grad(params), (stored_value, stored_grad)
-        ),
-    )
-    return value, grad, ~cached
-
-
-def _linesearch_evals(second_state) -> jax.Array:
-    """Evaluations of the last optax zoom line search held in ``second_state``
-    (``num_linesearch_steps``; each trial evaluates the value and gradient), 0
-    if it holds none."""
-    kind = optax.ScaleByZoomLinesearchState
-    found = [
-        node.info.num_linesearch_steps
-        for node in jax.tree.leaves(second_state, is_leaf=lambda x: isinstance(x, kind))
-        if isinstance(node, kind)
-    ]
-    return sum((jnp.asarray(n, jnp.int32) for n in found), jnp.zeros([], jnp.int32))
+def _all_finite(tree: Any) -> jax.Array:
+    """bool scalar: every entry of every leaf is finite."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.ones([], bool)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def adam_second_moment_preconditioner(
@@ -499,8 +473,40 @@ def _check_adam_constants(learning_rate, b1, b2, eps) -> None:
         raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}.")
 
 
-def _default_detector(window: int, min_steps: int) -> _det.Detector:
-    return _det.loss_plateau(window, patience=5, history=10, z_score=1.0, min_steps=min_steps)
+def _default_policy(
+    window: int, min_steps: int, budget: float | None, fallback: int | None
+) -> _policy.Policy:
+    return _policy.safe_resort(
+        window, budget=budget, min_steps=min_steps, max_failures=2 if fallback is None else fallback
+    )
+
+
+def _ratio_deprecated(ratio) -> None:
+    if ratio is None:
+        return
+    _det._check_ratio(ratio)
+    warnings.warn(
+        "`ratio` is deprecated and has no effect: the default policy is `safe_resort`; for "
+        "the paper's rule pass `detector=twophase.grad_norm_peak(ratio, window)`.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def _preset_policy(detector, window, min_steps, budget, fallback):
+    """(policy or detector, fallback for two_phase) of a preset's arguments."""
+    _det._check_int("window", window, 1)
+    _det._check_int("min_steps", min_steps, 0)
+    _policy.check_budget(budget)
+    if detector is None:
+        return _default_policy(window, min_steps, budget, fallback), None
+    if budget is not None:
+        raise ValueError("`budget` is for the default policy; with `detector=` leave it None.")
+    if not isinstance(detector, (_det.Detector, _policy.Policy)):
+        raise ValueError(
+            f"`detector` must be a twophase Detector, Policy or None, got {detector!r}."
+        )
+    return detector, fallback
 
 
 def adam_cg(
@@ -509,10 +515,11 @@ def adam_cg(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    ratio: float = 0.9,
+    ratio: float | None = None,
     window: int = 100,
     min_steps: int = 0,
-    detector: _det.Detector | None = None,
+    budget: float | None = None,
+    detector: _det.Detector | _policy.Policy | None = None,
     beta: str | _cg.BetaFn = "polak_ribiere",
     linesearch: str | _ls.LineSearch = "wolfe",
     fallback: int | None = None,
@@ -520,45 +527,33 @@ def adam_cg(
 ) -> optax.GradientTransformationExtraArgs:
     """Adam, then full-batch nonlinear CG: the paper's two-phase optimizer.
 
-    ``two_phase(optax.adam(...), twophase.nonlinear_cg(beta, linesearch), detector)``,
+    ``two_phase(optax.adam(...), twophase.nonlinear_cg(beta, linesearch), policy)``,
     with the same updates and states, except that Adam's step is not run inside
     a loop but switched by scalar coefficients (``twophase._gated_adam``), which
     lets XLA fuse it with ``optax.apply_updates`` as it does ``optax.adam``'s: in
     phase 0 the step costs optax.adam's plus one reduction over the gradient
-    (its norm, for the non-finite check and the detector) and one more read of
+    (its norm, for the non-finite check and the policy) and one more read of
     it (``benchmarks/overhead.py``). In phase 1 that pass still runs, leaving
-    Adam's state unchanged and passing CG's update on (a few elementwise passes,
-    small beside a full-batch evaluation).
+    Adam's state unchanged and passing CG's update on.
 
     Call ``update(grads, state, params, value=loss, value_fn=full_batch_loss)``
     with the mini-batch gradient and loss; ``value_fn(params)`` is the
     full-batch objective that the CG phase evaluates itself.
 
-    With ``detector=None`` the switch is decided by
-    :func:`twophase.loss_plateau` (``window``, ``history=10``, ``patience=5``,
-    ``z_score=1``, ``min_steps``): it keeps the mean mini-batch loss of every
-    window since the start (merging windows as they accumulate) and fires once
-    a least-squares line through the last 10 means, which span the last half of
-    the run or more, has shown no clear decrease for 5 consecutive windows; so
-    it needs ``value=`` at every update. Why this default (measured,
-    ``benchmarks/RESULTS.md``): at equal cost a switch to full-batch CG lost
-    wherever Adam was still making progress, and paid off as a final polish
-    once Adam had stalled. This detector costs nothing (no full-batch
-    evaluation, no buffer), so while it waits Adam+CG *is* Adam, and it waits
-    until Adam's loss has stopped falling at the run's own time scale. The
-    alternatives lose at equal cost: the paper's own rule,
-    :func:`twophase.grad_norm_peak` (``ratio``), fires at epoch 2 on every
-    problem we measured (the full-batch norm falls from epoch 1 to 2 and
-    fluctuates by tens of percent between epochs) and loses 2.8x-4.2x;
-    :func:`twophase.norm_loss_slope` with exact full-batch checks pays one
-    evaluation per window (up to 1.9x); a fixed-length loss window fired in
-    short flat stretches that Adam later left (1.2x-1.3x); mini-batch estimates
-    of the full-batch gradient norm sit at the noise floor or collapse to 0
-    along Adam's path. Set ``window`` to the steps per epoch. Pass
-    ``detector=grad_norm_peak(ratio, window)`` for Algorithm 1 as published.
+    With ``detector=None`` the phases are chosen by
+    :func:`twophase.safe_resort` (``window``, ``budget``, ``min_steps``,
+    ``max_failures=fallback or 2``): CG is tried early and at growing
+    intervals, kept while its pace (decrease of log-loss per
+    epoch-equivalent) beats Adam's, and Adam resumes, with its moments intact,
+    when it does not; from 90% of a known budget CG polishes to the end. It
+    needs ``value=`` at every update. :func:`twophase.train` hands its
+    ``cost_budget`` and steps per epoch to it. Pass ``detector=`` a
+    :class:`twophase.Detector` for a one-way switch (e.g.
+    ``grad_norm_peak(0.9, window)``, Algorithm 1 as published, or
+    ``switch_at(k)``).
 
     Memory: Adam's two parameter-sized buffers and CG's two: 2x Adam's state
-    (one more with ``precondition=True``; L-BFGS with memory 10 holds 23).
+    (one more with ``precondition=True``).
 
     ``optax.inject_hyperparams(twophase.adam_cg, static_args=("detector",
     "beta", "linesearch"))`` makes the learning rate (and the other numeric
@@ -567,38 +562,44 @@ def adam_cg(
     Args:
       learning_rate: Adam's learning rate or schedule.
       b1, b2, eps: Adam's constants.
-      ratio: the paper's tolerance, used by ``grad_norm_peak`` when requested
-        through ``detector``; validated here.
-      window: detector window in steps (typically the steps per epoch).
+      ratio: deprecated, no effect (a ``DeprecationWarning`` when given); pass
+        ``detector=grad_norm_peak(ratio, window)`` for the paper's rule.
+      window: phase-0 steps per epoch (the policy's unit of cost).
       min_steps: never switch before this many steps.
-      detector: a :class:`twophase.Detector`, or ``None`` for the default.
+      budget: the run's budget in epoch-equivalents for the default policy
+        (like optax schedules' ``decay_steps``), or ``None``.
+      detector: a :class:`twophase.Detector` or :class:`twophase.Policy`, or
+        ``None`` for the default.
       beta: CG direction rule (see :func:`twophase.nonlinear_cg`).
       linesearch: CG line search.
-      fallback: see :func:`two_phase`.
+      fallback: with a detector, see :func:`two_phase`; with the default
+        policy, its ``max_failures``.
       precondition: precondition CG with Adam's second-moment estimate at the
-        switch (one more parameter-sized buffer). Measured worth it for a
-        switch after a long Adam phase (four small ViTs after 900 of 1000
-        epochs: 0.90x-0.98x Adam's loss, plain CG 1.06x-1.15x); it lost after a
-        very short one, where the estimate is poor (``benchmarks/RESULTS.md``).
+        switch (one more parameter-sized buffer; when it pays:
+        ``benchmarks/RESULTS.md``).
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs`.
+      An :class:`optax.GradientTransformationExtraArgs` with state
+      :class:`TwoPhaseState`.
+
+    Raises:
+      ValueError: a bad learning rate, ``b1``, ``b2``, ``eps``, ``ratio``,
+        ``window``, ``min_steps``, ``budget`` (or one given with
+        ``detector``), ``detector``, ``beta``, ``linesearch``, ``fallback`` or
+        ``precondition``.
+      TypeError: at trace time, ``update`` without ``value_fn``, or without
+        ``value`` for a policy that needs it.
     """
-    _det._check_ratio(ratio)
-    _det._check_int("window", window, 1)
-    _det._check_int("min_steps", min_steps, 0)
+    _ratio_deprecated(ratio)
     _check_adam_constants(learning_rate, b1, b2, eps)
     if not isinstance(precondition, bool):
         raise ValueError(f"`precondition` must be a bool, got {precondition!r}.")
-    if detector is None:
-        detector = _default_detector(window, min_steps)
-    elif not isinstance(detector, _det.Detector):
-        raise ValueError(f"`detector` must be a twophase Detector or None, got {detector!r}.")
+    policy, fallback = _preset_policy(detector, window, min_steps, budget, fallback)
     second = _cg.nonlinear_cg(beta, linesearch, preconditioner="state" if precondition else None)
     return _two_phase(
         optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
         second,
-        detector,
+        policy,
         fallback=fallback,
         handover=adam_second_moment_preconditioner if precondition else None,
         adam=AdamConstants(learning_rate, b1, b2, eps),
@@ -611,21 +612,40 @@ def adam_lbfgs(
     memory_size: int = 10,
     window: int = 100,
     min_steps: int = 0,
-    detector: _det.Detector | None = None,
+    budget: float | None = None,
+    detector: _det.Detector | _policy.Policy | None = None,
+    fallback: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Adam, then full-batch ``optax.lbfgs(memory_size)``: the same switch as
-    :func:`adam_cg` with L-BFGS (zoom line search) as the second phase."""
-    _det._check_int("window", window, 1)
-    _det._check_int("min_steps", min_steps, 0)
+    """Adam, then full-batch ``optax.lbfgs(memory_size)``: :func:`adam_cg`'s
+    switch with L-BFGS (zoom line search) as the second phase.
+
+    L-BFGS runs through :func:`twophase.second_phase.evaluating`: float32
+    arithmetic at least, a step that does not lower the objective or is not
+    finite is dropped and counted (``consecutive_failures``), and the default
+    policy returns to Adam after ``fallback or 2`` of them in a row.
+
+    Args:
+      learning_rate: Adam's learning rate or schedule.
+      memory_size: L-BFGS memory, an int ``>= 1`` (static: not injectable).
+      window, min_steps, budget, detector, fallback: as in :func:`adam_cg`.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` with state
+      :class:`TwoPhaseState`.
+
+    Raises:
+      ValueError: a bad ``learning_rate``, ``memory_size``, ``window``,
+        ``min_steps``, ``budget``, ``detector`` or ``fallback``.
+      TypeError: at trace time, ``update`` without ``value_fn`` or ``value``.
+    """
     _det._check_int("memory_size", memory_size, 1)
     _check_adam_constants(learning_rate, 0.9, 0.999, 1e-8)
-    if detector is None:
-        detector = _default_detector(window, min_steps)
+    policy, fallback = _preset_policy(detector, window, min_steps, budget, fallback)
     return _two_phase(
         optax.adam(learning_rate),
         optax.lbfgs(memory_size=memory_size),
-        detector,
-        fallback=None,
+        policy,
+        fallback=fallback,
         handover=None,
         adam=AdamConstants(learning_rate, 0.9, 0.999, 1e-8),
     )

@@ -37,6 +37,7 @@ from jax import lax
 from twophase._control import run_if
 from twophase.info import info as _info
 from twophase.objectives import full_batch
+from twophase.policy import configure as configure_policy
 
 __all__ = ["TrainResult", "history_columns", "train"]
 
@@ -332,6 +333,8 @@ def train(
     # Copies: the caller's buffers survive donation, and no two donated leaves share
     # a buffer (an init may reuse one zeros array for several state fields).
     opt_state = jax.tree.map(jnp.array, _with_extra_args(optimizer).init(params))
+    # The switching policy learns the budget and the epoch length from here.
+    opt_state = configure_policy(opt_state, budget=cost_budget, steps_per_epoch=steps_per_epoch)
     mode = _optimizer_mode(opt_state)
 
     config = _Config(
@@ -399,8 +402,8 @@ def train(
                 params, opt_state = phase1_step_jit(params, opt_state, data, config=config)
                 steps, epoch_cost = 1, 0.0
             after = diagnostics(opt_state)
-            if after is not None and after.value_and_grad_evals is not None:
-                epoch_cost += int(after.value_and_grad_evals) - int(before.value_and_grad_evals)
+            if after is not None and after.cost is not None:
+                epoch_cost += float(after.cost) - float(before.cost)
             if strict_budget and history and _exceeds(cost + epoch_cost, cost_budget):
                 params, opt_state, key = kept
                 epoch -= 1

@@ -1,0 +1,263 @@
+"""Does the default switching policy earn its keep? (issue: a budget-aware, self-correcting policy)
+
+Every method trains the same initial parameters with ``tp.train(..., cost_budget=B,
+strict_budget=True)`` on the same seeded mini-batch schedule, so they are compared at equal cost
+in epoch-equivalents (a mini-batch epoch costs 1, a full-batch value+grad evaluation costs 1;
+``tp.train``'s accounting). Methods:
+
+* ``adam``: ``optax.adam`` at the best learning rate of the problem's sweep (used by every method);
+* ``best split``: ``tp.adam_cg(detector=switch_at(k epochs))`` for k on a geometric grid from 1 epoch
+  to 90% of the budget, the best in hindsight (an oracle), and its preconditioned twin;
+* ``paper rule``: ``grad_norm_peak(0.9)`` on the exact full-batch norm once per epoch (Algorithm 1);
+* ``old default``: ``loss_plateau`` (the previous default, one-way);
+* ``new default``: ``tp.adam_cg(lr, window=steps per epoch)`` with no detector, i.e.
+  ``tp.safe_resort``, told the budget by ``tp.train``; also ``tp.adam_lbfgs``'s default.
+
+Two cost axes. The primary ratio is the final full-batch training loss over Adam's at equal
+epoch-equivalents. The wall-clock ratio is each method's loss at Adam's total wall time over
+Adam's final loss, reading ``history[i]["wall_seconds"]``; the epochs that compiled (the first of
+each phase, more than 5x their phase's median) are charged their phase's median instead, since a
+compilation is paid once per program, not per run.
+
+The gain target: the geometric mean over problem-budget pairs of
+``log(new default / adam) / log(best split / adam)``, a split that loses counting as 1.0 (no gain
+to capture), must be at least 0.5; no harm: every new-default ratio at most 1.03.
+
+Usage::
+
+    python benchmarks/policy.py [--budgets 100 300] [--problems NAME ...] [--splits N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+import optax
+from _problems import command_line, markdown_table, mse, problems
+
+import twophase as tp
+
+
+def loss_fn(params, batch):
+    x, y = batch
+    return mse(params, x, y)
+
+
+def run(problem, optimizer, budget: int) -> dict:
+    data = (np.asarray(problem.x), np.asarray(problem.y))
+    result = tp.train(
+        loss_fn,
+        problem.init(),
+        data,
+        optimizer,
+        batch_size=problem.batch_size,
+        max_epochs=10 * budget,
+        cost_budget=budget,
+        strict_budget=True,
+        progress=False,
+        seed=0,
+    )
+    history = result.history
+    walls = _wall_times(history)
+    state = result.opt_state
+    try:
+        diag = tp.info(state)
+        switches = None if diag.switches is None else int(diag.switches)
+        returns = None if diag.fallbacks is None else int(diag.fallbacks)
+    except ValueError:
+        switches = returns = None
+    return {
+        "loss": history[-1]["train_loss"],
+        "cost": history[-1]["cost"],
+        "losses": [r["train_loss"] for r in history],
+        "walls": walls,
+        "phases": [r["phase"] for r in history],
+        "switches": switches,
+        "returns": returns,
+    }
+
+
+def _wall_times(history) -> list[float]:
+    """Cumulative wall seconds with compilation outliers charged their phase's median."""
+    per_epoch, previous = [], 0.0
+    for record in history:
+        per_epoch.append(record["wall_seconds"] - previous)
+        previous = record["wall_seconds"]
+    phases = np.asarray([r["phase"] for r in history])
+    per_epoch = np.asarray(per_epoch)
+    for phase in (0, 1):
+        mask = phases == phase
+        if mask.any():
+            median = float(np.median(per_epoch[mask]))
+            per_epoch[mask & (per_epoch > 5 * median)] = median
+    return list(np.cumsum(per_epoch))
+
+
+def loss_at_wall(result: dict, seconds: float) -> float:
+    """The method's training loss at ``seconds`` of wall time (its last record by then)."""
+    index = int(np.searchsorted(np.asarray(result["walls"]), seconds, side="right")) - 1
+    return result["losses"][max(index, 0)]
+
+
+def split_epochs(budget: int, count: int) -> list[int]:
+    grid = np.geomspace(1, 0.9 * budget, count)
+    return sorted({max(1, round(k)) for k in grid})
+
+
+def methods(lr: float, spe: int) -> dict[str, Callable[[], optax.GradientTransformation]]:
+    return {
+        "paper rule": lambda: tp.adam_cg(lr, window=spe, detector=tp.grad_norm_peak(0.9, spe)),
+        "old default": lambda: tp.adam_cg(
+            lr,
+            window=spe,
+            detector=tp.loss_plateau(spe, patience=5, history=10, z_score=1.0),
+        ),
+        "new default": lambda: tp.adam_cg(lr, window=spe),
+        "new default (L-BFGS)": lambda: tp.adam_lbfgs(lr, window=spe),
+    }
+
+
+def evaluate(problem, budget: int, n_splits: int) -> dict:
+    start = time.perf_counter()
+    spe = problem.steps_per_epoch
+    adam = {lr: run(problem, optax.adam(lr), budget) for lr in problem.learning_rates}
+    lr = min(adam, key=lambda k: adam[k]["loss"])
+    results = {"adam": adam[lr]}
+    splits = {
+        k: run(problem, tp.adam_cg(lr, window=spe, detector=tp.switch_at(k * spe)), budget)
+        for k in split_epochs(budget, n_splits)
+    }
+    best = min(splits, key=lambda k: splits[k]["loss"])
+    results[f"best split ({best})"] = splits[best]
+    pre = {
+        k: run(
+            problem,
+            tp.adam_cg(lr, window=spe, detector=tp.switch_at(k * spe), precondition=True),
+            budget,
+        )
+        for k in sorted({split_epochs(budget, n_splits)[0], best, round(0.9 * budget)})
+    }
+    best_pre = min(pre, key=lambda k: pre[k]["loss"])
+    results[f"best split precond ({best_pre})"] = pre[best_pre]
+    for name, make in methods(lr, spe).items():
+        results[name] = run(problem, make(), budget)
+    return {
+        "problem": problem.name,
+        "budget": budget,
+        "lr": lr,
+        "results": results,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _r(x: float) -> str:
+    return f"{x:.3f}" if x >= 0.01 else f"{x:.2e}"
+
+
+def tables(reports: list[dict]) -> tuple[str, str]:
+    rows, summary = [], []
+    captures, harms = [], []
+    for rep in reports:
+        adam = rep["results"]["adam"]
+        adam_wall = adam["walls"][-1]
+        best_key = next(k for k in rep["results"] if k.startswith("best split ("))
+        best_ratio = min(
+            rep["results"][k]["loss"] / adam["loss"]
+            for k in rep["results"]
+            if k.startswith("best split")
+        )
+        for name, res in rep["results"].items():
+            ratio = res["loss"] / adam["loss"]
+            wall_ratio = loss_at_wall(res, adam_wall) / adam["loss"]
+            rows.append(
+                [
+                    rep["problem"],
+                    rep["budget"],
+                    name,
+                    res["switches"] if res["switches"] is not None else "-",
+                    res["returns"] if res["returns"] is not None else "-",
+                    f"{res['cost']:.1f}",
+                    f"{res['loss']:.3e}",
+                    _r(ratio),
+                    _r(wall_ratio),
+                ]
+            )
+        new = rep["results"]["new default"]["loss"] / adam["loss"]
+        harms.append(new)
+        capture = 1.0 if best_ratio >= 1 else min(math.log(new) / math.log(best_ratio), 1.0)
+        # A default below the best split captures everything (clipped at 1); a loss gives < 0.
+        captures.append(capture)
+        summary.append(
+            [
+                rep["problem"],
+                rep["budget"],
+                best_key,
+                _r(best_ratio),
+                _r(rep["results"]["paper rule"]["loss"] / adam["loss"]),
+                _r(rep["results"]["old default"]["loss"] / adam["loss"]),
+                _r(new),
+                _r(rep["results"]["new default (L-BFGS)"]["loss"] / adam["loss"]),
+                f"{capture:.2f}",
+            ]
+        )
+    header = [
+        "problem",
+        "budget",
+        "method",
+        "switches",
+        "returns",
+        "cost",
+        "train loss",
+        "ratio (equal epochs)",
+        "ratio (equal wall)",
+    ]
+    full = markdown_table(header, rows)
+    summary_header = [
+        "problem",
+        "budget",
+        "best split (epoch)",
+        "best split",
+        "paper rule",
+        "old default",
+        "new default",
+        "new default L-BFGS",
+        "log-gain captured",
+    ]
+    gains = [c for c in captures]
+    mean_capture = float(np.mean(gains)) if gains else float("nan")
+    text = markdown_table(summary_header, summary)
+    text += (
+        f"\n\nNo harm (new default <= 1.03x Adam on every pair): "
+        f"{'met' if max(harms) <= 1.03 else 'MISSED'} (worst {max(harms):.3f}). "
+        f"Mean log-gain captured: {mean_capture:.2f} (target >= 0.5)."
+    )
+    return text, full
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[100, 300])
+    parser.add_argument("--problems", nargs="+", default=None)
+    parser.add_argument("--splits", type=int, default=8, help="fixed splits per problem")
+    args = parser.parse_args(argv)
+    chosen = [p for p in problems() if args.problems is None or p.name in args.problems]
+    if not chosen:
+        parser.error(f"--problems: none of {args.problems} is known")
+    jax.config.update("jax_platforms", "cpu")
+    reports = []
+    for budget in args.budgets:
+        for problem in chosen:
+            rep = evaluate(problem, budget, args.splits)
+            reports.append(rep)
+            print(f"# {problem.name} budget {budget}: {rep['seconds']:.0f} s", flush=True)
+    summary, full = tables(reports)
+    print(f"\n`{command_line()}`\n\n## Summary\n\n{summary}\n\n## All runs\n\n{full}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Tests for twophase.policy: safe_resort, from_detector, configure."""
+
+import itertools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import twophase as tp
+from twophase.policy import _pace, configure, safe_resort
+
+N, D = 256, 4
+STEPS = 8  # mini-batch steps per epoch
+KEY = jax.random.split(jax.random.PRNGKey(0), 3)
+X = jax.random.normal(KEY[0], (N, D))
+W_TRUE = jax.random.normal(KEY[1], (D, 1))
+Y = X @ W_TRUE + 0.1 * jax.random.normal(KEY[2], (N, 1))
+PARAMS = {"w": jnp.zeros((D, 1)), "b": jnp.zeros((1,))}
+
+
+def loss(p, x, y):
+    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+
+FULL = lambda p: loss(p, X, Y)
+
+
+def slow_second_phase(rate=1e-4):
+    """A second phase honouring the contract by field names: one full-batch
+    gradient step of size ``rate`` per update (far slower than Adam)."""
+
+    class SlowState(tuple):
+        pass
+
+    from typing import NamedTuple
+
+    class State(NamedTuple):
+        value: jax.Array
+        value_and_grad_evals: jax.Array
+        consecutive_failures: jax.Array
+
+    def init(params):
+        return State(jnp.asarray(jnp.inf), jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None, *, value_fn, **extra):
+        grad = jax.grad(value_fn)(params)
+        step = jax.tree.map(lambda g: -rate * g, grad)
+        new_value = value_fn(optax.apply_updates(params, step))
+        return step, State(new_value, state.value_and_grad_evals + 2, jnp.zeros([], jnp.int32))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def run(opt, epochs, value_fn=FULL, jit=True):
+    step = lambda p, s, x, y: _step(opt, value_fn, p, s, x, y)
+    step = jax.jit(step) if jit else step
+    p, s = PARAMS, opt.init(PARAMS)
+    states = []
+    for epoch in range(epochs):
+        perm = np.random.default_rng(epoch).permutation(N)
+        if int(s.phase) == 1:  # a phase-1 epoch is one second-phase iteration
+            p, s = step(p, s, X[:1], Y[:1])
+            states.append(s)
+            continue
+        for i in range(STEPS):
+            idx = perm[i * (N // STEPS) : (i + 1) * (N // STEPS)]
+            p, s = step(p, s, X[idx], Y[idx])
+            states.append(s)
+            if int(s.phase) == 1:
+                break
+    return p, s, states
+
+
+def _step(opt, value_fn, p, s, x, y):
+    value, grad = jax.value_and_grad(loss)(p, x, y)
+    u, s = opt.update(grad, s, p, value=value, value_fn=value_fn)
+    return optax.apply_updates(p, u), s
+
+
+def test_pace_is_the_least_squares_decrease_over_the_last_points():
+    ring = jnp.zeros([8])
+    logs = 5.0 - 0.3 * jnp.arange(11.0)  # decreasing by 0.3 per epoch
+    for i, v in enumerate(logs):
+        ring = ring.at[i % 8].set(v)
+    # The last 5 points of a straight line: pace 0.3, whatever the ring's wrap.
+    np.testing.assert_allclose(_pace(ring, jnp.int32(11), jnp.int32(5)), 0.3, rtol=1e-5)
+    noisy = ring.at[(10 - 6) % 8].set(100.0)  # outside the last 5: ignored
+    np.testing.assert_allclose(_pace(noisy, jnp.int32(11), jnp.int32(5)), 0.3, rtol=1e-5)
+    assert np.isnan(_pace(ring, jnp.int32(2), jnp.int32(5)))  # fewer than 3 points
+
+
+def test_a_slow_second_phase_is_tried_and_returned_from_with_adam_state_kept():
+    policy = safe_resort(STEPS, explore=0.2)
+    opt = tp.two_phase(optax.adam(1e-2), slow_second_phase(), policy)
+    _, s, states = run(opt, 60)
+    info = tp.info(s)
+    assert int(info.switches) >= 2
+    assert int(info.fallbacks) >= 2  # every trial lost and was returned from
+    assert int(info.return_step) > int(info.switch_step) > 0
+    # Adam's moments are kept across a trial: the first-phase state right after
+    # a return equals the one at the switch.
+    for before, after in itertools.pairwise(states):
+        if int(before.phase) == 0 and int(after.phase) == 1:
+            at_switch = after.first_state
+        if int(before.phase) == 1 and int(after.phase) == 0:
+            jax.tree.map(np.testing.assert_array_equal, after.first_state, at_switch)
+    # Without a budget, failed trials spend at most `explore` of the cost so
+    # far, plus the one trial that may start while it is within limits.
+    policy_state = s.detector_state
+    assert float(policy_state.trial_spent) <= 0.2 * float(policy_state.cost) + 4.0
+
+
+def test_a_fast_second_phase_is_kept():
+    # CG on a linear least-squares problem converges in a few iterations: far
+    # faster than Adam's pace, so the first trial is kept to the end.
+    opt = tp.adam_cg(1e-3, window=STEPS)
+    p, s, _ = run(opt, 25)
+    info = tp.info(s)
+    assert int(info.switches) == 1 and int(info.fallbacks) == 0
+    assert int(info.phase) == 1
+    exact = np.linalg.lstsq(
+        np.concatenate([np.asarray(X), np.ones((N, 1))], 1), np.asarray(Y), rcond=None
+    )[0]
+    np.testing.assert_allclose(np.asarray(p["w"]), exact[:D], atol=1e-5)
+
+
+def test_late_polish_keeps_a_slow_second_phase_to_the_end_of_the_budget():
+    budget = 20.0
+    opt = tp.two_phase(optax.adam(1e-2), slow_second_phase(), safe_resort(STEPS, budget=budget))
+    _, _, states = run(opt, 40)
+    costs = [float(x.detector_state.cost) for x in states]
+    phases = [int(x.phase) for x in states]
+    # From 90% of the budget on, phase 1 is never left.
+    polish = [i for i, c in enumerate(costs) if c >= 0.9 * budget]
+    first = polish[0]
+    assert all(p == 1 for p in phases[first + 1 :])
+
+
+def test_trial_with_nonfinite_values_returns_and_never_moves_parameters_to_nan():
+    def poisoned(p):  # finite for Adam's mini-batches, NaN for the full batch
+        return loss(p, X, Y) + jnp.nan
+
+    opt = tp.adam_cg(1e-2, window=STEPS)
+    p, s, _ = run(opt, 15, value_fn=poisoned)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(p))
+    info = tp.info(s)
+    assert int(info.switches) >= 1 and int(info.fallbacks) == int(info.switches) - int(info.phase)
+
+
+def test_compiles_once_across_switches_and_returns(count_traces):
+    opt = tp.two_phase(optax.adam(1e-2), slow_second_phase(), safe_resort(STEPS, explore=0.2))
+    traced = count_traces(lambda p, s, x, y: _step(opt, FULL, p, s, x, y))
+    step = jax.jit(traced)
+    p, s = PARAMS, opt.init(PARAMS)
+    for _ in range(40):
+        for i in range(STEPS):
+            idx = slice(i * 32, (i + 1) * 32)
+            p, s = step(p, s, X[idx], Y[idx])
+    assert int(tp.info(s).fallbacks) >= 1
+    assert count_traces.counter["n"] == 1
+
+
+def test_train_hands_its_budget_and_epoch_length_to_the_policy():
+    result = tp.train(
+        lambda p, b: loss(p, *b),
+        PARAMS,
+        (X, Y),
+        tp.adam_cg(1e-2),
+        batch_size=32,
+        cost_budget=12,
+        strict_budget=True,
+        progress=False,
+    )
+    policy_state = result.opt_state.detector_state
+    assert float(policy_state.budget) == 12.0
+    assert float(policy_state.epoch_steps) == N // 32
+    assert result.history[-1]["cost"] <= 12.0
+    # The optimizer's own cost account agrees with train's.
+    np.testing.assert_allclose(float(policy_state.cost), result.history[-1]["cost"], rtol=1e-6)
+
+
+def test_budget_contradicting_cost_budget_is_rejected_naming_both():
+    with pytest.raises(ValueError, match=r"`budget`.*`cost_budget`"):
+        tp.train(
+            lambda p, b: loss(p, *b),
+            PARAMS,
+            (X, Y),
+            tp.adam_cg(1e-2, budget=50),
+            batch_size=32,
+            cost_budget=12,
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize("budget", [0, -3, float("inf"), float("nan"), "10", True])
+def test_bad_budget_is_rejected(budget):
+    with pytest.raises(ValueError, match="budget"):
+        tp.adam_cg(1e-2, budget=budget)
+    with pytest.raises(ValueError, match="budget"):
+        tp.adam_lbfgs(1e-2, budget=budget)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"window": 0},
+        {"history": 2},
+        {"polish": 0},
+        {"polish": 1.5},
+        {"judge": 1.0},
+        {"first_trial": -0.1},
+        {"explore": 0},
+        {"min_judge": 0},
+        {"growth": 0.5},
+        {"max_failures": 0},
+        {"floor": float("nan")},
+    ],
+)
+def test_bad_policy_arguments_are_rejected_naming_them(kwargs):
+    (name,) = kwargs
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        safe_resort(**kwargs)
+
+
+def test_budget_with_a_detector_and_fallback_with_a_policy_are_rejected():
+    with pytest.raises(ValueError, match="budget"):
+        tp.adam_cg(1e-2, budget=10, detector=tp.switch_at(3))
+    with pytest.raises(ValueError, match="fallback"):
+        tp.two_phase(optax.adam(1e-2), tp.nonlinear_cg(), safe_resort(4), fallback=2)
+
+
+def test_policy_needs_value_at_trace_time():
+    opt = tp.adam_cg(1e-2)
+    s = opt.init(PARAMS)
+    with pytest.raises(TypeError, match="value"):
+        opt.update(jax.grad(FULL)(PARAMS), s, PARAMS, value_fn=FULL)
+
+
+def test_ratio_is_deprecated_with_a_warning_and_still_validated():
+    with pytest.warns(DeprecationWarning, match="ratio"):
+        tp.adam_cg(1e-2, ratio=0.9)
+    with pytest.raises(ValueError, match="ratio"):
+        tp.adam_cg(1e-2, ratio=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tp.adam_cg(1e-2)  # no warning by default
+
+
+def test_configure_leaves_other_states_alone():
+    state = optax.adam(1e-2).init(PARAMS)
+    assert configure(state, budget=10, steps_per_epoch=3) is not None
+    configured = configure(tp.adam_cg(1e-2).init(PARAMS), budget=None, steps_per_epoch=3)
+    assert np.isinf(float(configured.detector_state.budget))
+    assert float(configured.detector_state.epoch_steps) == 3.0

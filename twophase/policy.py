@@ -1,0 +1,450 @@
+"""Switching policies: when to enter the second phase, and when to return from it.
+
+A :class:`Policy` generalises a :class:`twophase.Detector`: it decides the
+switch from phase 0 (Adam) to phase 1 (the second phase) *and* the return from
+phase 1 to phase 0. :func:`twophase.two_phase` accepts either; a detector is a
+one-way policy (with ``fallback=k``, it returns after ``k`` failed second-phase
+iterations, :func:`from_detector`).
+
+:func:`safe_resort` is the default of :func:`twophase.adam_cg` and
+:func:`twophase.adam_lbfgs`: it *tries* the second phase, measures its pace and
+returns to Adam when the trial loses, the paper's "safe resort" (Hrycej et al.,
+KDIR 2025, section 6) made into a rule. Every statistic lives in the state; the
+decisions are ``jnp.where`` on scalars, so a jitted step compiles once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from twophase import detectors as _det
+from twophase._checks import concrete
+
+__all__ = ["Policy", "SafeResortState", "configure", "from_detector", "safe_resort"]
+
+PyTree = Any
+
+
+class Policy(NamedTuple):
+    """A switching policy: three pure functions and a flag.
+
+    Attributes:
+      init: ``params -> state``.
+      first: ``(state, *, grad, grad_norm, value, step, params, value_fn) ->
+        (state, switch)`` after each phase-0 step (arguments as a
+        :class:`twophase.Detector`'s ``update``); ``switch`` (bool scalar) makes
+        the next step a second-phase step.
+      second: ``(state, *, value, cost, failures, finite, params) -> (state,
+        back)`` after each phase-1 step: ``value`` is the objective at the point
+        the second phase accepted (its state's ``value``), ``cost`` the step's
+        cost in epoch-equivalents (evaluations, Hessian-vector products at
+        :data:`twophase.second_phase.HVP_COST`), ``failures`` the second phase's
+        current run of failed iterations, ``finite`` whether the step was
+        finite. ``back`` returns to phase 0 for the next step.
+      rearm: ``(state, params) -> state`` applied at a return.
+      needs_value: whether ``first`` requires the mini-batch loss ``value``.
+    """
+
+    init: Callable[[PyTree], Any]
+    first: Callable[..., tuple[Any, jax.Array]]
+    second: Callable[..., tuple[Any, jax.Array]]
+    rearm: Callable[[Any, PyTree], Any]
+    needs_value: bool = False
+
+
+def from_detector(detector: _det.Detector, fallback: int | None = None) -> Policy:
+    """The one-way policy of ``detector``: switch when it fires; with
+    ``fallback=k``, return after ``k`` consecutive failed second-phase
+    iterations, or a non-finite one, and re-arm the detector."""
+
+    def second(state, *, value, cost, failures, finite, params):
+        del value, cost, params
+        if fallback is None:
+            return state, jnp.zeros([], bool)
+        return state, (failures >= fallback) | ~finite
+
+    return Policy(
+        detector.init,
+        detector.update,
+        second,
+        lambda state, params: detector.init(params),
+        detector.needs_value,
+    )
+
+
+class SafeResortState(NamedTuple):
+    """State of :func:`safe_resort` (all scalars but ``log_losses``).
+
+    Attributes:
+      budget: float32, the run's budget in epoch-equivalents (``inf``: unknown).
+        :func:`twophase.train` sets it from ``cost_budget``.
+      epoch_steps: float32, phase-0 steps per epoch (``window``; ``train`` sets
+        it to its steps per epoch). A phase-0 step costs ``1 / epoch_steps``.
+      cost: float32, epoch-equivalents spent so far (both phases).
+      loss_sum: float32, sum of the current epoch's mini-batch losses.
+      loss_count: float32, steps in the current epoch.
+      log_losses: float32 ``(history,)`` ring of ``log(mean loss - floor)`` per
+        epoch since the last (re-)entry into phase 0.
+      epochs: int32, entries pushed into ``log_losses`` since then.
+      adam_pace: float32, Adam's last pace: the least-squares decrease of
+        ``log_losses`` per epoch over the last epochs; NaN until 3 epochs.
+      next_trial: float32, cost from which the next trial may start.
+      wait: float32, the wait before the trial after next (doubles each return).
+      trial_start: float32, cost at the start of the current trial.
+      segment_cost: float32, cost at the trial's last judgement (NaN before its
+        reference point is known).
+      reference_cost: float32, cost at the trial's reference point: the switch,
+        or its first accepted point when the switch point's loss is unknown.
+      reference_log_value: float32, ``log(value - floor)`` there.
+      trial_pace: float32, the trial's pace: its decrease of ``log(value -
+        floor)`` since the reference point per epoch-equivalent.
+      trials: int32, trials started (switches).
+      polish_after: float32, cost before which no late polish starts (set after
+        a polish ended in failures).
+      trial_spent: float32, cost spent in trials that were returned from.
+    """
+
+    budget: jax.Array
+    epoch_steps: jax.Array
+    cost: jax.Array
+    loss_sum: jax.Array
+    loss_count: jax.Array
+    log_losses: jax.Array
+    epochs: jax.Array
+    adam_pace: jax.Array
+    next_trial: jax.Array
+    wait: jax.Array
+    trial_start: jax.Array
+    segment_cost: jax.Array
+    reference_cost: jax.Array
+    reference_log_value: jax.Array
+    trial_pace: jax.Array
+    trials: jax.Array
+    polish_after: jax.Array
+    trial_spent: jax.Array
+
+
+def _check_fraction(name: str, value: Any, *, closed: bool = False) -> None:
+    checked = concrete(value)
+    if checked is None:
+        return
+    high_ok = checked <= 1 if closed else checked < 1
+    if (
+        isinstance(checked, bool)
+        or not isinstance(checked, (int, float))
+        or not (0 < checked and high_ok)
+    ):
+        raise ValueError(f"`{name}` must be in (0, 1{']' if closed else ')'}, got {value!r}.")
+
+
+def check_budget(budget: Any) -> None:
+    """ValueError unless ``budget`` is None or a positive finite number."""
+    checked = concrete(budget)
+    if budget is None or checked is None:
+        return
+    if (
+        isinstance(checked, bool)
+        or not isinstance(checked, (int, float))
+        or not 0 < checked < math.inf
+    ):
+        raise ValueError(
+            f"`budget` must be a positive finite number of epoch-equivalents or None, "
+            f"got {budget!r}."
+        )
+
+
+def _pace(log_losses: jax.Array, epochs: jax.Array, points: jax.Array) -> jax.Array:
+    """Least-squares decrease per epoch of the last ``min(epochs, points)``
+    entries of the ring ``log_losses``; NaN with fewer than 3."""
+    size = log_losses.shape[0]
+    slot = jnp.arange(size)
+    age = jnp.mod(epochs - 1 - slot, size).astype(jnp.float32)
+    used = jnp.minimum(epochs, points)
+    mask = (age < used.astype(jnp.float32)).astype(jnp.float32)
+    count = jnp.maximum(mask.sum(), 1.0)
+    x = -age
+    x_mean = (mask * x).sum() / count
+    y_mean = (mask * log_losses).sum() / count
+    cov = (mask * (x - x_mean) * (log_losses - y_mean)).sum()
+    var = (mask * (x - x_mean) ** 2).sum()
+    slope = cov / jnp.maximum(var, 1e-12)
+    return jnp.where(used >= 3, -slope, jnp.nan)
+
+
+def safe_resort(
+    window: int = 100,
+    *,
+    budget: float | None = None,
+    floor: float = 0.0,
+    first_trial: float = 0.005,
+    polish: float = 0.9,
+    judge: float = 0.05,
+    min_judge: float = 2.0,
+    growth: float = 2.0,
+    explore: float = 0.03,
+    history: int = 8,
+    max_failures: int = 2,
+    min_steps: int = 0,
+) -> Policy:
+    """Try the second phase, keep it while it out-paces Adam, else return.
+
+    Paces are compared in ``log(loss - floor)`` per epoch-equivalent, which is
+    scale-free (a mini-batch epoch and a full-batch value-and-gradient
+    evaluation cost one each):
+
+    * **Adam's pace**: the least-squares decrease of the log of each epoch's
+      mean mini-batch loss (``value``, required) per epoch, over the last
+      ``min(history, 5% of the budget)`` epochs (at least 3) since Adam last
+      took over. No trial starts before it is defined (a trial compared with
+      an undefined pace is never returned from; ``SWITCHING.md``).
+    * **Trials**: at the end of an epoch, once the cost reaches ``next_trial``.
+      The first may start at ``first_trial`` of the budget (after 3 epochs
+      without one); after each return the wait doubles (``growth``).
+    * **Judging a trial**: every ``max(min_judge, judge * cost at the
+      switch)`` epoch-equivalents the trial's gain, the decrease of
+      ``log(value - floor)`` (``value`` at the accepted point, full batch)
+      since the switch point (whose loss is estimated from Adam's last epoch),
+      is compared with what Adam would have gained in the same cost at its
+      pace frozen at the switch. A trial that is behind returns to Adam, whose
+      moments were kept: a return costs nothing. A trial that is ahead goes on,
+      until its slowing pace lets the extrapolated Adam catch up.
+    * **Failures**: a non-finite step ends a trial; so do ``max_failures``
+      consecutive failed iterations while the trial is behind (ahead, they
+      are taken as convergence to float resolution, and the phase stays).
+    * **Late polish** (budget known): from ``polish`` of the budget the second
+      phase runs to the end (only failures return), because measured at equal
+      cost a final full-batch polish paid off wherever Adam had slowed
+      (``benchmarks/RESULTS.md``).
+
+    With no budget (``budget=None`` and no ``cost_budget`` in
+    :func:`twophase.train`) there is no late polish, the first trial comes
+    after 3 epochs and later ones as ``explore`` of the cost so far allows.
+
+    Args:
+      window: phase-0 steps per epoch, ``>= 1`` (:func:`twophase.train` sets it
+        to its own).
+      budget: the run's budget in epoch-equivalents, or ``None``.
+      floor: a lower bound of the loss (0 for squared errors and
+        cross-entropy); paces are measured on ``log(loss - floor)``.
+      first_trial: the first trial's earliest start, fraction of the budget.
+      polish: fraction of the budget from which the second phase runs to the end.
+      judge: a judged segment's length, fraction of the cost at the trial's start.
+      min_judge: its minimum length in epoch-equivalents, ``> 0``.
+      growth: factor by which the wait grows after each return, ``>= 1``.
+      explore: fraction of the budget (of the cost so far, without one) that
+        trials returned from may spend in all; a trial starts only while about
+        ``1.5 * min_judge`` of it is left.
+      history: epochs kept for Adam's pace, ``>= 3``.
+      max_failures: consecutive failed second-phase iterations that end a trial.
+      min_steps: no switch before this many phase-0 steps since (re-)arming.
+
+    Returns:
+      A :class:`Policy` with ``needs_value=True`` and state
+      :class:`SafeResortState`.
+
+    Raises:
+      ValueError: an argument out of its range (named in the message).
+    """
+    _det._check_int("window", window, 1)
+    _det._check_int("history", history, 3)
+    _det._check_int("max_failures", max_failures, 1)
+    _det._check_int("min_steps", min_steps, 0)
+    check_budget(budget)
+    for name, value in (("first_trial", first_trial), ("judge", judge), ("explore", explore)):
+        _check_fraction(name, value)
+    _check_fraction("polish", polish, closed=True)
+    _det._check_positive("min_judge", min_judge)
+    checked_growth = concrete(growth)
+    if checked_growth is not None and (
+        isinstance(checked_growth, bool)
+        or not isinstance(checked_growth, (int, float))
+        or not 1 <= checked_growth < math.inf
+    ):
+        raise ValueError(f"`growth` must be a finite number >= 1, got {growth!r}.")
+    if isinstance(concrete(floor), bool) or not (
+        concrete(floor) is None or math.isfinite(concrete(floor))
+    ):
+        raise ValueError(f"`floor` must be a finite number, got {floor!r}.")
+    f32 = jnp.float32
+    nan = jnp.asarray(jnp.nan, f32)
+
+    def log_excess(x):
+        return jnp.log(jnp.asarray(x, f32) - jnp.asarray(floor, f32))
+
+    def init(params):
+        del params
+        zero = jnp.zeros([], f32)
+        total = jnp.asarray(jnp.inf if budget is None else budget, f32)
+        return SafeResortState(
+            budget=total,
+            epoch_steps=jnp.asarray(window, f32),
+            cost=zero,
+            loss_sum=zero,
+            loss_count=zero,
+            log_losses=jnp.zeros([history], f32),
+            epochs=jnp.zeros([], jnp.int32),
+            adam_pace=nan,
+            next_trial=zero,
+            wait=zero,
+            trial_start=nan,
+            segment_cost=nan,
+            reference_cost=nan,
+            reference_log_value=nan,
+            trial_pace=nan,
+            trials=jnp.zeros([], jnp.int32),
+            polish_after=zero,
+            trial_spent=zero,
+        )
+
+    def end_epoch(state: SafeResortState) -> SafeResortState:
+        mean_log = log_excess(state.loss_sum / state.loss_count)
+        log_losses = state.log_losses.at[jnp.mod(state.epochs, history)].set(mean_log)
+        epochs = state.epochs + 1
+        points = jnp.clip(jnp.floor(0.05 * state.budget), 3, history).astype(jnp.int32)
+        pace = _pace(log_losses, epochs, points)
+        return state._replace(
+            loss_sum=jnp.zeros([], f32),
+            loss_count=jnp.zeros([], f32),
+            log_losses=log_losses,
+            epochs=epochs,
+            adam_pace=jnp.where(jnp.isfinite(pace), pace, nan),
+        )
+
+    def first(state, *, grad, grad_norm, value=None, step, params=None, value_fn=None):
+        del grad, grad_norm, params, value_fn
+        _det._require_value(value, "safe_resort")
+        state = state._replace(
+            cost=state.cost + 1.0 / state.epoch_steps,
+            loss_sum=state.loss_sum + jnp.reshape(jnp.asarray(value, f32), ()),
+            loss_count=state.loss_count + 1.0,
+        )
+        epoch_end = state.loss_count >= state.epoch_steps
+        state = lax.cond(epoch_end, end_epoch, lambda s: s, state)
+        known = jnp.isfinite(state.budget)
+        polishing = (
+            known & (state.cost >= polish * state.budget) & (state.cost >= state.polish_after)
+        )
+        earliest = jnp.where(known, first_trial * state.budget, 0.0)
+        # Failed trials may spend at most `explore` of the budget (of the cost so
+        # far without one); a trial costs about 3 epoch-equivalents to judge.
+        scale = jnp.where(known, state.budget, state.cost)
+        affordable = state.trial_spent + 1.5 * min_judge <= explore * scale
+        affordable |= ~known & (state.trials == 0)  # without a budget, one early trial
+        due = (
+            jnp.isfinite(state.adam_pace) & (state.cost >= state.next_trial) & affordable
+        ) | polishing
+        switch = epoch_end & due & (state.cost >= earliest) & (step + 1 >= min_steps)
+        # The trial's first segment starts at the switch point, whose loss is
+        # estimated from the last epoch's mean mini-batch loss: that mean sits half
+        # an epoch behind the point, so half of Adam's pace is taken off.
+        last = state.log_losses[jnp.mod(state.epochs - 1, history)]
+        start_log = jnp.where(
+            (state.epochs > 0) & epoch_end,
+            last - 0.5 * jnp.where(jnp.isfinite(state.adam_pace), state.adam_pace, 0.0),
+            nan,
+        )
+        known_start = jnp.isfinite(start_log)
+        state = state._replace(
+            trial_start=jnp.where(switch, state.cost, state.trial_start),
+            segment_cost=jnp.where(
+                switch, jnp.where(known_start, state.cost, nan), state.segment_cost
+            ),
+            reference_cost=jnp.where(
+                switch, jnp.where(known_start, state.cost, nan), state.reference_cost
+            ),
+            reference_log_value=jnp.where(switch, start_log, state.reference_log_value),
+            trials=state.trials + switch.astype(jnp.int32),
+            wait=jnp.where(switch & (state.wait == 0), jnp.maximum(state.cost, 1.0), state.wait),
+        )
+        return state, switch
+
+    def second(state, *, value, cost, failures, finite, params):
+        del params
+        cost_now = state.cost + jnp.asarray(cost, f32)
+        log_value = log_excess(value)
+        started = jnp.isfinite(state.segment_cost)
+        # Until the reference point is known, this step's point becomes it.
+        reference_cost = jnp.where(started, state.reference_cost, cost_now)
+        reference_log = jnp.where(started, state.reference_log_value, log_value)
+        length = jnp.maximum(min_judge, judge * state.trial_start)
+        judged = started & (cost_now - state.segment_cost >= length)
+        spent = cost_now - reference_cost
+        pace = (reference_log - log_value) / jnp.maximum(spent, 1e-12)
+        # Behind: the trial has gained less since its reference point than Adam
+        # would have at its pace from the switch.
+        behind = ~(reference_log - log_value >= state.adam_pace * spent)
+        polishing = jnp.isfinite(state.budget) & (cost_now >= polish * state.budget)
+        loses = judged & behind & ~polishing
+        # Failures of a trial that is ahead are taken as convergence: it stays.
+        failed = ~finite | ~jnp.isfinite(log_value) | ((failures >= max_failures) & behind)
+        back = loses | failed
+        state = state._replace(
+            cost=cost_now,
+            segment_cost=jnp.where(~started | judged, cost_now, state.segment_cost),
+            reference_cost=reference_cost,
+            reference_log_value=reference_log,
+            trial_pace=jnp.where(started, pace, state.trial_pace),
+        )
+        return state, back
+
+    def rearm(state, params):
+        del params
+        in_polish = jnp.isfinite(state.budget) & (state.cost >= polish * state.budget)
+        return state._replace(
+            polish_after=jnp.where(in_polish, state.cost + state.wait, state.polish_after),
+            trial_spent=state.trial_spent + state.cost - state.trial_start,
+            loss_sum=jnp.zeros([], f32),
+            loss_count=jnp.zeros([], f32),
+            epochs=jnp.zeros([], jnp.int32),
+            adam_pace=nan,
+            next_trial=state.cost + state.wait,
+            wait=state.wait * growth,
+            trial_start=nan,
+            segment_cost=nan,
+            reference_cost=nan,
+            reference_log_value=nan,
+        )
+
+    return Policy(init, first, second, rearm, needs_value=True)
+
+
+def configure(state: PyTree, *, budget: float | None, steps_per_epoch: int) -> PyTree:
+    """``state`` with every :class:`SafeResortState` in it told the run's budget
+    and epoch length (what :func:`twophase.train` does with ``cost_budget``).
+
+    Args:
+      state: an optimizer state (any nesting).
+      budget: ``cost_budget`` in epoch-equivalents, or ``None`` (unchanged).
+      steps_per_epoch: mini-batch steps per epoch.
+
+    Returns:
+      The state with ``budget`` and ``epoch_steps`` set.
+
+    Raises:
+      ValueError: the policy was built with a different ``budget``.
+    """
+
+    def is_policy_state(node):
+        return isinstance(node, SafeResortState)
+
+    def set_fields(node):
+        if not is_policy_state(node):
+            return node
+        own = float(node.budget)
+        if budget is not None and math.isfinite(own) and not math.isclose(own, budget):
+            raise ValueError(
+                f"the optimizer's `budget` ({own:g}) contradicts train's `cost_budget` "
+                f"({budget:g}); pass one of them, or the same value."
+            )
+        return node._replace(
+            budget=node.budget if budget is None else jnp.asarray(budget, jnp.float32),
+            epoch_steps=jnp.asarray(steps_per_epoch, jnp.float32),
+        )
+
+    return jax.tree.map(set_fields, state, is_leaf=is_policy_state)
