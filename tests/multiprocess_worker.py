@@ -75,7 +75,7 @@ def tolist(tree):
     return jax.tree.map(lambda a: np.asarray(a).tolist(), tree)
 
 
-def run_steps(opt, data):
+def run_steps(opt, data, checkpoint_dir=None):
     """``STEPS`` jitted steps on fixed mini-batches; the data are arguments."""
     traces = {"n": 0}
 
@@ -99,14 +99,36 @@ def run_steps(opt, data):
         losses.append(float(loss))
         phases.append(int(tp.info(state).phase))
         switch_steps.append(int(tp.info(state).switch_step))
-    return {
+    record = {
         "losses": losses,
         "phases": phases,
         "switch_steps": switch_steps,
         "params": tolist(params),
-        "traces": traces["n"],
-        "executables": step._cache_size(),
     }
+    if checkpoint_dir is not None:
+        # Saved and restored by every process; the restored state (weak-typed
+        # scalars included) continues without retracing.
+        from twophase.checkpoint import restore_checkpoint, save_checkpoint
+
+        saved = {"params": params, "opt_state": state}
+        save_checkpoint(checkpoint_dir, STEPS, saved)
+        _, restored = restore_checkpoint(checkpoint_dir, saved)
+        same = jax.tree.map(
+            lambda a, b: (
+                bool(a.sharding == b.sharding and a.weak_type == b.weak_type)
+                and bool(jnp.array_equal(a, b))
+            ),
+            restored,
+            saved,
+        )
+        record["checkpoint_roundtrip"] = all(jax.tree.leaves(same))
+        _, _, loss = step(restored["params"], restored["opt_state"], STEPS, data)
+        record["loss_after_restore"] = float(loss)
+        _, _, loss = step(params, state, STEPS, data)
+        record["loss_after_save"] = float(loss)
+    record["traces"] = traces["n"]
+    record["executables"] = step._cache_size()
+    return record
 
 
 def closing_over_error(data):
@@ -132,7 +154,11 @@ def main():
     if TASK == "steps":
         data = global_data()
         out["adam_cg"] = run_steps(tp.adam_cg(1e-2, detector=tp.switch_at(SWITCH)), data)
-        out["adam_lbfgs"] = run_steps(tp.adam_lbfgs(1e-2, detector=tp.switch_at(SWITCH)), data)
+        out["adam_lbfgs"] = run_steps(
+            tp.adam_lbfgs(1e-2, detector=tp.switch_at(SWITCH)),
+            data,
+            os.path.join(OUT_DIR, "checkpoint") if NUM_PROCESSES > 1 else None,
+        )
         if NUM_PROCESSES > 1:
             out["closing_over_error"] = closing_over_error(data)
             out["train_error"] = train_error()

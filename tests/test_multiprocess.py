@@ -192,6 +192,16 @@ def test_steps_compile_once_on_every_process(steps, opt):
         assert run[opt]["traces"] == 1 and run[opt]["executables"] == 1
 
 
+def test_checkpoint_of_global_lbfgs_state_roundtrips(steps):
+    pytest.importorskip("orbax.checkpoint")
+    multi, _ = steps
+    for run in multi:
+        lbfgs = run["adam_lbfgs"]
+        assert lbfgs["checkpoint_roundtrip"]
+        assert lbfgs["loss_after_restore"] == lbfgs["loss_after_save"]
+        assert lbfgs["loss_after_save"] < lbfgs["losses"][-1]
+
+
 def test_closing_over_global_data_says_what_to_do(steps):
     multi, _ = steps
     for run in multi:
