@@ -43,10 +43,15 @@ def _has_cpu_collectives() -> bool:
     )
 
 
-pytestmark = pytest.mark.skipif(
-    not _has_cpu_collectives(),
-    reason="this jaxlib has no gloo CPU collectives: JAX cannot run several CPU processes",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not _has_cpu_collectives(),
+        reason="this jaxlib has no gloo CPU collectives: JAX cannot run several CPU processes",
+    ),
+    # One pytest-xdist worker runs the whole module (with `--dist loadgroup`, as in
+    # the README's command), so each module-scoped run is launched once.
+    pytest.mark.xdist_group("multiprocess"),
+]
 
 
 _compilation_cache: dict[str, str] = {}
