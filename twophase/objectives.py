@@ -79,6 +79,41 @@ def _num_examples(data: PyTree) -> int:
     return n
 
 
+def _global_leaves(data: PyTree) -> list[str]:
+    """Shapes of ``data``'s concrete leaves that span other processes' devices."""
+    return [
+        f"{x.dtype}{list(x.shape)}"
+        for x in jax.tree.leaves(data)
+        if isinstance(x, jax.Array)
+        and not isinstance(x, jax.core.Tracer)
+        and not x.is_fully_addressable
+    ]
+
+
+def _is_traced(x: Any) -> bool:
+    """Whether ``x`` is an abstract tracer (as under ``jax.jit``); tracers of
+    concrete values (eager ``jax.grad``) do not count."""
+    if not isinstance(x, jax.core.Tracer):
+        return False
+    try:
+        return x.to_concrete_value() is None
+    except AttributeError:  # pragma: no cover - older JAX
+        return True
+
+
+def _check_not_closing_over(global_leaves: list[str], params: PyTree) -> None:
+    """A traced ``value_fn`` would close over global (multi-process) data: jit
+    cannot embed it as a constant, and says so only when lowering, away from here."""
+    if global_leaves and any(_is_traced(p) for p in jax.tree.leaves(params)):
+        raise ValueError(
+            "`full_batch`: `data` holds jax.Arrays spanning several processes "
+            f"({', '.join(global_leaves)}), and a traced function (jax.jit) cannot close "
+            "over them. Pass `data` as an argument of the jitted function and build "
+            "`value_fn = tp.full_batch(loss_fn, data, ...)` inside it (or use `tp.train`, "
+            'which does). See "On many hosts" in the README.'
+        )
+
+
 def _accumulation_dtype(dtype: Any) -> Any:
     """``dtype`` for float32/float64 (and non-floating) dtypes; float32 for narrower
     floats (bfloat16, float16, float8), whose sums over many chunks round badly."""
@@ -125,6 +160,9 @@ def full_batch(
         ``N >= 1`` (the example axis). May be concrete arrays (closed over by
         ``value_fn``) or tracers (build ``full_batch`` inside a jitted function
         that takes ``data`` as an argument, to avoid baking it in as a constant).
+        In a multi-process run, global arrays (``jax.make_array_from_process_local_data``)
+        must be tracers, i.e. arguments of the jitted function: jit cannot close
+        over arrays on other processes' devices.
       batch_size: examples per chunk, a positive int or ``None`` (one chunk: a
         plain ``loss_fn(params, data)``). Values ``>= N`` also mean one chunk.
 
@@ -188,12 +226,17 @@ def full_batch(
 
     Raises:
       ValueError: ``data`` has no leaves, a scalar leaf, leaves with different
-        leading sizes, or 0 examples; ``batch_size`` is not a positive int.
+        leading sizes, or 0 examples; ``batch_size`` is not a positive int;
+        (when ``value_fn`` is traced, e.g. under ``jax.jit``) ``data`` holds
+        concrete global arrays of a multi-process run, which a traced function
+        cannot close over: pass ``data`` as an argument and build ``full_batch``
+        inside the traced function.
       TypeError: (when ``value_fn`` is traced) ``loss_fn`` returns something
         other than a real floating scalar.
     """
     n = _num_examples(data)
     b = _chunk_size(batch_size, n)
+    global_leaves = _global_leaves(data)
     num_chunks, rest = divmod(n, b)
     groups = math.gcd(n, b)
     cols = b // groups
@@ -208,6 +251,7 @@ def full_batch(
         return jnp.reshape(loss_fn(params, batch), ())
 
     def value_fn(params: PyTree) -> jax.Array:
+        _check_not_closing_over(global_leaves, params)
         chunk_spec = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct((b, *jnp.shape(x)[1:]), jnp.result_type(x)), data
         )

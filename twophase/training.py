@@ -139,6 +139,51 @@ def _with_extra_args(optimizer) -> optax.GradientTransformationExtraArgs:
     return optax.with_extra_args_support(optimizer)
 
 
+def _is_global(x: Any) -> bool:
+    """Whether ``x`` is a ``jax.Array`` spanning devices of other processes."""
+    return isinstance(x, jax.Array) and not x.is_fully_addressable
+
+
+def _replicated_sharding(name: str, data: PyTree) -> jax.sharding.Sharding | None:
+    """``None`` for process-local ``data``; for global ``data`` (a multi-process
+    run), a sharding replicating over the devices ``data`` lives on."""
+    leaves = jax.tree.leaves(data)
+    global_leaves = [x for x in leaves if _is_global(x)]
+    if len(global_leaves) == len(leaves):
+        sharding = global_leaves[0].sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        devices = np.array(sorted(sharding.device_set, key=lambda d: d.id))
+        return jax.sharding.NamedSharding(
+            jax.sharding.Mesh(devices, ("data",)), jax.sharding.PartitionSpec()
+        )
+    if global_leaves or jax.process_count() > 1:
+        raise ValueError(
+            f"`{name}` must be global jax.Arrays in a multi-process run "
+            f"(jax.process_count() = {jax.process_count()}): build every leaf on every process "
+            "with `jax.make_array_from_process_local_data(NamedSharding(mesh, P('data')), "
+            "local_rows)` over a mesh of all processes' devices; got leaves "
+            f"{[type(x).__name__ if not _is_global(x) else 'global jax.Array' for x in leaves]}."
+        )
+    return None
+
+
+def _place(tree: PyTree, sharding: jax.sharding.Sharding | None) -> PyTree:
+    """Fresh copies of ``tree``'s leaves; with a ``sharding`` (multi-process),
+    process-local leaves (the same values on every process) are replicated on it
+    and global ones keep their sharding."""
+
+    def place(x):
+        if sharding is None or _is_global(x):
+            return jnp.array(x)
+        local = np.asarray(jnp.asarray(x))
+        return jax.make_array_from_callback(
+            local.shape, sharding, lambda index: local[index], dtype=local.dtype
+        )
+
+    return jax.tree.map(place, tree)
+
+
 def _optimizer_mode(opt_state: PyTree) -> str:
     try:
         diagnostics = _info(opt_state)
@@ -256,20 +301,34 @@ def train(
     orbax-checkpoint): ``{"params", "opt_state", "key", "epoch"}`` is saved
     as step ``epoch`` every ``checkpoint_every`` epochs (if given) and after the
     last epoch, and the history up to that epoch is written atomically to the
-    JSON side file ``<checkpoint_dir>/history.json`` (a local directory is
-    assumed). On start, if ``checkpoint_dir`` holds a checkpoint, training
-    resumes from its latest step: parameters, optimizer state and RNG key are
+    JSON side file ``<checkpoint_dir>/history.json`` (a local or shared
+    directory is assumed; process 0 writes it, just before the checkpoint). On
+    start, if ``checkpoint_dir`` holds a checkpoint, training resumes from its
+    latest step: parameters, optimizer state and RNG key are
     restored (the ``params`` argument only supplies the structure), the history
     records up to that epoch are read back, and cost and wall time continue
     from the last restored record. An unchanged rerun of a finished run
     therefore returns at once.
 
+    **Many processes** (``jax.distributed``): pass ``data`` (and ``val_data``)
+    as global ``jax.Array`` leaves, e.g. built on every process with
+    ``jax.make_array_from_process_local_data`` from its own rows, and the same
+    ``params`` on every process. Parameters, optimizer state and shuffling key
+    are then replicated over the devices ``data`` lives on, and everything runs
+    as in one process: the same shuffling, switch and history on every process
+    (except ``wall_seconds``, each process's own clock); only process 0 draws
+    the progress bar and writes the history file; every process saves and
+    restores the checkpoints (``checkpoint_dir`` must be shared). See
+    ``examples/multihost.py``.
+
     Args:
       loss_fn: ``loss_fn(params, batch) -> jax.Array`` of shape ``()``, the MEAN
         loss over ``batch`` (a pytree like ``data`` with a leading batch axis).
       params: initial parameters (pytree of arrays). Not modified: ``train``
-        works on a copy even with ``donate=True``.
-      data: pytree of arrays, all with the same leading example size ``N >= 1``.
+        works on a copy even with ``donate=True``. In a multi-process run, the
+        same values on every process (or global arrays, kept as sharded).
+      data: pytree of arrays, all with the same leading example size ``N >= 1``
+        (global ``jax.Array`` leaves in a multi-process run, see above).
       optimizer: an optax transformation (see above).
       batch_size: mini-batch size, a positive int.
       max_epochs: maximum number of epochs, a positive int.
@@ -298,7 +357,8 @@ def train(
         ``val_data`` empty, with a scalar leaf, or with leaves of different
         leading sizes; ``metrics`` not a mapping of callables;
         ``checkpoint_every`` without ``checkpoint_dir``; ``strict_budget`` not a
-        bool, or true without ``cost_budget``.
+        bool, or true without ``cost_budget``; in a multi-process run, ``data``
+        or ``val_data`` with process-local leaves.
     """
     batch_size = _positive_int("batch_size", batch_size)
     max_epochs = _positive_int("max_epochs", max_epochs)
@@ -313,8 +373,10 @@ def train(
     if strict_budget and cost_budget is None:
         raise ValueError("`strict_budget` needs `cost_budget`.")
     n = _num_examples("data", data)
+    replicated = _replicated_sharding("data", data)
     if val_data is not None:
         _num_examples("val_data", val_data)
+        _replicated_sharding("val_data", val_data)
     metrics = dict(metrics or {})
     for name, fn in metrics.items():
         if not isinstance(name, str) or not callable(fn):
@@ -326,15 +388,17 @@ def train(
 
     batch = min(batch_size, n)
     steps_per_epoch = n // batch
-    data = jax.device_put(data)
-    val_data = None if val_data is None else jax.device_put(val_data)
+    if replicated is None:  # global arrays (a multi-process run) are already placed
+        data = jax.device_put(data)
+        val_data = None if val_data is None else jax.device_put(val_data)
 
-    params = jax.tree.map(jnp.array, params)
+    params = _place(params, replicated)
     # Copies: the caller's buffers survive donation, and no two donated leaves share
     # a buffer (an init may reuse one zeros array for several state fields).
-    opt_state = jax.tree.map(jnp.array, _with_extra_args(optimizer).init(params))
+    opt_state = _with_extra_args(optimizer).init(params)
     # The switching policy learns the budget and the epoch length from here.
     opt_state = configure_policy(opt_state, budget=cost_budget, steps_per_epoch=steps_per_epoch)
+    opt_state = _place(opt_state, replicated)
     mode = _optimizer_mode(opt_state)
 
     config = _Config(
@@ -353,7 +417,7 @@ def train(
         phase0_epoch_jit, phase1_step_jit = _phase0_epoch, _phase1_step
 
     # ---- state, possibly restored ------------------------------------------
-    key = jax.random.PRNGKey(seed)
+    key = _place(jax.random.PRNGKey(seed), replicated)
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if checkpoint_dir is not None:
@@ -364,7 +428,7 @@ def train(
                 "params": params,
                 "opt_state": opt_state,
                 "key": key,
-                "epoch": jnp.zeros([], jnp.int32),
+                "epoch": _place(jnp.zeros([], jnp.int32), replicated),
             }
             _, restored = _checkpoint.restore_checkpoint(checkpoint_dir, target)
             params, opt_state, key = restored["params"], restored["opt_state"], restored["key"]
@@ -383,7 +447,7 @@ def train(
     reason = _stop_reason(history[-1], cost_budget, grad_tol) if history else None
     stop_reason = reason or "max_epochs"
 
-    bar = _progress_bar(progress, max_epochs, start_epoch)
+    bar = _progress_bar(progress and jax.process_index() == 0, max_epochs, start_epoch)
     started = time.perf_counter()
     try:
         epoch = start_epoch
@@ -442,10 +506,10 @@ def train(
             reason = _stop_reason(record, cost_budget, grad_tol)
             stop_reason = reason or stop_reason
             if checkpoint_dir is not None and checkpoint_every and epoch % checkpoint_every == 0:
-                _save(checkpoint_dir, epoch, params, opt_state, key, history)
+                _save(checkpoint_dir, epoch, params, opt_state, key, history, replicated)
                 saved_epoch = epoch
         if checkpoint_dir is not None and saved_epoch != epoch:
-            _save(checkpoint_dir, epoch, params, opt_state, key, history)
+            _save(checkpoint_dir, epoch, params, opt_state, key, history, replicated)
     finally:
         bar.close()
     return TrainResult(params, opt_state, history, stop_reason)
@@ -582,21 +646,26 @@ def _progress_bar(progress: bool, total: int, initial: int):
     return tqdm(total=total, initial=initial, desc="epoch", unit="epoch")
 
 
-def _save(directory, epoch: int, params, opt_state, key, history) -> None:
+def _save(directory, epoch: int, params, opt_state, key, history, replicated) -> None:
     from twophase import checkpoint as _checkpoint
 
+    # The history first, from process 0 only: a resume drops its records after
+    # the checkpoint's epoch, and the save below ends once every process is done,
+    # so no process resumes before the file is written.
+    if jax.process_index() == 0:
+        os.makedirs(os.fspath(directory), exist_ok=True)
+        path = os.path.join(os.fspath(directory), HISTORY_FILE)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(history, f)
+        os.replace(tmp, path)
     state = {
         "params": params,
         "opt_state": opt_state,
         "key": key,
-        "epoch": jnp.asarray(epoch, jnp.int32),
+        "epoch": _place(jnp.asarray(epoch, jnp.int32), replicated),
     }
     _checkpoint.save_checkpoint(directory, epoch, state, overwrite=True)
-    path = os.path.join(os.fspath(directory), HISTORY_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(history, f)
-    os.replace(tmp, path)
 
 
 def _read_history(directory) -> list[dict[str, Any]]:
