@@ -49,6 +49,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -390,6 +391,7 @@ def run_one(
         "val_loss": _final(history, "val_loss"),
         "val_acc": _final(history, "val_acc"),
         "switch_epoch": switch_epoch(history) if optimizer == "adam+cg" else None,
+        "explanation": explain(history) if optimizer == "adam+cg" else None,
         "cost_epochs": _final(history, "cost"),
         "wall_seconds": _final(history, "wall_seconds"),
         "params": int(problem.num_params),
@@ -483,6 +485,23 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def explain(history: Sequence[Mapping[str, Any]]) -> str:
+    """One line saying what a two-phase run did: its trials of CG, the returns to
+    Adam and the phase it ended in (read from the per-epoch ``phase``)."""
+    phases = [r["phase"] for r in history]
+    pairs = list(itertools.pairwise([0, *phases]))
+    starts = [i + 1 for i, (a, b) in enumerate(pairs) if a == 0 and b == 1]
+    returns = sum(1 for a, b in pairs if a == 1 and b == 0)
+    if not starts:
+        return "never switched: Adam throughout"
+    text = f"CG tried {len(starts)}x (epochs {', '.join(map(str, starts))})"
+    if returns:
+        text += f", returned to Adam {returns}x where CG gained less than Adam would have"
+    if phases[-1] == 1:
+        text += f"; CG from epoch {starts[-1]} to the end"
+    return text
+
+
 def markdown_table(records: Sequence[Mapping[str, Any]]) -> str:
     """A Table-1-style markdown table: one row per run."""
     header = (
@@ -504,4 +523,5 @@ def markdown_table(records: Sequence[Mapping[str, Any]]) -> str:
             _fmt(r["Q"], 2),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [f"\n{r['optimizer']}: {r['explanation']}" for r in records if r.get("explanation")]
     return "\n".join(lines)
