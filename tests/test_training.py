@@ -357,8 +357,11 @@ def test_checkpoint_resume_two_phase_state(tmp_path, digits, params0):
 
 
 @pytest.mark.slow
-def test_default_detector_epoch_window(digits, params0):
-    optimizer = tp.adam_cg(3e-2, window=STEPS)
+def test_loss_plateau_detector_epoch_window(digits, params0):
+    # The previous default detector, now passed explicitly (the default is safe_resort).
+    optimizer = tp.adam_cg(
+        3e-2, window=STEPS, detector=tp.loss_plateau(STEPS, patience=5, history=10, z_score=1.0)
+    )
     result = train(
         plain_loss, params0, digits[0], optimizer, batch_size=BATCH, max_epochs=60,
         progress=False,
@@ -384,3 +387,22 @@ def test_switch_inside_an_epoch_skips_its_remaining_steps(digits, params0):
     assert columns["steps"][:2] == [STEPS, 1]
     assert columns["epoch_cost"][1] == 1 / STEPS
     assert int(tp.info(result.opt_state).switch_step) == STEPS + 1
+
+
+@pytest.mark.slow
+def test_default_policy_trials_are_monotone_in_cg_and_costed_like_train(digits, params0):
+    result = train(
+        plain_loss, params0, digits[0], tp.adam_cg(3e-2), batch_size=BATCH, max_epochs=200,
+        cost_budget=60, strict_budget=True, progress=False,
+    )  # fmt: skip
+    columns = history_columns(result.history)
+    assert columns["train_loss"][-1] < 0.3 * columns["train_loss"][0]
+    assert columns["cost"][-1] <= 60
+    state = result.opt_state
+    assert int(tp.info(state).switches) >= 1  # at least the late polish
+    np.testing.assert_allclose(float(state.detector_state.cost), columns["cost"][-1], rtol=1e-6)
+    # Within each run of CG epochs the training loss never rises (a line search).
+    records = list(zip(columns["train_loss"], columns["phase"], strict=True))
+    for (a, pa), (b, pb) in itertools.pairwise(records):
+        if pa == 1 and pb == 1:
+            assert b <= a

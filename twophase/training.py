@@ -23,6 +23,7 @@ import math
 import numbers
 import operator
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -447,7 +448,13 @@ def train(
     reason = _stop_reason(history[-1], cost_budget, grad_tol) if history else None
     stop_reason = reason or "max_epochs"
 
-    bar = _progress_bar(progress and jax.process_index() == 0, max_epochs, start_epoch)
+    # With a budget the bar counts epoch-equivalents towards it (its real total).
+    bar = _progress_bar(
+        progress and jax.process_index() == 0,
+        max_epochs if cost_budget is None else cost_budget,
+        start_epoch if cost_budget is None else cost,
+        "epoch" if cost_budget is None else "epoch-equivalent",
+    )
     started = time.perf_counter()
     try:
         epoch = start_epoch
@@ -496,7 +503,7 @@ def train(
             )
             record.update(measured)
             history.append(record)
-            bar.update(1)
+            bar.update(1 if cost_budget is None else epoch_cost)
             bar.set_postfix(
                 phase=phase,
                 loss=f"{record['train_loss']:.4g}",
@@ -638,12 +645,24 @@ class _NoBar:
         pass
 
 
-def _progress_bar(progress: bool, total: int, initial: int):
+def _progress_bar(progress: bool, total: float, initial: float, unit: str):
+    """A tqdm bar; in a log (stderr not a terminal) it redraws at most every 30 s,
+    so a long run writes a few lines, not thousands."""
     if not progress:
         return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="epoch", unit="epoch")
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress is a convenience: without tqdm, train quietly
+        return _NoBar()
+    interactive = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="training",
+        unit=unit,
+        mininterval=0.1 if interactive else 30.0,
+        bar_format=None if interactive else "{desc}: {n:.4g}/{total:.4g} {unit} {postfix}",
+    )
 
 
 def _save(directory, epoch: int, params, opt_state, key, history, replicated) -> None:
