@@ -33,6 +33,12 @@ from twophase.linesearch import (
     golden_section_linesearch,
     wolfe_linesearch,
 )
+from twophase.newton_cg import (
+    GaussNewtonObjective,
+    NewtonCGState,
+    gauss_newton_objective,
+    newton_cg,
+)
 from twophase.objectives import as_value_and_grad, full_batch
 from twophase.switch import (
     TwoPhaseState,
@@ -49,9 +55,11 @@ __all__ = [
     "BETA_RULES",
     "BetaFn",
     "Detector",
+    "GaussNewtonObjective",
     "Info",
     "LineSearch",
     "LineSearchResult",
+    "NewtonCGState",
     "NonlinearCGState",
     "TrainResult",
     "TwoPhaseState",
@@ -64,6 +72,7 @@ __all__ = [
     "dai_yuan",
     "fletcher_reeves",
     "full_batch",
+    "gauss_newton_objective",
     "golden_section_linesearch",
     "grad_norm_peak",
     "hager_zhang",
@@ -72,6 +81,7 @@ __all__ = [
     "info",
     "latest_step",
     "loss_plateau",
+    "newton_cg",
     "nonlinear_cg",
     "norm_loss_slope",
     "polak_ribiere",
