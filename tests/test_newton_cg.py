@@ -242,6 +242,8 @@ def test_gauss_newton_needs_a_gauss_newton_objective():
         opt.update(x, opt.init(x), x, value_fn=lambda p: jnp.sum(p**2))
     with pytest.raises(ValueError, match="`reduction`"):
         tp.gauss_newton_objective(lambda p: p, reduction="sum")
+    with pytest.raises(TypeError, match="`residual_fn`"):
+        tp.gauss_newton_objective(None)
 
 
 # --------------------------------------------------------------------------- negative curvature
