@@ -602,3 +602,19 @@ def test_missing_value_fn_is_a_type_error():
     x = jnp.ones(2)
     with pytest.raises(TypeError, match="value_fn"):
         opt.update(x, opt.init(x), x)
+
+
+def test_mixed_dtype_empty_and_none_pytrees():
+    opt = tp.newton_cg()
+    u, state = opt.update(None, opt.init(None), None, value_fn=lambda p: jnp.zeros([]))
+    assert u is None and int(state.iterations) == 0
+    params = {"a": jnp.ones(3, jnp.float32), "b": jnp.ones(2, jnp.float64), "c": jnp.zeros((0,))}
+
+    def f(p):
+        return jnp.sum((p["a"] - 2.0) ** 2) + jnp.sum((p["b"] + 1.0) ** 2) + jnp.sum(p["c"])
+
+    x, state = run_newton(opt, f, params, max_iter=10, gtol=1e-6)
+    chex.assert_trees_all_equal_dtypes(x, params)
+    np.testing.assert_allclose(np.asarray(x["a"]), 2.0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(x["b"]), -1.0, atol=1e-6)
+    assert x["c"].shape == (0,)

@@ -14,13 +14,15 @@ Stages of one ``update`` call (each a small function below):
 3. *inner solve* (:func:`truncated_cg`): preconditioned linear CG on
    ``H + lambda I``, stopped by the forcing rule, the iteration cap, negative
    curvature (Steihaug-style) or a non-finite product;
-4. *line search* along ``p`` from the Newton step ``1``;
+4. *line search* along ``p`` from the Newton step ``1`` (or the shorter step
+   that the last decrease suggests, as scipy's Newton-CG);
 5. *damping* (:func:`adapt_damping`): Levenberg-Marquardt's rule on the ratio
    ``rho`` of actual to predicted decrease.
 
 References:
   * Nocedal & Wright, *Numerical Optimization* (2006): chapter 7.1 (line-search
-    Newton-CG, Algorithm 7.1, forcing sequence (7.3)); chapter 5.1 (preconditioned
+    Newton-CG, Algorithm 7.1, termination test (7.3) with the superlinear forcing
+    ``min(0.5, sqrt(||g||))``); chapter 5.1 (preconditioned
     CG, Algorithm 5.3); chapter 10.3 (Levenberg-Marquardt); Steihaug (1983).
   * Eisenstat & Walker, "Choosing the forcing terms in an inexact Newton method",
     SIAM J. Sci. Comput. 17 (1996): "choice 2" with its safeguard.
@@ -120,15 +122,16 @@ class NewtonCGState(NamedTuple):
     diagonal preconditioner is stored: two). The inner solve holds five more
     while an ``update`` runs (the step ``p``, the residual ``r``, the direction
     ``d``, the product ``(H + lambda I) d`` and the preconditioned residual
-    ``z = P r``), and the line search two (trial point and gradient); none of
-    them is kept between calls. Buffers are in the arithmetic dtype, float32
+    ``z = P r``), and the line search its own (trial point and gradients); none
+    of them is kept between calls. Buffers are in the arithmetic dtype, float32
     for parameters of lower precision (bfloat16, float16), the parameters'
     dtype otherwise (:func:`twophase.cg.compute_dtype`).
 
     The fields ``value``, ``grad``, ``value_and_grad_evals``,
-    ``consecutive_failures``, ``nonfinite_events``, ``linesearch_failures``,
-    ``iterations`` and ``preconditioner`` follow the second-phase contract
-    that the two-phase switch reads by name.
+    ``hessian_vector_products``, ``consecutive_failures``,
+    ``nonfinite_events``, ``linesearch_failures``, ``iterations``, ``damping``
+    and ``preconditioner`` follow the second-phase contract that the two-phase
+    switch reads by name.
 
     Attributes:
       value: objective at the current parameters, scalar; ``+inf`` until the
