@@ -62,6 +62,7 @@ import optax  # noqa: E402
 import optax.tree  # noqa: E402
 import scipy  # noqa: E402
 import scipy.optimize  # noqa: E402
+from jax import lax  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import twophase  # noqa: E402
@@ -540,6 +541,310 @@ def run_sweep(
     return markdown_table(header, rows)
 
 
+# --------------------------------------------------------------------------- Newton-CG
+
+
+class NewtonResult(NamedTuple):
+    """A second-order solver's outcome: ``evals`` value+gradient evaluations and ``hvps``
+    Hessian-vector products to ``||g||_2 <= GTOL``; ``seconds`` excludes compilation."""
+
+    evals: int
+    hvps: int
+    iterations: int
+    grad_norm: float
+    converged: bool
+    seconds: float
+    notes: str = ""
+
+    def cost(self) -> int:
+        """Evaluations plus HVPs, each counted as one."""
+        return self.evals + self.hvps
+
+
+def _time_jitted(step, carry, caps: Caps, counter: EvalCounter | None):
+    """Compiles and warms ``step`` on ``carry`` (not counted), then times ``_iterate`` from
+    ``carry`` with the counter reset."""
+    jax.block_until_ready(step(carry))
+    if counter is not None:
+        counter.read()
+        counter.count = 0
+    start = time.perf_counter()
+    out = _iterate(step, carry, caps)
+    jax.block_until_ready(out[0])
+    return out, time.perf_counter() - start
+
+
+def run_newton_cg(problem: Problem, caps: Caps) -> NewtonResult:
+    """twophase ``newton_cg()`` (defaults). The host counter fires once per evaluation and
+    once per HVP (``jax.jvp`` of ``jax.grad`` runs the objective's forward pass once), so it
+    must equal ``value_and_grad_evals + hessian_vector_products``."""
+    counter = EvalCounter()
+    fn = counter.wrap(problem.fn)
+    opt = twophase.newton_cg()
+
+    @jax.jit
+    def step(carry):
+        x, state = carry
+        updates, state = opt.update(x, state, x, value_fn=fn)
+        grad_norm = jnp.where(jnp.isfinite(state.value), optax.tree.norm(state.grad), jnp.inf)
+        own = state.value_and_grad_evals + state.hessian_vector_products
+        return (optax.apply_updates(x, updates), state), grad_norm, own
+
+    carry = (problem.x0, opt.init(problem.x0))
+    ((_, state), iterations, grad_norm, _), seconds = _time_jitted(step, carry, caps, counter)
+    host = counter.read()
+    evals, hvps = int(state.value_and_grad_evals), int(state.hessian_vector_products)
+    notes = [
+        f"{name}={int(getattr(state, name))}"
+        for name in ("negative_curvature", "linesearch_failures", "nonfinite_events")
+        if int(getattr(state, name))
+    ]
+    if host != evals + hvps:
+        notes.append(f"host count {host} != evals + HVPs {evals + hvps}")
+    return NewtonResult(
+        evals, hvps, iterations, grad_norm, grad_norm <= GTOL, seconds, ", ".join(notes)
+    )
+
+
+def run_scipy_newton_cg(problem: Problem, caps: Caps) -> NewtonResult:
+    """scipy's Newton-CG with ``jac=True`` (one call of ``fun`` = one value+gradient
+    evaluation; scipy memoizes the gradient, so its nfev and njev count the same calls) and
+    ``hessp`` (one call = one HVP = nhev). It has no gradient tolerance: the callback stops
+    it at the first iterate with ``||g||_2 <= GTOL``, read from the evaluation scipy made
+    there (recomputed, uncounted, if it made none)."""
+    value_and_grad = jax.jit(jax.value_and_grad(problem.fn))
+    hvp = jax.jit(lambda x, v: jax.jvp(jax.grad(problem.fn), (x,), (v,))[1])
+    count = {"evals": 0, "hvps": 0, "iterations": 0, "grad_norm": math.inf}
+    last = {}
+
+    def fun(x):
+        count["evals"] += 1
+        value, grad = value_and_grad(jnp.asarray(x))
+        last["x"], last["g"] = np.array(x), np.asarray(grad)
+        return float(value), last["g"]
+
+    def hessp(x, v):
+        count["hvps"] += 1
+        return np.asarray(hvp(jnp.asarray(x), jnp.asarray(v)))
+
+    def callback(intermediate_result):
+        x = intermediate_result.x
+        count["iterations"] += 1
+        if "x" in last and np.array_equal(last["x"], x):
+            grad = last["g"]
+        else:
+            grad = np.asarray(value_and_grad(jnp.asarray(x))[1])
+        count["grad_norm"] = float(np.linalg.norm(grad))
+        if count["grad_norm"] <= GTOL or count["evals"] + count["hvps"] >= caps.evaluations:
+            raise StopIteration
+
+    x0 = np.asarray(problem.x0)
+    fun(x0), hessp(x0, x0)  # compile outside the timing
+    count.update(evals=0, hvps=0)
+    start = time.perf_counter()
+    scipy.optimize.minimize(
+        fun,
+        x0,
+        jac=True,
+        hessp=hessp,
+        method="Newton-CG",
+        callback=callback,
+        options=dict(xtol=1e-300, maxiter=caps.iterations),
+    )
+    seconds = time.perf_counter() - start
+    return NewtonResult(
+        count["evals"],
+        count["hvps"],
+        count["iterations"],
+        count["grad_norm"],
+        count["grad_norm"] <= GTOL,
+        seconds,
+    )
+
+
+def run_lbfgs_timed(problem: Problem, caps: Caps) -> NewtonResult:
+    """``optax.lbfgs(memory_size=10)`` as :func:`run_optax_lbfgs`, timed without compilation."""
+    counter = EvalCounter()
+    fn = counter.wrap(problem.fn)
+    opt = optax.lbfgs(memory_size=10)
+    value_and_grad = optax.value_and_grad_from_state(fn)
+
+    @jax.jit
+    def step(carry):
+        x, state = carry
+        value, grad = value_and_grad(x, state=state)
+        updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=fn)
+        grad_norm = optax.tree.norm(optax.tree.get(state, "grad"))
+        return (optax.apply_updates(x, updates), state), grad_norm, jnp.zeros([], jnp.int32)
+
+    carry = strongly_typed((problem.x0, opt.init(problem.x0)))
+    (_, iterations, grad_norm, _), seconds = _time_jitted(step, carry, caps, counter)
+    return NewtonResult(counter.read(), 0, iterations, grad_norm, grad_norm <= GTOL, seconds)
+
+
+def newton_cell(result: NewtonResult) -> str:
+    text = f"{result.evals} + {result.hvps} ({result.iterations})"
+    if not result.converged:
+        text = f"no conv, {text}, ‖g‖={result.grad_norm:.1e}"
+    return text
+
+
+def newton_table(results: dict[str, dict[str, NewtonResult]]) -> str:
+    """Rows = problems; per solver ``evals + HVPs (iterations)`` and seconds; the cost ratios
+    (evaluations + HVPs, and with HVPs weighted by ``HVP_COST``) of twophase to scipy."""
+    from twophase.newton_cg import HVP_COST
+
+    names = list(next(iter(results.values())))
+    header = ["problem"]
+    for name in names:
+        header += [f"{name}: evals + HVPs (iters)", f"{name}: s"]
+    header += ["cost ratio to scipy", f"weighted ratio (HVP = {HVP_COST:g})"]
+    rows, ratios, weighted = [], [], []
+    for problem, row in results.items():
+        ours, ref = row["twophase newton_cg"], row["scipy Newton-CG"]
+        r = ours.cost() / ref.cost() if ours.converged and ref.converged else math.inf
+        w = (ours.evals + HVP_COST * ours.hvps) / (ref.evals + HVP_COST * ref.hvps)
+        w = w if ours.converged and ref.converged else math.inf
+        ratios.append(r)
+        weighted.append(w)
+        cells = [problem]
+        for name in names:
+            cells += [newton_cell(row[name]), f"{row[name].seconds:.3f}"]
+        rows.append([*cells, f"{r:.2f}", f"{w:.2f}"])
+    finite = [r for r in ratios if math.isfinite(r)]
+    finite_w = [w for w in weighted if math.isfinite(w)]
+    means = [f"{geometric_mean(finite):.2f}", f"{geometric_mean(finite_w):.2f}"]
+    rows.append(["geometric mean", *([""] * (2 * len(names))), *means])
+    return markdown_table(header, rows)
+
+
+def logistic_problem(examples: int = 10000, features: int = 20, seed: int = 0) -> Problem:
+    """Mean logistic loss of a linear classifier with a small L2 term."""
+    key_x, key_w = jax.random.split(jax.random.PRNGKey(seed))
+    inputs = jax.random.normal(key_x, (examples, features))
+    labels = jnp.sign(inputs @ jax.random.normal(key_w, (features,)) + 0.1)
+
+    def fn(w):
+        return jnp.mean(jnp.logaddexp(0.0, -labels * (inputs @ w))) + 1e-3 * jnp.sum(w**2)
+
+    return Problem(f"logistic-{examples}x{features}", fn, jnp.zeros(features))
+
+
+def hvp_cost_table(repeats: int = 15, calls: int = 200) -> tuple[str, list[float], list[float]]:
+    """Wall time of one HVP over one value+gradient evaluation.
+
+    Each is run ``calls`` times inside one jitted ``lax.fori_loop`` (no dispatch overhead),
+    compiled first; the fastest of ``repeats`` interleaved runs (the least disturbed on a
+    shared machine). Two HVP timings:
+
+    * *new point*: every call at a different point (the carry moves ``x`` and ``v``), so
+      nothing can be shared between calls: the cost of an HVP on its own;
+    * *fixed point*: every call at the same ``x`` with a new ``v``, the pattern of the inner
+      CG solve (a ``lax.while_loop`` over ``v`` at fixed parameters), where XLA's loop
+      invariant code motion may hoist the parts of the forward and reverse passes that do
+      not depend on ``v`` out of the loop.
+
+    Returns the table and the two lists of ratios.
+    """
+    problems = [
+        mlp_problem(),
+        mlp_problem(hidden=64, examples=4096, seed=1),
+        Problem("chained-rosenbrock-1000", chained_rosenbrock, jnp.full(1000, 0.5)),
+        logistic_problem(),
+    ]
+    rows, moving, fixed = [], [], []
+    for problem in problems:
+        grad_fn = jax.grad(problem.fn)
+        value_and_grad = jax.value_and_grad(problem.fn)
+        x0 = problem.x0
+
+        @jax.jit
+        def evaluations(x, value_and_grad=value_and_grad):
+            def body(_, carry):
+                x, total = carry
+                value, grad = value_and_grad(x)
+                return x + 1e-30 * grad, total + value
+
+            return lax.fori_loop(0, calls, body, (x, jnp.zeros([], x.dtype)))
+
+        @jax.jit
+        def products_moving(x, grad_fn=grad_fn):
+            def body(_, carry):
+                x, v = carry
+                hv = jax.jvp(grad_fn, (x,), (v,))[1]
+                return x + 1e-30 * hv, v + 1e-30 * hv
+
+            return lax.fori_loop(0, calls, body, (x, jnp.ones_like(x)))
+
+        @jax.jit
+        def products_fixed(x, grad_fn=grad_fn):
+            def body(_, v):
+                return v + 1e-30 * jax.jvp(grad_fn, (x,), (v,))[1]
+
+            return lax.fori_loop(0, calls, body, jnp.ones_like(x))
+
+        fns = {"vg": evaluations, "moving": products_moving, "fixed": products_fixed}
+        jax.block_until_ready([fn(x0) for fn in fns.values()])
+        times = {key: [] for key in fns}
+        for _ in range(repeats):  # interleaved
+            for key, fn in fns.items():
+                start = time.perf_counter()
+                jax.block_until_ready(fn(x0))
+                times[key].append((time.perf_counter() - start) / calls)
+        vg, mv, fx = (min(times[k]) for k in ("vg", "moving", "fixed"))
+        moving.append(mv / vg)
+        fixed.append(fx / vg)
+        rows.append(
+            [
+                problem.name,
+                f"{1e6 * vg:.1f}",
+                f"{1e6 * mv:.1f}",
+                f"{1e6 * fx:.1f}",
+                f"{mv / vg:.2f}",
+                f"{fx / vg:.2f}",
+            ]
+        )
+    header = [
+        "problem",
+        "value+grad (µs)",
+        "HVP, new point (µs)",
+        "HVP, fixed point (µs)",
+        "ratio, new point",
+        "ratio, fixed point",
+    ]
+    return markdown_table(header, rows), moving, fixed
+
+
+def newton_main(args: argparse.Namespace, caps: Caps) -> None:
+    problems = make_problems()
+    columns = {
+        "twophase newton_cg": run_newton_cg,
+        "scipy Newton-CG": run_scipy_newton_cg,
+        "optax L-BFGS(10)": run_lbfgs_timed,
+    }
+    results = {
+        name: {c: run(problems[name], caps) for c, run in columns.items()} for name in args.problems
+    }
+    print(
+        "Newton-CG: evaluations + HVPs (outer iterations) to ||g||_2 <= "
+        f"{GTOL:g}; seconds exclude compilation. L-BFGS makes no HVPs.\n"
+    )
+    print(newton_table(results))
+    notes = [
+        f"{p} / {c}: {r.notes}" for p, row in results.items() for c, r in row.items() if r.notes
+    ]
+    if notes:
+        print("\nNotes:\n" + "\n".join(f"- {n}" for n in notes))
+    if not args.skip_hvp_cost:
+        table, moving, fixed = hvp_cost_table()
+        print("\nHVP cost (forward-over-reverse) against one value+gradient evaluation:\n")
+        print(table)
+        print(
+            f"\nmedian ratio: new point {float(np.median(moving)):.2f}, "
+            f"fixed point {float(np.median(fixed)):.2f}"
+        )
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -569,6 +874,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="processes for the sweep")
     parser.add_argument("--max-evals", type=int, default=None)
     parser.add_argument("--max-iters", type=int, default=None)
+    parser.add_argument(
+        "--newton-cg",
+        action="store_true",
+        help="instead: twophase newton_cg against scipy Newton-CG and optax L-BFGS, and the "
+        "HVP cost measurement",
+    )
+    parser.add_argument(
+        "--skip-hvp-cost", action="store_true", help="with --newton-cg: no HVP timing"
+    )
     return parser.parse_args(argv)
 
 
@@ -584,6 +898,9 @@ def main(argv: Sequence[str]) -> None:
         f"float64, stop at ||g||_2 <= {GTOL:g}, caps {caps.evaluations} evaluations / "
         f"{caps.iterations} iterations. Cells: evaluations (iterations).\n"
     )
+    if args.newton_cg:
+        newton_main(args, caps)
+        return
     problems = make_problems()
     columns = solvers()
     results: dict[str, dict[str, Result]] = {}

@@ -227,3 +227,13 @@ def test_gpu_repro_bounded_dry_run_and_bad_options():
     for args, message in [(("--bogus",), "unknown option --bogus"), (("--python",), "--python")]:
         done = gpu_repro(*args)
         assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_cg_suite_newton_cg_rows():
+    out = run_script(
+        "cg_suite.py", "--quick", "--newton-cg", "--skip-hvp-cost", "--problems", "rosenbrock-2"
+    )
+    (row,) = table_rows(out, "rosenbrock-2")
+    evals, _, hvps = row[1].split()[:3]  # twophase newton_cg: "evals + HVPs (iterations)"
+    assert 0 < int(evals) < 5000 and 0 < int(hvps) < 5000, row
+    assert 0 < float(row[-2]) <= 1.5, row  # cost ratio to scipy's Newton-CG

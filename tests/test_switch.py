@@ -471,3 +471,41 @@ def test_adam_cg_fused_adam_equals_generic_two_phase(kwargs, value_fn):
     assert int(tp.info(fused_state).skipped_steps) == 1
     if "fallback" in kwargs:
         assert int(tp.info(fused_state).fallbacks) >= 1
+
+
+def test_adam_newton_cg_equals_two_phase_with_newton_cg_and_counts_hvps():
+    fused = tp.adam_newton_cg(1e-2, detector=tp.switch_at(12))
+    generic = tp.two_phase(optax.adam(1e-2), tp.newton_cg(), tp.switch_at(12))
+    runs = []
+    for opt in (fused, generic):
+        step = jax.jit(
+            lambda p, s, opt=opt: opt.update(
+                jax.grad(FULL)(p), s, p, value=FULL(p), value_fn=FULL
+            )
+        )
+        p, s = PARAMS, opt.init(PARAMS)
+        for _ in range(20):
+            u, s = step(p, s)
+            p = optax.apply_updates(p, u)
+        runs.append((p, tp.info(s)))
+    (p1, i1), (p2, i2) = runs
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), p1, p2)
+    assert int(i1.phase) == 1 and int(i1.hessian_vector_products) > 0
+    assert int(i1.hessian_vector_products) == int(i2.hessian_vector_products)
+    np.testing.assert_allclose(
+        float(i1.cost),
+        int(i1.value_and_grad_evals) + tp.HVP_COST * int(i1.hessian_vector_products),
+    )
+    assert float(FULL(p1)) < 0.05 * float(FULL(PARAMS))
+
+
+def test_train_charges_newton_cg_hessian_vector_products():
+    result = tp.train(
+        lambda p, b: loss(p, *b), PARAMS, (X, Y), tp.adam_newton_cg(1e-2),
+        batch_size=32, cost_budget=30, strict_budget=True, progress=False,
+    )  # fmt: skip
+    info = tp.info(result.opt_state)
+    assert int(info.switches) >= 1 and int(info.hessian_vector_products) > 0
+    phase1 = sum(r["epoch_cost"] for r in result.history if r["phase"] == 1)
+    np.testing.assert_allclose(phase1, float(info.cost), rtol=1e-6)
+    assert result.history[-1]["cost"] <= 30

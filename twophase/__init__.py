@@ -33,6 +33,12 @@ from twophase.linesearch import (
     golden_section_linesearch,
     wolfe_linesearch,
 )
+from twophase.newton_cg import (
+    GaussNewtonObjective,
+    NewtonCGState,
+    gauss_newton_objective,
+    newton_cg,
+)
 from twophase.objectives import as_value_and_grad, full_batch
 from twophase.policy import Policy, SafeResortState, safe_resort
 from twophase.second_phase import HVP_COST, EvaluatingState, evaluating
@@ -40,6 +46,7 @@ from twophase.switch import (
     TwoPhaseState,
     adam_cg,
     adam_lbfgs,
+    adam_newton_cg,
     adam_second_moment_preconditioner,
     two_phase,
 )
@@ -53,9 +60,11 @@ __all__ = [
     "BetaFn",
     "Detector",
     "EvaluatingState",
+    "GaussNewtonObjective",
     "Info",
     "LineSearch",
     "LineSearchResult",
+    "NewtonCGState",
     "NonlinearCGState",
     "Policy",
     "SafeResortState",
@@ -63,6 +72,7 @@ __all__ = [
     "TwoPhaseState",
     "adam_cg",
     "adam_lbfgs",
+    "adam_newton_cg",
     "adam_second_moment_preconditioner",
     "all_of",
     "any_of",
@@ -71,6 +81,7 @@ __all__ = [
     "evaluating",
     "fletcher_reeves",
     "full_batch",
+    "gauss_newton_objective",
     "golden_section_linesearch",
     "grad_norm_peak",
     "hager_zhang",
@@ -79,6 +90,7 @@ __all__ = [
     "info",
     "latest_step",
     "loss_plateau",
+    "newton_cg",
     "nonlinear_cg",
     "norm_loss_slope",
     "polak_ribiere",

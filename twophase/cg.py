@@ -594,25 +594,37 @@ def _zero_if_nonfinite(tree):
     return jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), tree)
 
 
-def set_preconditioner(state: PyTree, scales: PyTree) -> PyTree:
-    """Returns ``state`` with every nested :class:`NonlinearCGState`'s stored
-    preconditioner replaced by ``scales`` (positive, shaped like the parameters)
-    and its next direction reset to steepest descent.
+def _has_preconditioner_field(node: Any) -> bool:
+    """A second-phase state by the contract's field name: a NamedTuple with a
+    ``preconditioner`` field (:class:`NonlinearCGState`, ``NewtonCGState``)."""
+    return isinstance(node, tuple) and "preconditioner" in getattr(node, "_fields", ())
 
-    Requires ``nonlinear_cg(preconditioner="state")`` (or a pytree).
+
+def set_preconditioner(state: PyTree, scales: PyTree) -> PyTree:
+    """Returns ``state`` with every nested second-phase state's stored
+    preconditioner replaced by ``scales`` (positive, shaped like the parameters).
+
+    The states are found by field name: every NamedTuple with a
+    ``preconditioner`` field (:class:`NonlinearCGState`, whose next direction is
+    also reset to steepest descent, and :class:`twophase.NewtonCGState`).
+
+    Requires ``nonlinear_cg(preconditioner="state")`` / ``newton_cg(preconditioner="state")``
+    (or a pytree).
     """
 
     def replace(node):
-        if isinstance(node, NonlinearCGState):
+        if _has_preconditioner_field(node):
             if node.preconditioner is None:
                 raise ValueError(
-                    "`state` holds a nonlinear_cg state without a stored preconditioner; "
-                    "build it with nonlinear_cg(preconditioner='state')."
+                    f"`state` holds a {type(node).__name__} without a stored preconditioner; "
+                    "build it with preconditioner='state'."
                 )
             new = jax.tree.map(
                 lambda s, old: jnp.asarray(s, old.dtype), scales, node.preconditioner
             )
-            return node._replace(preconditioner=new, restart_next=jnp.asarray(True))
+            node = node._replace(preconditioner=new)
+            if "restart_next" in node._fields:
+                node = node._replace(restart_next=jnp.asarray(True))
         return node
 
-    return jax.tree.map(replace, state, is_leaf=lambda x: isinstance(x, NonlinearCGState))
+    return jax.tree.map(replace, state, is_leaf=_has_preconditioner_field)

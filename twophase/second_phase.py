@@ -57,9 +57,28 @@ __all__ = [
 
 PyTree = Any
 
-HVP_COST = 2.0
-"""Evaluation-equivalents charged for one Hessian-vector product (forward over
-reverse costs about two gradients; ``benchmarks/RESULTS.md``, Newton-CG)."""
+HVP_COST: float = 1.5
+"""Wall time of one Hessian-vector product in units of one value+gradient evaluation:
+"one HVP counts as 1.5 evaluations".
+
+Measured by ``python benchmarks/cg_suite.py --newton-cg`` (the "HVP cost" table,
+recorded in ``benchmarks/RESULTS.md``, section "Newton-CG"), float64 on this
+project's 2 shared CPU cores: forward-over-reverse ``jax.jvp`` of ``jax.grad``
+against ``jax.value_and_grad``, each called 200 times inside one jitted
+``lax.fori_loop`` (no dispatch overhead), compiled first, the fastest of 15
+interleaved runs. Problems: a 2-16-1 tanh MLP least squares (256 examples), a
+2-64-1 one (4096 examples), the 1000-dimensional chained Rosenbrock function
+and a 10000 x 20 logistic regression. An HVP at a new point each call cost
+0.6-2.1 evaluations (median over the four problems 1.26, 1.35 and 1.46 in
+three runs; the two MLPs 1.2-2.1); 1.5 is that median, rounded up. Pearlmutter's
+operation count is about 2 (a forward and a reverse sweep, each carrying a
+tangent); XLA's fusion makes it cheaper on these small problems. Inside the
+inner CG loop the parameters do not change, and XLA hoists the parts of the
+passes that do not depend on the vector out of the ``while_loop``: measured
+that way an HVP cost 0.2-1.0 evaluations (median 0.55-0.61), so the constant
+overstates the inner solve's cost. Use it to put HVPs and evaluations on one
+scale: ``cost = value_and_grad_evals + HVP_COST * hessian_vector_products``.
+"""
 
 
 def _field(state: PyTree, name: str):

@@ -27,8 +27,9 @@ from twophase import second_phase as _sp
 from twophase._checks import concrete, is_number_in
 from twophase._control import run_if
 from twophase._gated_adam import AdamConstants, gated_adam_update
+from twophase.newton_cg import newton_cg as _newton_cg
 
-__all__ = ["TwoPhaseState", "adam_cg", "adam_lbfgs", "two_phase"]
+__all__ = ["TwoPhaseState", "adam_cg", "adam_lbfgs", "adam_newton_cg", "two_phase"]
 
 PyTree = Any
 Handover = Callable[[PyTree, PyTree, PyTree], PyTree]
@@ -647,5 +648,63 @@ def adam_lbfgs(
         policy,
         fallback=fallback,
         handover=None,
+        adam=AdamConstants(learning_rate, 0.9, 0.999, 1e-8),
+    )
+
+
+def adam_newton_cg(
+    learning_rate: float | optax.ScalarOrSchedule = 1e-3,
+    *,
+    window: int = 100,
+    min_steps: int = 0,
+    budget: float | None = None,
+    detector: _det.Detector | _policy.Policy | None = None,
+    fallback: int | None = None,
+    precondition: bool = False,
+    curvature: str = "hessian",
+    max_inner_iterations: int = 100,
+    damping: float = 1e-3,
+) -> optax.GradientTransformationExtraArgs:
+    """Adam, then full-batch Hessian-free Newton-CG (:func:`twophase.newton_cg`):
+    :func:`adam_cg`'s switch with a truncated Newton second phase.
+
+    Each phase-1 step is one outer Newton iteration; its Hessian-vector products
+    are counted in ``info(state).hessian_vector_products`` and charged
+    :data:`twophase.HVP_COST` evaluations each by the default policy and by
+    :func:`twophase.train`.
+
+    Args:
+      learning_rate: Adam's learning rate or schedule.
+      window, min_steps, budget, detector, fallback: as in :func:`adam_cg`.
+      precondition: precondition the inner CG with Adam's second moments at the
+        switch (as :func:`adam_cg`).
+      curvature, max_inner_iterations, damping: passed to
+        :func:`twophase.newton_cg`.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` with state
+      :class:`TwoPhaseState`.
+
+    Raises:
+      ValueError: a bad argument (named), as in :func:`adam_cg` and
+        :func:`twophase.newton_cg`.
+      TypeError: at trace time, ``update`` without ``value_fn`` or ``value``.
+    """
+    _check_adam_constants(learning_rate, 0.9, 0.999, 1e-8)
+    if not isinstance(precondition, bool):
+        raise ValueError(f"`precondition` must be a bool, got {precondition!r}.")
+    policy, fallback = _preset_policy(detector, window, min_steps, budget, fallback)
+    second = _newton_cg(
+        curvature=curvature,
+        max_inner_iterations=max_inner_iterations,
+        damping=damping,
+        preconditioner="state" if precondition else None,
+    )
+    return _two_phase(
+        optax.adam(learning_rate),
+        second,
+        policy,
+        fallback=fallback,
+        handover=adam_second_moment_preconditioner if precondition else None,
         adam=AdamConstants(learning_rate, 0.9, 0.999, 1e-8),
     )

@@ -1,0 +1,878 @@
+"""Hessian-free (truncated) Newton-CG as an optax transformation.
+
+Each outer iteration solves the damped Newton system ``(H + lambda I) p = -g``
+approximately by linear conjugate gradient on Hessian-vector products (never
+forming ``H``), then searches along ``p`` with a Wolfe line search, and adapts
+the damping ``lambda`` from how well the quadratic model predicted the decrease.
+
+Stages of one ``update`` call (each a small function below):
+
+1. *evaluate*: the value and gradient at the current point (cached from the
+   previous call's line search, as :func:`twophase.nonlinear_cg` does);
+2. *forcing term* ``eta``: the inner solve stops at ``||r|| <= eta ||g||``
+   (:func:`forcing_term`);
+3. *inner solve* (:func:`truncated_cg`): preconditioned linear CG on
+   ``H + lambda I``, stopped by the forcing rule, the iteration cap, negative
+   curvature (Steihaug-style) or a non-finite product;
+4. *line search* along ``p`` from the Newton step ``1`` (or the shorter step
+   that the last decrease suggests, as scipy's Newton-CG);
+5. *damping* (:func:`adapt_damping`): Levenberg-Marquardt's rule on the ratio
+   ``rho`` of actual to predicted decrease.
+
+References:
+  * Nocedal & Wright, *Numerical Optimization* (2006): chapter 7.1 (line-search
+    Newton-CG, Algorithm 7.1, termination test (7.3) with the superlinear forcing
+    ``min(0.5, sqrt(||g||))``); chapter 5.1 (preconditioned
+    CG, Algorithm 5.3); chapter 10.3 (Levenberg-Marquardt); Steihaug (1983).
+  * Eisenstat & Walker, "Choosing the forcing terms in an inexact Newton method",
+    SIAM J. Sci. Comput. 17 (1996): "choice 2" with its safeguard.
+  * Martens, "Deep learning via Hessian-free optimization", ICML 2010: damping
+    adapted from the reduction ratio (constants 2/3 and 3/2 there), Gauss-Newton
+    products for least squares (Schraudolph 2002).
+  * Pearlmutter (1994): Hessian-vector products by forward-over-reverse
+    differentiation, ``jax.jvp`` of ``jax.grad``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+import optax.tree
+from jax import lax
+
+from twophase import linesearch as _ls
+from twophase._checks import concrete
+from twophase.cg import (
+    _scalar_dtype,
+    _scaled_update,
+    _select,
+    _to_compute,
+    _vdot,
+    _zero_if_nonfinite,
+    compute_dtype,
+)
+from twophase.objectives import as_value_and_grad
+from twophase.second_phase import HVP_COST
+
+__all__ = [
+    "CURVATURES",
+    "FORCING_RULES",
+    "HVP_COST",
+    "GaussNewtonObjective",
+    "InnerSolve",
+    "NewtonCGState",
+    "adapt_damping",
+    "forcing_term",
+    "gauss_newton_objective",
+    "newton_cg",
+    "truncated_cg",
+]
+
+PyTree = Any
+
+
+CURVATURES = ("hessian", "gauss_newton")
+
+FORCING_RULES = ("sqrt", "eisenstat_walker")
+
+# Levenberg-Marquardt adaptation (Nocedal & Wright 2006, Algorithm 4.1's
+# thresholds; Martens 2010 uses factors 2/3 and 3/2).
+_RHO_GOOD = 0.75
+_RHO_POOR = 0.25
+_DAMPING_DECREASE = 1.0 / 3.0
+_DAMPING_INCREASE = 2.0
+_DAMPING_FAILURE = 4.0  # after a rejected step or a failed line search
+
+# Eisenstat & Walker (1996), choice 2: eta_k = gamma (||g_k|| / ||g_{k-1}||)^alpha.
+_EW_GAMMA = 0.9
+_EW_ALPHA = 2.0
+
+
+class NewtonCGState(NamedTuple):
+    """State of :func:`newton_cg`.
+
+    Parameter-sized buffers: one, ``grad`` (plus ``preconditioner`` when a
+    diagonal preconditioner is stored: two). The inner solve holds five more
+    while an ``update`` runs (the step ``p``, the residual ``r``, the direction
+    ``d``, the product ``(H + lambda I) d`` and the preconditioned residual
+    ``z = P r``), and the line search its own (trial point and gradients); none
+    of them is kept between calls. Buffers are in the arithmetic dtype, float32
+    for parameters of lower precision (bfloat16, float16), the parameters'
+    dtype otherwise (:func:`twophase.cg.compute_dtype`).
+
+    The fields ``value``, ``grad``, ``value_and_grad_evals``,
+    ``hessian_vector_products``, ``consecutive_failures``,
+    ``nonfinite_events``, ``linesearch_failures``, ``iterations``, ``damping``
+    and ``preconditioner`` follow the second-phase contract that the two-phase
+    switch reads by name.
+
+    Attributes:
+      value: objective at the current parameters, scalar; ``+inf`` until the
+        first evaluation (and after a non-finite one). Read by
+        ``optax.value_and_grad_from_state``.
+      grad: gradient at the current parameters (pytree like the parameters).
+      preconditioner: diagonal preconditioner ``P`` (positive, pytree like the
+        parameters) when stored in the state, else ``None``.
+      damping: current Levenberg-Marquardt ``lambda`` (scalar, positive).
+      eta: forcing term of the last inner solve (scalar in ``(0, 1)``).
+      grad_norm_prev: ``||g||_2`` at the start of the last outer iteration, for
+        the Eisenstat-Walker rule (``+inf`` before the first).
+      value_prev: objective at the previous iterate (``+inf`` before the first
+        step), for the ``"quadratic"`` first trial step.
+      step: last accepted line-search step (``1`` is the full Newton step;
+        ``0`` after a failure).
+      ratio: last reduction ratio ``rho`` (actual / predicted decrease; ``0``
+        after a failure).
+      iterations: int32 outer iterations attempted (inner solve plus line
+        search, successful or not).
+      value_and_grad_evals: int32 cumulative full-batch evaluations of the
+        objective with its gradient, the line searches' included.
+      hessian_vector_products: int32 cumulative curvature-vector products
+        (Hessian or Gauss-Newton).
+      negative_curvature: int32 inner solves stopped by non-positive curvature.
+      linesearch_failures: int32 line searches that found no decrease.
+      rejected_steps: int32 outer iterations whose step was rejected before the
+        line search (a non-finite product or step, a non-descent direction, a
+        damping that is not positive and finite).
+      consecutive_failures: int32 current run of outer iterations that made no
+        progress (failed line searches, rejected steps, non-finite current
+        points); 0 after a successful step. While it is positive the update was
+        zero.
+      nonfinite_events: int32 calls where the objective or gradient at the
+        current point, or a curvature product, was not finite (no step was
+        taken).
+    """
+
+    value: jax.Array
+    grad: PyTree
+    preconditioner: PyTree
+    damping: jax.Array
+    eta: jax.Array
+    grad_norm_prev: jax.Array
+    value_prev: jax.Array
+    step: jax.Array
+    ratio: jax.Array
+    iterations: jax.Array
+    value_and_grad_evals: jax.Array
+    hessian_vector_products: jax.Array
+    negative_curvature: jax.Array
+    linesearch_failures: jax.Array
+    rejected_steps: jax.Array
+    consecutive_failures: jax.Array
+    nonfinite_events: jax.Array
+
+
+# --------------------------------------------------------------------------- Gauss-Newton
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussNewtonObjective:
+    """A least-squares objective that also knows its residuals.
+
+    Calling it returns the scalar objective, so it is an ordinary ``value_fn``
+    for every twophase optimizer (and for Adam's loss); ``newton_cg(
+    curvature="gauss_newton")`` additionally reads ``residual_fn`` to multiply
+    by the Gauss-Newton matrix ``G = w J^T J`` instead of the Hessian.
+    Build it with :func:`gauss_newton_objective`.
+
+    Attributes:
+      residual_fn: ``params -> residuals``, an array or pytree of arrays.
+      reduction: ``"mean"``: ``value = mean(r**2)`` over all residual entries
+        (``w = 2 / m`` with ``m`` entries); ``"half_sum"``:
+        ``value = 0.5 * sum(r**2)`` (``w = 1``).
+    """
+
+    residual_fn: Callable[[PyTree], PyTree]
+    reduction: str = "mean"
+
+    def __call__(self, params: PyTree) -> jax.Array:
+        leaves = jax.tree.leaves(self.residual_fn(params))
+        dtype = compute_dtype(jnp.result_type(*leaves)) if leaves else jnp.float32
+        total = sum((jnp.sum(jnp.square(r.astype(dtype))) for r in leaves), jnp.zeros([], dtype))
+        return total * self.weight(params) / 2
+
+    def weight(self, params: PyTree) -> float:
+        """``w`` in ``G = w J^T J`` (the objective is ``w/2 * sum(r**2)``)."""
+        if self.reduction == "half_sum":
+            return 1.0
+        shapes = jax.tree.leaves(jax.eval_shape(self.residual_fn, params))
+        return 2.0 / max(sum(math.prod(s.shape) for s in shapes), 1)
+
+    def product(self, params: PyTree) -> Callable[[PyTree], PyTree]:
+        """``v -> G v = w J^T (J v)`` at ``params``: one ``jax.jvp`` and one
+        ``jax.vjp`` of ``residual_fn`` per product (the reverse pass is
+        linearised once per call of ``product``)."""
+        weight = self.weight(params)
+        _, pullback = jax.vjp(self.residual_fn, params)
+
+        def gauss_newton_vector_product(v):
+            _, jv = jax.jvp(self.residual_fn, (params,), (v,))
+            (jtjv,) = pullback(jv)
+            return optax.tree.scale(weight, jtjv)
+
+        return gauss_newton_vector_product
+
+
+def gauss_newton_objective(
+    residual_fn: Callable[[PyTree], PyTree], *, reduction: str = "mean"
+) -> GaussNewtonObjective:
+    """A least-squares ``value_fn`` whose curvature :func:`newton_cg` can take
+    as the Gauss-Newton matrix.
+
+    ``value_fn = gauss_newton_objective(lambda p: model(p, x) - y)`` is
+    ``mean((model(p, x) - y)**2)``; pass it as ``value_fn`` to
+    ``newton_cg(curvature="gauss_newton")`` (or to any optimizer, where it is
+    just that scalar). The Gauss-Newton matrix ``w J^T J`` is positive
+    semi-definite, so with positive damping the inner solve never meets
+    negative curvature, and it equals the Hessian at a zero-residual minimiser.
+
+    Args:
+      residual_fn: ``params -> residuals`` (an array or a pytree of arrays).
+      reduction: ``"mean"`` (mean of squares, the usual MSE) or ``"half_sum"``
+        (``0.5 * sum`` of squares, the textbook least-squares form).
+
+    Raises:
+      TypeError: ``residual_fn`` is not callable.
+      ValueError: an unknown ``reduction``.
+    """
+    if not callable(residual_fn):
+        raise TypeError(f"`residual_fn` must be callable, got {residual_fn!r}.")
+    if reduction not in ("mean", "half_sum"):
+        raise ValueError(f"`reduction` must be 'mean' or 'half_sum', got {reduction!r}.")
+    return GaussNewtonObjective(residual_fn, reduction)
+
+
+def hessian_product(value_fn: Callable[[PyTree], jax.Array], params: PyTree):
+    """``v -> H v`` at ``params`` by forward-over-reverse differentiation
+    (``jax.jvp`` of ``jax.grad``; Pearlmutter 1994)."""
+    grad_fn = jax.grad(lambda p: jnp.reshape(value_fn(p), ()))
+
+    def hessian_vector_product(v):
+        return jax.jvp(grad_fn, (params,), (v,))[1]
+
+    return hessian_vector_product
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def forcing_term(rule, eta_max, grad_norm, grad_norm_prev, eta_prev):
+    """Relative tolerance ``eta`` of the inner solve, ``||r|| <= eta ||g||``.
+
+    * ``"sqrt"``: ``min(eta_max, sqrt(||g||))``, Nocedal & Wright (2006) (7.3),
+      superlinear convergence (as scipy's Newton-CG, which uses 1-norms);
+    * ``"eisenstat_walker"``: Eisenstat & Walker (1996) choice 2,
+      ``0.9 (||g_k|| / ||g_{k-1}||)^2``, safeguarded by ``0.9 eta_{k-1}^2`` when
+      that exceeds 0.1, capped at ``eta_max`` (``eta_max`` on the first call);
+    * a number in ``(0, 1)``: that constant (linear convergence).
+
+    All arguments but ``rule`` are scalars; returns a scalar of ``grad_norm``'s dtype.
+    """
+    dtype = jnp.result_type(grad_norm)
+    if rule == "sqrt":
+        eta = jnp.sqrt(grad_norm)
+    elif rule == "eisenstat_walker":
+        ratio = grad_norm / grad_norm_prev
+        eta = _EW_GAMMA * ratio**_EW_ALPHA
+        safeguard = _EW_GAMMA * eta_prev**_EW_ALPHA
+        eta = jnp.where(safeguard > 0.1, jnp.maximum(eta, safeguard), eta)
+        eta = jnp.where(jnp.isfinite(grad_norm_prev) & (grad_norm_prev > 0), eta, eta_max)
+    else:
+        eta = jnp.asarray(rule, dtype)
+    eta = jnp.minimum(jnp.asarray(eta_max, dtype), eta)
+    # Never exactly 0 (an exact solve to rounding) nor NaN.
+    tiny = jnp.finfo(dtype).eps
+    return jnp.where(jnp.isfinite(eta), jnp.maximum(eta, tiny), eta_max).astype(dtype)
+
+
+class InnerSolve(NamedTuple):
+    """Outcome of :func:`truncated_cg`.
+
+    Attributes:
+      step: the approximate solution ``p`` of ``(H + lambda I) p = -g`` (pytree).
+      curvature: ``<p, (H + lambda I) p>`` (scalar, from the CG recurrences).
+      products: int32 curvature-vector products made.
+      negative_curvature: bool, stopped by ``<d, (H + lambda I) d> <= 0``; ``p``
+        is then the last iterate, or the scaled steepest-descent direction
+        ``-(<g, Pg> / |<d, A d>|) P g`` when it happened at the first iteration.
+      nonfinite: bool, a product was not finite; ``p`` is the last finite iterate.
+      residual_norm: ``||(H + lambda I) p + g||_2`` as recurred.
+      rayleigh: ``<d, H d> / ||d||^2`` (undamped) of the direction that stopped
+        the loop for non-positive curvature (meaningful only then).
+    """
+
+    step: PyTree
+    curvature: jax.Array
+    products: jax.Array
+    negative_curvature: jax.Array
+    nonfinite: jax.Array
+    residual_norm: jax.Array
+    rayleigh: jax.Array
+
+
+class _InnerLoop(NamedTuple):
+    step: PyTree  # p_j
+    residual: PyTree  # r_j = A p_j + g
+    direction: PyTree  # d_j
+    rz: jax.Array  # <r_j, P r_j>
+    curvature: jax.Array  # <p_j, A p_j>
+    residual_norm: jax.Array
+    iteration: jax.Array
+    done: jax.Array
+    negative_curvature: jax.Array
+    nonfinite: jax.Array
+    rayleigh: jax.Array
+
+
+def truncated_cg(product, grad, damping, tolerance, max_iterations, apply_scales=None):
+    """Preconditioned CG on ``A p = -g``, ``A = H + damping I``, from ``p = 0``.
+
+    Nocedal & Wright (2006) Algorithm 5.3 with ``M^{-1} = diag(P)`` and the
+    truncation of their Algorithm 7.1: stop when ``||r||_2 <= tolerance``, after
+    ``max_iterations`` products, or at a direction of non-positive curvature
+    ``<d, A d> <= 0`` (keep the last iterate; at the first iteration, the
+    steepest-descent direction scaled by ``<g, Pg> / |<d, A d>|`` as scipy's
+    Newton-CG). A non-finite product stops the loop and sets ``nonfinite``.
+    One ``lax.while_loop``, one product per iteration.
+
+    Args:
+      product: ``v -> H v`` (pytree to pytree).
+      grad: the gradient ``g`` (pytree, arithmetic dtype).
+      damping: ``lambda``, scalar.
+      tolerance: absolute residual tolerance, scalar.
+      max_iterations: Python int >= 1.
+      apply_scales: ``tree -> P * tree`` or ``None`` (no preconditioning).
+
+    Returns:
+      An :class:`InnerSolve`.
+    """
+    precondition = (lambda t: t) if apply_scales is None else apply_scales
+    dtype = jnp.result_type(damping)
+    zeros = optax.tree.zeros_like(grad)
+    z0 = precondition(grad)
+    rz0 = _vdot(grad, z0).astype(dtype)
+    norm0 = jnp.sqrt(_vdot(grad, grad)).astype(dtype)
+
+    def damped(d):
+        hd = product(d)
+        return jax.tree.map(lambda h, d_: (h + damping * d_).astype(d_.dtype), hd, d)
+
+    tiny = jnp.finfo(dtype).tiny
+
+    def cond(s: _InnerLoop):
+        return ~s.done
+
+    def body(s: _InnerLoop):
+        ad = damped(s.direction)
+        dad = _vdot(s.direction, ad).astype(dtype)
+        nonfinite = ~jnp.isfinite(dad)
+        nonpositive = ~nonfinite & ~(dad > 0)
+        alpha = s.rz / jnp.where(dad > 0, dad, 1)
+        step = _add_scaled(s.step, alpha, s.direction)
+        residual = _add_scaled(s.residual, alpha, ad)
+        z = precondition(residual)
+        rz = _vdot(residual, z).astype(dtype)
+        beta = rz / jnp.where(s.rz > 0, s.rz, 1)
+        direction = jax.tree.map(lambda z_, d: (beta * d - z_).astype(d.dtype), z, s.direction)
+        residual_norm = jnp.sqrt(_vdot(residual, residual)).astype(dtype)
+        curvature = s.curvature + alpha * s.rz  # alpha^2 <d, A d>, A-conjugacy
+        stop = nonfinite | nonpositive
+        # Negative curvature at the very first direction: scaled steepest descent.
+        fallback = nonpositive & (s.iteration == 0)
+        scale = jnp.where(jnp.abs(dad) > tiny, s.rz / jnp.abs(dad), 1)
+        stopped_step = _select(fallback, _scale(scale, s.direction), s.step)
+        step = _select(stop, stopped_step, step)
+        stopped_curvature = jnp.where(fallback, scale * scale * dad, s.curvature)
+        curvature = jnp.where(stop, stopped_curvature, curvature)
+        iteration = s.iteration + 1
+        converged = residual_norm <= tolerance
+        return _InnerLoop(
+            step=step,
+            residual=_select(stop, s.residual, residual),
+            direction=_select(stop, s.direction, direction),
+            rz=jnp.where(stop, s.rz, rz),
+            curvature=curvature,
+            residual_norm=jnp.where(stop, s.residual_norm, residual_norm),
+            iteration=iteration,
+            done=stop | converged | (iteration >= max_iterations),
+            negative_curvature=nonpositive,
+            nonfinite=nonfinite,
+            rayleigh=dad / jnp.maximum(_vdot(s.direction, s.direction), tiny).astype(dtype),
+        )
+
+    init = _InnerLoop(
+        step=zeros,
+        residual=grad,
+        direction=_scale(-1.0, z0),
+        rz=rz0,
+        curvature=jnp.zeros([], dtype),
+        residual_norm=norm0,
+        iteration=jnp.zeros([], jnp.int32),
+        done=(norm0 <= tolerance) | ~jnp.isfinite(rz0),
+        negative_curvature=jnp.asarray(False),
+        nonfinite=~jnp.isfinite(rz0),
+        rayleigh=jnp.zeros([], dtype),
+    )
+    final = lax.while_loop(cond, body, init)
+    return InnerSolve(
+        step=final.step,
+        curvature=final.curvature,
+        products=final.iteration,
+        negative_curvature=final.negative_curvature,
+        nonfinite=final.nonfinite,
+        residual_norm=final.residual_norm,
+        rayleigh=final.rayleigh - damping,
+    )
+
+
+def _scale(factor, tree):
+    """``factor * tree``, each leaf keeping its dtype."""
+    return jax.tree.map(lambda x: (factor * x).astype(x.dtype), tree)
+
+
+def _add_scaled(tree, factor, other):
+    """``tree + factor * other``, each leaf keeping ``tree``'s dtype."""
+    return jax.tree.map(lambda x, y: (x + factor * y).astype(x.dtype), tree, other)
+
+
+def adapt_damping(
+    damping, ratio, predicted, moved, min_damping, max_damping, negative_curvature=0.0
+):
+    """Levenberg-Marquardt update of ``lambda`` from ``rho = actual / predicted``.
+
+    ``rho > 0.75``: ``lambda / 3``; ``rho < 0.25`` (or a model predicting no
+    decrease): ``2 lambda``; no step taken: ``4 lambda``; otherwise unchanged.
+    After an inner solve stopped by negative curvature, at least
+    ``negative_curvature`` (the magnitude ``-<d, H d> / ||d||^2`` of the curvature
+    found), so that the next damped system is positive along that direction.
+    (Measured on the Rosenbrock functions of ``tests/test_newton_cg.py``: this
+    cut the 2-D cost by a third; scipy's Newton-CG, undamped, falls back to
+    steepest descent there.) Clipped to ``[min_damping, max_damping]``. All
+    arguments are scalars.
+    """
+    trusted = predicted > 0
+    factor = jnp.where(
+        ~moved,
+        _DAMPING_FAILURE,
+        jnp.where(
+            trusted & (ratio > _RHO_GOOD),
+            _DAMPING_DECREASE,
+            jnp.where(trusted & (ratio >= _RHO_POOR), 1.0, _DAMPING_INCREASE),
+        ),
+    )
+    new = jnp.maximum(damping * factor, jnp.nan_to_num(negative_curvature))
+    return jnp.clip(new, min_damping, max_damping).astype(jnp.result_type(damping))
+
+
+# --------------------------------------------------------------------------- transformation
+
+_LINESEARCHES: dict[str, Callable[[], _ls.LineSearch]] = {
+    # Newton steps want the loose curvature condition of quasi-Newton methods
+    # (Nocedal & Wright 2006, section 3.1: c2 = 0.9).
+    "wolfe": lambda: _ls.wolfe_linesearch(c2=0.9),
+    "golden": _ls.golden_section_linesearch,
+}
+
+
+_INITIAL_STEP_RULES = ("unit", "quadratic")
+
+
+def _resolve_linesearch(linesearch) -> _ls.LineSearch:
+    if isinstance(linesearch, _ls.LineSearch):
+        return linesearch
+    if isinstance(linesearch, str) and linesearch in _LINESEARCHES:
+        return _LINESEARCHES[linesearch]()
+    raise ValueError(
+        f"`linesearch` must be one of {sorted(_LINESEARCHES)} or a twophase.LineSearch, "
+        f"got {linesearch!r}."
+    )
+
+
+def _positive_finite(name: str, value: Any) -> float:
+    checked = concrete(value)
+    if (
+        isinstance(checked, bool)
+        or not isinstance(checked, (int, float))
+        or not (0 < checked < math.inf)
+    ):
+        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
+    return float(checked)
+
+
+def _open_unit(name: str, value: Any) -> float:
+    checked = concrete(value)
+    if isinstance(checked, bool) or not isinstance(checked, (int, float)) or not 0 < checked < 1:
+        raise ValueError(f"`{name}` must be in (0, 1), got {value!r}.")
+    return float(checked)
+
+
+def newton_cg(
+    linesearch: str | _ls.LineSearch = "wolfe",
+    *,
+    curvature: str = "hessian",
+    forcing: str | float = "sqrt",
+    eta_max: float = 0.5,
+    max_inner_iterations: int = 100,
+    damping: float = 1e-3,
+    min_damping: float = 1e-10,
+    max_damping: float = 1e10,
+    preconditioner: PyTree | Callable[[PyTree, NewtonCGState], PyTree] | str | None = None,
+    grad_tol: float = 0.0,
+    initial_step: str = "quadratic",
+) -> optax.GradientTransformationExtraArgs:
+    """Full-batch Hessian-free Newton-CG with damping and a line search.
+
+    Each ``update`` call is one outer iteration: an inexact solve of
+    ``(H + lambda I) p = -g`` by (preconditioned) linear CG on Hessian-vector
+    products (:func:`truncated_cg`), a line search along ``p`` from the Newton
+    step ``1``, an update of ``lambda`` (:func:`adapt_damping`), and the
+    returned update ``step * p`` to add with :func:`optax.apply_updates`.
+
+    Calling convention and contract: as :func:`twophase.nonlinear_cg`. Call
+    ``update(updates, state, params, value_fn=f)`` with ``f(params)`` the full
+    objective (a scalar); ``updates`` are ignored. The value and gradient at
+    the accepted point are cached in the state and reused by the next call,
+    which therefore assumes the parameters were advanced by exactly the
+    returned update and the objective did not change (else re-``init``).
+
+    Inner solve. Forcing (``forcing``, :func:`forcing_term`): stop at
+    ``||r|| <= eta ||g||`` (Nocedal & Wright 2006, (7.3); Eisenstat & Walker
+    1996), or after ``max_inner_iterations`` products. Negative curvature
+    (``<d, (H + lambda I) d> <= 0``, Steihaug-style): stop and use the last
+    iterate, or scaled steepest descent at the first inner iteration; counted
+    in ``negative_curvature``.
+
+    Damping (Levenberg-Marquardt): ``rho`` = actual decrease / decrease
+    predicted by the undamped model ``m(a p) = f + a <g, p> + a^2/2 <p, H p>`` at
+    the accepted step ``a``; ``rho > 0.75`` divides ``lambda`` by 3, ``rho <
+    0.25`` doubles it, a failed or rejected step multiplies it by 4, within
+    ``[min_damping, max_damping]``; after negative curvature, ``lambda`` is at
+    least the magnitude of the curvature found.
+
+    Rejected steps: a non-finite curvature product, step or slope, a direction
+    that is not a descent direction, or a ``state.damping`` that is not
+    positive and finite: the update is zero, ``rejected_steps`` and
+    ``consecutive_failures`` count it (``nonfinite_events`` too when
+    something was not finite), nothing is evaluated; a bad damping is reset
+    to ``damping``. A non-finite value or gradient at the current point gives a
+    zero update as well (``nonfinite_events``). A failed line search leaves the
+    parameters where they are and raises the damping, so that the next call
+    tries a different (shorter, more gradient-like) step.
+
+    Cost per outer iteration: the inner solve's products
+    (``hessian_vector_products``, each about :data:`HVP_COST` evaluations of
+    wall time) plus the line search's evaluations (usually 1: the Newton step
+    is accepted).
+
+    Memory: one parameter-sized buffer in the state (two with a stored
+    preconditioner), five more transiently in the inner solve; see
+    :class:`NewtonCGState`.
+
+    Args:
+      linesearch: ``"wolfe"`` (:func:`twophase.wolfe_linesearch` with ``c2=0.9``,
+        the quasi-Newton value), ``"golden"``, or a :class:`twophase.LineSearch`.
+      curvature: ``"hessian"`` (forward-over-reverse Hessian-vector products,
+        ``jax.jvp`` of ``jax.grad``) or ``"gauss_newton"`` (``value_fn`` must be
+        a :func:`gauss_newton_objective`; products ``w J^T J v``).
+      forcing: ``"sqrt"``, ``"eisenstat_walker"`` or a constant in ``(0, 1)``
+        (see :func:`forcing_term`).
+      eta_max: largest forcing term, in ``(0, 1)``.
+      max_inner_iterations: cap on products per inner solve, an int ``>= 1``.
+        100 by default: on ``benchmarks/cg_suite.py --newton-cg`` a cap of 50
+        cost 1.28x scipy's products on the 1000-dimensional quadratic of
+        condition 1e4 (every solve truncated), 100 and 250 0.97x and 0.92x, and
+        no other problem changed.
+      damping: initial ``lambda > 0``. It is an absolute shift of the Hessian's
+        eigenvalues, so its right size depends on the objective's scale; the
+        adaptation corrects it within a few iterations (a factor 3 down per
+        good step). Measured on ``benchmarks/cg_suite.py --newton-cg``: 1e-6
+        made the MLP problem 1.7x cheaper and the trigonometric one 1.2x dearer
+        than the default 1e-3; 0.1 the reverse, worse.
+      min_damping: lower bound of ``lambda``, ``0 < min_damping <= damping``.
+      max_damping: upper bound, ``>= damping``.
+      preconditioner: ``None``; a pytree of positive scales ``P`` (an
+        approximate inverse Hessian diagonal) stored in the state; ``"state"``
+        to store ones, to be replaced with :func:`twophase.set_preconditioner`
+        (the handover of Adam's second moments, as for ``nonlinear_cg``); or a
+        callable ``(params, state) -> P`` evaluated every iteration.
+      grad_tol: while ``||g||_2 <= grad_tol`` the update is zero and nothing
+        is computed beyond the (cached) gradient.
+      initial_step: first trial step of the line search. ``"unit"``: the
+        Newton step ``1``; ``"quadratic"`` (default, as scipy's Newton-CG):
+        ``min(1, 1.01 * 2 (f_{k-1} - f_k) / -<g_k, p_k>)``, which on the
+        Rosenbrock functions of ``tests/test_newton_cg.py`` halved the
+        line-search evaluations (long Newton steps across a curved valley) and
+        still tries ``1`` near a minimiser, where the ratio tends to 2.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Raises:
+      ValueError: an unknown ``linesearch``, ``curvature``, ``forcing`` rule or
+        ``preconditioner`` string; ``forcing`` or ``eta_max`` outside
+        ``(0, 1)``; ``max_inner_iterations < 1``; a ``damping``,
+        ``min_damping`` or ``max_damping`` that is not positive and finite or
+        out of order; a negative ``grad_tol``; an unknown ``initial_step`` (at
+        construction).
+      TypeError: ``update`` called without ``value_fn``, or with one that is not
+        a :func:`gauss_newton_objective` under ``curvature="gauss_newton"``.
+    """
+    search = _resolve_linesearch(linesearch)
+    if curvature not in CURVATURES:
+        raise ValueError(f"`curvature` must be one of {list(CURVATURES)}, got {curvature!r}.")
+    if isinstance(forcing, str):
+        if forcing not in FORCING_RULES:
+            raise ValueError(
+                f"`forcing` must be one of {list(FORCING_RULES)} or a number in (0, 1), "
+                f"got {forcing!r}."
+            )
+        forcing_rule: str | float = forcing
+    else:
+        forcing_rule = _open_unit("forcing", forcing)
+    eta_cap = _open_unit("eta_max", eta_max)
+    inner_cap = concrete(max_inner_iterations)
+    if not isinstance(inner_cap, int) or isinstance(inner_cap, bool) or inner_cap < 1:
+        raise ValueError(
+            f"`max_inner_iterations` must be an int >= 1, got {max_inner_iterations!r}."
+        )
+    lam0 = _positive_finite("damping", damping)
+    lam_min = _positive_finite("min_damping", min_damping)
+    lam_max = _positive_finite("max_damping", max_damping)
+    if not lam_min <= lam0 <= lam_max:
+        raise ValueError(
+            "`damping` must lie in [`min_damping`, `max_damping`], got "
+            f"damping={damping!r}, min_damping={min_damping!r}, max_damping={max_damping!r}."
+        )
+    tol = concrete(grad_tol)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+        raise ValueError(f"`grad_tol` must be a finite number >= 0, got {grad_tol!r}.")
+    if isinstance(preconditioner, str) and preconditioner != "state":
+        raise ValueError(
+            "`preconditioner` must be None, 'state', a pytree or a callable, "
+            f"got {preconditioner!r}."
+        )
+    if initial_step not in _INITIAL_STEP_RULES:
+        raise ValueError(
+            f"`initial_step` must be one of {list(_INITIAL_STEP_RULES)}, got {initial_step!r}."
+        )
+    stored_preconditioner = preconditioner is not None and not callable(preconditioner)
+
+    def init_fn(params):
+        dtype = _scalar_dtype(params)
+        if not stored_preconditioner:
+            stored = None
+        elif isinstance(preconditioner, str):
+            stored = _to_compute(optax.tree.ones_like(params))
+        else:
+            stored = jax.tree.map(
+                lambda p, x: jnp.broadcast_to(jnp.asarray(p, compute_dtype(x.dtype)), x.shape),
+                preconditioner,
+                params,
+            )
+        int_zero = jnp.zeros([], jnp.int32)
+        return NewtonCGState(
+            value=jnp.asarray(jnp.inf, dtype),
+            grad=_to_compute(optax.tree.zeros_like(params)),
+            preconditioner=stored,
+            damping=jnp.asarray(lam0, dtype),
+            eta=jnp.asarray(eta_cap, dtype),
+            grad_norm_prev=jnp.asarray(jnp.inf, dtype),
+            value_prev=jnp.asarray(jnp.inf, dtype),
+            step=jnp.zeros([], dtype),
+            ratio=jnp.zeros([], dtype),
+            iterations=int_zero,
+            value_and_grad_evals=int_zero,
+            hessian_vector_products=int_zero,
+            negative_curvature=int_zero,
+            linesearch_failures=int_zero,
+            rejected_steps=int_zero,
+            consecutive_failures=int_zero,
+            nonfinite_events=int_zero,
+        )
+
+    def curvature_product(value_fn, params):
+        """``v -> H v`` (or ``G v``) in the arithmetic dtype, ``v`` cast to the
+        parameters' dtypes on the way in."""
+        if curvature == "gauss_newton":
+            raw = value_fn.product(params)
+        else:
+            raw = hessian_product(value_fn, params)
+
+        def product(v):
+            v = jax.tree.map(lambda t, p: t.astype(jnp.result_type(p)), v, params)
+            return _to_compute(raw(v))
+
+        return product
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        del extra_args
+        if value_fn is None:
+            raise TypeError(
+                "newton_cg.update requires the keyword argument `value_fn` "
+                "(params -> full-batch objective, a scalar)."
+            )
+        if curvature == "gauss_newton" and not isinstance(value_fn, GaussNewtonObjective):
+            raise TypeError(
+                "newton_cg(curvature='gauss_newton') requires `value_fn` built by "
+                f"twophase.gauss_newton_objective(residual_fn), got {value_fn!r}."
+            )
+        if params is None and jax.tree.leaves(updates):
+            raise TypeError("newton_cg.update requires `params`.")
+        del updates
+        dtype = state.value.dtype
+        value_and_grad = as_value_and_grad(value_fn, params)
+        int_one = jnp.ones([], jnp.int32)
+        int_zero = jnp.zeros([], jnp.int32)
+
+        # Stage 1: value and gradient here (cached by the previous line search).
+        def evaluate_here(_):
+            value, grad = value_and_grad(params)
+            return value.astype(dtype), _to_compute(grad), int_one
+
+        cached = jnp.isfinite(state.value)
+        value, grad, new_evals = lax.cond(
+            cached, lambda _: (state.value, state.grad, int_zero), evaluate_here, None
+        )
+        evals = state.value_and_grad_evals + new_evals
+
+        if state.preconditioner is not None:
+            scales = state.preconditioner
+        elif callable(preconditioner):
+            scales = _to_compute(preconditioner(params, state))
+        else:
+            scales = None
+        apply_scales = None if scales is None else (lambda t: optax.tree.mul(scales, t))
+
+        grad_norm = jnp.sqrt(_vdot(grad, grad)).astype(dtype)
+        finite_here = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+        converged = grad_norm <= jnp.asarray(grad_tol, dtype)
+        damping_ok = jnp.isfinite(state.damping) & (state.damping > 0)
+
+        def newton_branch(_):
+            lam = state.damping
+            # Stage 2: forcing term.
+            eta = forcing_term(forcing_rule, eta_cap, grad_norm, state.grad_norm_prev, state.eta)
+            # Stage 3: inner solve.
+            inner = truncated_cg(
+                curvature_product(value_fn, params),
+                grad,
+                lam,
+                eta * grad_norm,
+                inner_cap,
+                apply_scales,
+            )
+            direction = inner.step
+            slope = _vdot(grad, direction).astype(dtype)
+            model_curvature = inner.curvature - lam * _vdot(direction, direction).astype(dtype)
+            finite_step = ~inner.nonfinite & jnp.isfinite(slope) & jnp.isfinite(model_curvature)
+            usable = finite_step & (slope < 0)
+
+            # Stage 4: line search from the Newton step.
+            def evaluate(step):
+                delta = _scaled_update(step, direction, params)
+                f, g = value_and_grad(optax.apply_updates(params, delta))
+                g = _to_compute(g)
+                return f.astype(dtype), g, _vdot(g, direction).astype(dtype)
+
+            one = jnp.ones([], dtype)
+            if initial_step == "quadratic":
+                guess = 1.01 * 2.0 * (state.value_prev - value) / -slope
+                trial = jnp.where(jnp.isfinite(guess) & (guess > 0), jnp.minimum(one, guess), one)
+            else:
+                trial = one
+
+            def search_branch(_):
+                return search.search(evaluate, value, grad, slope, trial.astype(dtype))
+
+            def skip_branch(_):
+                return _ls.LineSearchResult(
+                    step=jnp.zeros([], dtype),
+                    value=value,
+                    grad=grad,
+                    slope=jnp.where(jnp.isfinite(slope), slope, 0).astype(dtype),
+                    evaluations=int_zero,
+                    failed=jnp.asarray(True),
+                    converged=jnp.asarray(False),
+                )
+
+            result = lax.cond(usable, search_branch, skip_branch, None)
+            moved = usable & ~result.failed
+            step = jnp.where(moved, result.step, 0).astype(dtype)
+
+            # Stage 5: damping from the reduction ratio.
+            predicted = -(step * slope + 0.5 * step * step * model_curvature)
+            actual = value - result.value
+            ratio = jnp.where(moved & (predicted > 0), actual / predicted, 0).astype(dtype)
+            new_damping = adapt_damping(
+                lam,
+                ratio,
+                predicted,
+                moved,
+                lam_min,
+                lam_max,
+                negative_curvature=jnp.where(inner.negative_curvature, -inner.rayleigh, 0),
+            )
+
+            delta = _scaled_update(step, direction, params)
+            failed = ~moved
+            new_state = state._replace(
+                value=jnp.where(moved, result.value, value).astype(dtype),
+                grad=_select(moved, result.grad, grad),
+                value_prev=jnp.where(moved, value, state.value_prev).astype(dtype),
+                damping=new_damping,
+                eta=eta,
+                grad_norm_prev=grad_norm,
+                step=step,
+                ratio=ratio,
+                iterations=state.iterations + 1,
+                value_and_grad_evals=evals + result.evaluations,
+                hessian_vector_products=state.hessian_vector_products + inner.products,
+                negative_curvature=state.negative_curvature
+                + inner.negative_curvature.astype(jnp.int32),
+                linesearch_failures=state.linesearch_failures
+                + (usable & result.failed).astype(jnp.int32),
+                rejected_steps=state.rejected_steps + (~usable).astype(jnp.int32),
+                consecutive_failures=jnp.where(failed, state.consecutive_failures + 1, 0),
+                nonfinite_events=state.nonfinite_events + (~finite_step).astype(jnp.int32),
+            )
+            return delta, new_state
+
+        def hold_branch(_):
+            # Converged, or nothing finite to work with: do not move.
+            new_state = state._replace(
+                value=jnp.where(finite_here, value, jnp.inf).astype(dtype),
+                grad=_select(finite_here, grad, state.grad),
+                value_and_grad_evals=evals,
+                nonfinite_events=state.nonfinite_events + (~finite_here).astype(jnp.int32),
+                consecutive_failures=state.consecutive_failures + (~finite_here).astype(jnp.int32),
+            )
+            return optax.tree.zeros_like(params), new_state
+
+        def reject_branch(_):
+            # The damping in the state is not positive and finite (set from outside):
+            # reject this step, count it, and restart the damping from its initial value.
+            new_state = state._replace(
+                value=value,
+                grad=grad,
+                damping=jnp.asarray(lam0, dtype),
+                value_and_grad_evals=evals,
+                iterations=state.iterations + 1,
+                rejected_steps=state.rejected_steps + 1,
+                consecutive_failures=state.consecutive_failures + 1,
+                nonfinite_events=state.nonfinite_events
+                + (~jnp.isfinite(state.damping)).astype(jnp.int32),
+            )
+            return optax.tree.zeros_like(params), new_state
+
+        branch = jnp.where(finite_here & ~converged, jnp.where(damping_ok, 2, 1), 0)
+        delta, new_state = lax.switch(branch, (hold_branch, reject_branch, newton_branch), None)
+        # A NaN never reaches the parameters.
+        return _zero_if_nonfinite(delta), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
