@@ -5,13 +5,15 @@ strict_budget=True)`` on the same seeded mini-batch schedule, so they are compar
 in epoch-equivalents (a mini-batch epoch costs 1, a full-batch value+grad evaluation costs 1;
 ``tp.train``'s accounting). Methods:
 
-* ``adam``: ``optax.adam`` at the best learning rate of the problem's sweep (used by every method);
-* ``best split``: ``tp.adam_cg(detector=switch_at(k epochs))`` for k on a geometric grid from 1 epoch
-  to 90% of the budget, the best in hindsight (an oracle), and its preconditioned twin;
+* ``adam``: ``optax.adam`` at the best learning rate of the problem's sweep (used by every
+  method; ``--sweep-budget B`` sweeps once at budget B and reuses the rate at every budget);
+* ``best split``: ``tp.adam_cg(detector=switch_at(k epochs))`` for k on a geometric grid from 1
+  epoch to 90% of the budget, the best in hindsight (an oracle); ``best split precond``: the
+  same with ``precondition=True`` at that split and at 90%, the better of the two;
 * ``paper rule``: ``grad_norm_peak(0.9)`` on the exact full-batch norm once per epoch (Algorithm 1);
 * ``old default``: ``loss_plateau`` (the previous default, one-way);
 * ``new default``: ``tp.adam_cg(lr, window=steps per epoch)`` with no detector, i.e.
-  ``tp.safe_resort``, told the budget by ``tp.train``; also ``tp.adam_lbfgs``'s default.
+  ``tp.safe_resort``, told the budget by ``tp.train``; with ``--lbfgs`` also ``tp.adam_lbfgs``'s.
 
 Two cost axes. The primary ratio is the final full-batch training loss over Adam's at equal
 epoch-equivalents. The wall-clock ratio is each method's loss at Adam's total wall time over
@@ -26,11 +28,13 @@ to capture), must be at least 0.5; no harm: every new-default ratio at most 1.03
 Usage::
 
     python benchmarks/policy.py [--budgets 100 300] [--problems NAME ...] [--splits N]
+        [--sweep-budget B] [--lbfgs] [--save FILE.jsonl] [--report FILE.jsonl ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from collections.abc import Callable
@@ -109,8 +113,10 @@ def split_epochs(budget: int, count: int) -> list[int]:
     return sorted({max(1, round(k)) for k in grid})
 
 
-def methods(lr: float, spe: int) -> dict[str, Callable[[], optax.GradientTransformation]]:
-    return {
+def methods(
+    lr: float, spe: int, lbfgs: bool
+) -> dict[str, Callable[[], optax.GradientTransformation]]:
+    chosen = {
         "paper rule": lambda: tp.adam_cg(lr, window=spe, detector=tp.grad_norm_peak(0.9, spe)),
         "old default": lambda: tp.adam_cg(
             lr,
@@ -120,12 +126,17 @@ def methods(lr: float, spe: int) -> dict[str, Callable[[], optax.GradientTransfo
         "new default": lambda: tp.adam_cg(lr, window=spe),
         "new default (L-BFGS)": lambda: tp.adam_lbfgs(lr, window=spe),
     }
+    if not lbfgs:
+        del chosen["new default (L-BFGS)"]
+    return chosen
 
 
-def evaluate(problem, budget: int, n_splits: int) -> dict:
+def evaluate(problem, budget: int, n_splits: int, lr: float | None, lbfgs: bool) -> dict:
+    """All methods on one problem at one budget; ``lr=None`` sweeps the problem's rates."""
     start = time.perf_counter()
     spe = problem.steps_per_epoch
-    adam = {lr: run(problem, optax.adam(lr), budget) for lr in problem.learning_rates}
+    rates = problem.learning_rates if lr is None else (lr,)
+    adam = {rate: run(problem, optax.adam(rate), budget) for rate in rates}
     lr = min(adam, key=lambda k: adam[k]["loss"])
     results = {"adam": adam[lr]}
     splits = {
@@ -140,11 +151,11 @@ def evaluate(problem, budget: int, n_splits: int) -> dict:
             tp.adam_cg(lr, window=spe, detector=tp.switch_at(k * spe), precondition=True),
             budget,
         )
-        for k in sorted({split_epochs(budget, n_splits)[0], best, round(0.9 * budget)})
+        for k in sorted({best, round(0.9 * budget)})
     }
     best_pre = min(pre, key=lambda k: pre[k]["loss"])
     results[f"best split precond ({best_pre})"] = pre[best_pre]
-    for name, make in methods(lr, spe).items():
+    for name, make in methods(lr, spe, lbfgs).items():
         results[name] = run(problem, make(), budget)
     return {
         "problem": problem.name,
@@ -201,7 +212,9 @@ def tables(reports: list[dict]) -> tuple[str, str]:
                 _r(rep["results"]["paper rule"]["loss"] / adam["loss"]),
                 _r(rep["results"]["old default"]["loss"] / adam["loss"]),
                 _r(new),
-                _r(rep["results"]["new default (L-BFGS)"]["loss"] / adam["loss"]),
+                _r(rep["results"]["new default (L-BFGS)"]["loss"] / adam["loss"])
+                if "new default (L-BFGS)" in rep["results"]
+                else "-",
                 f"{capture:.2f}",
             ]
         )
@@ -243,18 +256,47 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=int, nargs="+", default=[100, 300])
     parser.add_argument("--problems", nargs="+", default=None)
-    parser.add_argument("--splits", type=int, default=8, help="fixed splits per problem")
+    parser.add_argument("--splits", type=int, default=5, help="fixed splits per problem")
+    parser.add_argument(
+        "--sweep-budget",
+        type=int,
+        default=None,
+        help="choose each problem's Adam learning rate by a sweep at this budget and reuse it "
+        "at every budget (default: sweep at every budget)",
+    )
+    parser.add_argument("--lbfgs", action="store_true", help="also adam_lbfgs's default")
+    parser.add_argument("--save", default=None, help="append each report as a JSON line here")
+    parser.add_argument(
+        "--report", nargs="+", default=None, help="only print the tables of saved JSON lines"
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        reports = [json.loads(line) for path in args.report for line in open(path)]
+        summary, full = tables(reports)
+        print(f"\n`{command_line()}`\n\n## Summary\n\n{summary}\n\n## All runs\n\n{full}")
+        return
     chosen = [p for p in problems() if args.problems is None or p.name in args.problems]
     if not chosen:
         parser.error(f"--problems: none of {args.problems} is known")
     jax.config.update("jax_platforms", "cpu")
+    rates: dict[str, float] = {}
+    if args.sweep_budget is not None:
+        for problem in chosen:
+            adam = {
+                rate: run(problem, optax.adam(rate), args.sweep_budget)["loss"]
+                for rate in problem.learning_rates
+            }
+            rates[problem.name] = min(adam, key=adam.get)
+            print(f"# {problem.name}: lr {rates[problem.name]} (sweep at {args.sweep_budget})")
     reports = []
     for budget in args.budgets:
         for problem in chosen:
-            rep = evaluate(problem, budget, args.splits)
+            rep = evaluate(problem, budget, args.splits, rates.get(problem.name), args.lbfgs)
             reports.append(rep)
             print(f"# {problem.name} budget {budget}: {rep['seconds']:.0f} s", flush=True)
+            if args.save:
+                with open(args.save, "a") as f:
+                    f.write(json.dumps(rep) + "\n")
     summary, full = tables(reports)
     print(f"\n`{command_line()}`\n\n## Summary\n\n{summary}\n\n## All runs\n\n{full}")
 

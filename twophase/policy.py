@@ -105,8 +105,8 @@ class SafeResortState(NamedTuple):
       trial_pace: float32, the trial's pace: its decrease of ``log(value -
         floor)`` since the reference point per epoch-equivalent.
       trials: int32, trials started (switches).
-      polish_after: float32, cost before which no late polish starts (set after
-        a polish ended in failures).
+      polish_after: float32, cost before which no late polish starts (``inf``
+        once a polish was returned from).
       trial_spent: float32, cost spent in trials that were returned from.
     """
 
@@ -217,10 +217,11 @@ def safe_resort(
     * **Failures**: a non-finite step ends a trial; so do ``max_failures``
       consecutive failed iterations while the trial is behind (ahead, they
       are taken as convergence to float resolution, and the phase stays).
-    * **Late polish** (budget known): from ``polish`` of the budget the second
-      phase runs to the end (only failures return), because measured at equal
-      cost a final full-batch polish paid off wherever Adam had slowed
-      (``benchmarks/RESULTS.md``).
+    * **Late polish** (budget known): from ``polish`` of the budget a last
+      trial starts whatever the waits and ``explore`` say, because measured at
+      equal cost a final full-batch polish paid off wherever Adam had slowed
+      (``benchmarks/RESULTS.md``). It is judged like any trial; one that is
+      returned from is not tried again.
 
     With no budget (``budget=None`` and no ``cost_budget`` in
     :func:`twophase.train`) there is no late polish, the first trial comes
@@ -379,8 +380,7 @@ def safe_resort(
         # Behind: the trial has gained less since its reference point than Adam
         # would have at its pace from the switch.
         behind = ~(reference_log - log_value >= state.adam_pace * spent)
-        polishing = jnp.isfinite(state.budget) & (cost_now >= polish * state.budget)
-        loses = judged & behind & ~polishing
+        loses = judged & behind
         # Failures of a trial that is ahead are taken as convergence: it stays.
         failed = ~finite | ~jnp.isfinite(log_value) | ((failures >= max_failures) & behind)
         back = loses | failed
@@ -397,7 +397,7 @@ def safe_resort(
         del params
         in_polish = jnp.isfinite(state.budget) & (state.cost >= polish * state.budget)
         return state._replace(
-            polish_after=jnp.where(in_polish, state.cost + state.wait, state.polish_after),
+            polish_after=jnp.where(in_polish, jnp.inf, state.polish_after),
             trial_spent=state.trial_spent + state.cost - state.trial_start,
             loss_sum=jnp.zeros([], f32),
             loss_count=jnp.zeros([], f32),
