@@ -208,3 +208,23 @@ def test_train_rejects_a_bad_budget():
     params = pinn.init_mlp(jax.random.PRNGKey(0), (4,))
     with pytest.raises(ValueError, match="budget"):
         pinn.train(pinn.make_loss(problem, points), params, optax.adam(1e-3), budget=0)
+
+
+def test_hyperparameter_sweeps_compile_once():
+    problem = pinn.make_problem("reaction")
+    points = pinn.collocation(problem, **SMALL)
+    params = pinn.init_mlp(jax.random.PRNGKey(0), (4,))
+    loss_fn = pinn.make_loss(problem, points)
+
+    def make(h):
+        return tp.adam_cg(h["lr"], detector=tp.switch_at(h["switch"]))
+
+    runs = [
+        pinn.train(loss_fn, params, make, budget=budget, log_points=2, hyperparams=h)
+        for budget, h in [(12, {"lr": 1e-2, "switch": 3}), (15, {"lr": 3e-2, "switch": 6})]
+    ]
+    assert runs[0].compile_seconds > 0 and runs[1].compile_seconds == 0
+    assert [r.switch_cost for r in runs] == [3, 6]
+    assert runs[0].cost[-1] <= 12 and 10 < runs[1].cost[-1] <= 15
+    with pytest.raises(ValueError, match="optimizer"):
+        pinn.train(loss_fn, params, optax.adam(1e-3), budget=5, hyperparams={"lr": 1.0})

@@ -484,10 +484,11 @@ def _step_fn(value_fn: Callable[[Params], jax.Array], optimizer, kind: str):
 def train(
     loss_fn: Callable[[Params], tuple[jax.Array, Mapping[str, jax.Array]]],
     params: Params,
-    optimizer: optax.GradientTransformation,
+    optimizer: optax.GradientTransformation | Callable[[Any], optax.GradientTransformation],
     *,
     budget: int,
     log_points: int = 50,
+    hyperparams: Any = None,
 ) -> TrainLog:
     """Full-batch training of ``params`` at a strict budget of ``budget`` evaluations.
 
@@ -502,15 +503,24 @@ def train(
     also stops after ``4 * budget`` steps (steps that evaluate nothing, e.g. at a stationary
     point).
 
-    The loop runs in a jitted ``lax.while_loop`` in ``log_points`` chunks of about equal cost;
-    after each, the loss terms are measured (not counted).
+    The loop runs in a compiled ``lax.while_loop`` in ``log_points`` chunks of about equal
+    cost; after each, the loss terms are measured (not counted).
+
+    **Sweeps without recompiling**: with ``hyperparams`` (a pytree of numbers), ``optimizer``
+    is a function ``hyperparams -> transformation``, called with traced hyperparameters inside
+    the compiled loop (e.g. ``lambda h: twophase.adam_cg(h["lr"],
+    detector=twophase.switch_at(h["switch"]))``). Compiled loops are cached per ``loss_fn``,
+    ``optimizer`` (by identity) and shapes, so runs that differ only in ``hyperparams`` or
+    ``budget`` compile once.
 
     Args:
       loss_fn: ``params -> (total, terms)``, e.g. :func:`make_loss`'s.
       params: initial parameters.
-      optimizer: an optax transformation (see above).
+      optimizer: an optax transformation (see above), or with ``hyperparams`` a function
+        returning one.
       budget: evaluations allowed, a positive int.
       log_points: how many times to log along the way (plus the start).
+      hyperparams: ``None``, or the arguments of ``optimizer``.
 
     Returns:
       A :class:`TrainLog`.
@@ -519,16 +529,87 @@ def train(
         raise ValueError(f"`budget` must be a positive int, got {budget!r}.")
     if isinstance(log_points, bool) or not isinstance(log_points, int) or log_points < 1:
         raise ValueError(f"`log_points` must be a positive int, got {log_points!r}.")
-    value_fn = lambda p: loss_fn(p)[0]
-    state = optax.with_extra_args_support(optimizer).init(params)
+    if hyperparams is None:
+        make, hyperparams = (lambda _: optimizer), {}
+    elif not callable(optimizer):
+        raise ValueError("with `hyperparams`, `optimizer` must be a function returning one.")
+    else:
+        make = optimizer
+    hyperparams = jax.tree.map(jnp.asarray, hyperparams)
+    state = optax.with_extra_args_support(make(hyperparams)).init(params)
     kind = _kind(state)
-    step = _step_fn(value_fn, optimizer, kind)
-    max_steps = 4 * budget
+    zero = jnp.zeros([], jnp.int32)
+    carry = (params, state, zero, zero, jnp.zeros([], bool), jnp.full([], -1, jnp.int32))
+    args = (carry, zero, zero, hyperparams)
+    key = (loss_fn, optimizer, kind, _signature(args))
+    compile_seconds = 0.0
+    if key not in _COMPILED:
+        started = time.perf_counter()
+        _COMPILED[key] = jax.jit(_advance_fn(loss_fn, make, kind)).lower(*args).compile()
+        compile_seconds = time.perf_counter() - started
+    compiled = _COMPILED[key]
+    measure = jax.jit(loss_fn)
 
-    def advance(carry, target):
+    log: dict[str, Any] = {"cost": [0], "loss": [], "terms": {}, "phase": []}
+
+    def record(params, phase):
+        total, terms = jax.device_get(measure(params))
+        log["loss"].append(float(total))
+        for name, value in terms.items():
+            log["terms"].setdefault(name, []).append(float(value))
+        log["phase"].append(phase)
+
+    record(params, 0)
+    wall = 0.0
+    budget_arg = jnp.asarray(budget, jnp.int32)
+    targets = np.unique(np.linspace(0, budget, log_points + 1).round().astype(int)[1:])
+    for target in targets:
+        started = time.perf_counter()
+        carry = compiled(carry, jnp.asarray(target, jnp.int32), budget_arg, hyperparams)
+        jax.block_until_ready(carry)
+        wall += time.perf_counter() - started
+        params, state, cost, steps, done, _ = carry
+        phase = int(tp.info(state).phase) if kind == "two_phase" else int(kind == "cg")
+        log["cost"].append(int(cost))
+        record(params, phase)
+        if bool(done) or int(steps) >= 4 * budget:
+            break
+    params, state, _, steps, _, switch_cost = carry
+    switch = int(switch_cost)
+    return TrainLog(
+        params=params,
+        state=state,
+        cost=np.asarray(log["cost"]),
+        loss=np.asarray(log["loss"]),
+        terms={k: np.asarray(v) for k, v in log["terms"].items()},
+        phase=np.asarray(log["phase"]),
+        switch_cost=None if switch < 0 else float(switch),
+        steps=int(steps),
+        wall_seconds=wall,
+        compile_seconds=compile_seconds,
+    )
+
+
+_COMPILED: dict[Any, Any] = {}
+"""Compiled training loops of :func:`train`, by (loss_fn, optimizer, kind, argument shapes)."""
+
+
+def _signature(tree: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
+
+
+def _advance_fn(loss_fn, make, kind: str):
+    """``(carry, target, budget, hyperparams) -> carry``: steps until the cost reaches
+    ``target``, a step would exceed ``budget`` (discarded; ``done``) or ``4 * budget`` steps."""
+    value_fn = lambda p: loss_fn(p)[0]
+
+    def advance(carry, target, budget, hyperparams):
+        step = _step_fn(value_fn, make(hyperparams), kind)
+
         def cond(carry):
             _, _, cost, steps, done, _ = carry
-            return (cost < target) & ~done & (steps < max_steps)
+            return (cost < target) & ~done & (steps < 4 * budget)
 
         def body(carry):
             params, state, cost, steps, _, switch_cost = carry
@@ -548,46 +629,4 @@ def train(
 
         return lax.while_loop(cond, body, carry)
 
-    measure = jax.jit(loss_fn)
-    zero = jnp.zeros([], jnp.int32)
-    carry = (params, state, zero, zero, jnp.zeros([], bool), jnp.full([], -1, jnp.int32))
-    started = time.perf_counter()
-    compiled = jax.jit(advance).lower(carry, zero).compile()
-    compile_seconds = time.perf_counter() - started
-
-    def record(params, carry_phase):
-        total, terms = jax.device_get(measure(params))
-        log["loss"].append(float(total))
-        for name, value in terms.items():
-            log["terms"].setdefault(name, []).append(float(value))
-        log["phase"].append(carry_phase)
-
-    log: dict[str, Any] = {"cost": [0], "loss": [], "terms": {}, "phase": []}
-    record(params, 0)
-    wall = 0.0
-    targets = np.unique(np.linspace(0, budget, log_points + 1).round().astype(int)[1:])
-    for target in targets:
-        started = time.perf_counter()
-        carry = compiled(carry, jnp.asarray(target, jnp.int32))
-        jax.block_until_ready(carry)
-        wall += time.perf_counter() - started
-        params, state, cost, steps, done, _ = carry
-        phase = int(tp.info(state).phase) if kind == "two_phase" else int(kind == "cg")
-        log["cost"].append(int(cost))
-        record(params, phase)
-        if bool(done) or int(steps) >= max_steps:
-            break
-    params, state, _, steps, _, switch_cost = carry
-    switch = int(switch_cost)
-    return TrainLog(
-        params=params,
-        state=state,
-        cost=np.asarray(log["cost"]),
-        loss=np.asarray(log["loss"]),
-        terms={k: np.asarray(v) for k, v in log["terms"].items()},
-        phase=np.asarray(log["phase"]),
-        switch_cost=None if switch < 0 else float(switch),
-        steps=int(steps),
-        wall_seconds=wall,
-        compile_seconds=compile_seconds,
-    )
+    return advance
