@@ -349,6 +349,8 @@ def print_summary(results: dict) -> None:
             r = results[n]["rows"][method]
             ours.append(f"{r['loss']:.2e} / {r['l2']:.2e}")
         rows.append([method, *ours, *[format_anchor(anchor_for(method), n) for n in names]])
+    nncg = "Adam+L-BFGS+NNCG (anchor only)"
+    rows.append([nncg, *[""] * len(names), *[format_anchor("Adam+L-BFGS+NNCG", n) for n in names]])
     print("\n### Summary: final loss / relative L2 error\n")
     print(markdown_table(header, rows))
 
