@@ -269,16 +269,17 @@ def test_pinn_rows_within_budget(tmp_path):
         *("--log-points", "2", "--out", str(out_json)),
     )
     module = pinn_benchmark_module()
-    rows = [r for r in table_rows(out, "wave") if len(r) == 13]
+    rows = [r for r in table_rows(out, "wave") if len(r) == 14]
     names = [r[1] for r in rows]
     assert names == ["Adam (best lr)", *(m.name for m in module.METHODS)], names
     for row in rows:
-        loss, l2, cost = float(row[2]), float(row[8]), int(row[9])
+        loss, grid_residual, l2, cost = float(row[2]), float(row[8]), float(row[9]), int(row[10])
         assert math.isfinite(loss) and loss > 0 and math.isfinite(l2), row
+        assert math.isfinite(grid_residual) and grid_residual > 0, row
         assert cost <= budget, row
         terms = [float(c) for c in row[4:8]]  # boundary, initial, initial_velocity, residual
         assert abs(sum(terms) - loss) <= 0.02 * loss, row  # printed to 3 digits
-    assert rows[0][12] == "0.0203 / 0.349"  # the anchor's Adam row
+    assert rows[0][13] == "0.0203 / 0.349"  # the anchor's Adam row
     assert float(rows[0][3]) == 1.0
     (summary,) = table_rows(out, "Adam (best lr)")[-1:]
     assert summary[2] == "0.0203 / 0.349", summary
