@@ -10,43 +10,57 @@
 #                   on the four ViTs on digits at 1000 epochs on CPU, benchmarks/RESULTS.md
 #                   section 5). Hours on one GPU.
 #   --bounded:      one model (vit-nomlp on mnist5k), 60 epochs, --switch 18: under 5 minutes.
+#   PINNs (in the full plan, or alone with --pinn): benchmarks/pinn.py --full for each of the
+#                   convection, reaction and wave problems (Rathore et al., ICML 2024 scale:
+#                   width 200, 10,000 residual points, 41,000 evaluations per method, float64),
+#                   writing runs/gpu/pinn-<problem>.json and .log.
 #
 # Options:
 #   --bounded       run the bounded check only
+#   --pinn          run the PINN benchmarks only
 #   --no-install    do not pip-install (use the current python environment as is)
 #   --python PY     python to use for the virtual environment (default: python3)
-#   --dry-run       print the python -m twophase commands, one a line, and exit (no install,
-#                   no GPU check, nothing run)
+#   --dry-run       print the commands (python -m twophase ..., python benchmarks/pinn.py ...),
+#                   one a line, and exit (no install, no GPU check, nothing run)
 # Set TWOPHASE_ALLOW_CPU=1 to smoke-test the script without a GPU.
 #
 # Writes runs/gpu/<dataset>-<model>-<switch>/ (results.json, history.csv, the two PNGs, log.txt)
 # and prints one markdown table per run, then a summary of all results.json files.
-# Usage: bash benchmarks/gpu_repro.sh [--bounded] [--no-install] [--python PY] [--dry-run]
+# Usage: bash benchmarks/gpu_repro.sh [--bounded | --pinn] [--no-install] [--python PY] [--dry-run]
 set -euo pipefail
 
 BOUNDED=0
+PINN_ONLY=0
 INSTALL=1
 DRY_RUN=0
 PYTHON=python3
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --bounded) BOUNDED=1 ;;
+    --pinn) PINN_ONLY=1 ;;
     --no-install) INSTALL=0 ;;
     --dry-run) DRY_RUN=1 ;;
     --python)
       [[ $# -ge 2 ]] || { echo "gpu_repro.sh: --python needs a value" >&2; exit 2; }
       PYTHON="$2"; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "gpu_repro.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
 done
+
+if [[ $BOUNDED -eq 1 && $PINN_ONLY -eq 1 ]]; then
+  echo "gpu_repro.sh: --bounded and --pinn exclude each other" >&2; exit 2
+fi
 
 cd "$(dirname "$0")/.."
 OUT=runs/gpu
 
 # Every run as "DATASET MODEL EPOCHS SWITCH [--precondition]".
 plan() {
+  if [[ $PINN_ONLY -eq 1 ]]; then
+    return
+  fi
   if [[ $BOUNDED -eq 1 ]]; then
     echo "mnist5k vit-nomlp 60 18"
     return
@@ -77,10 +91,24 @@ run_dir() {  # run_dir DATASET MODEL EPOCHS SWITCH [--precondition]
   echo "$OUT/$name"
 }
 
+# The PINN problems, one a line (none in the bounded check).
+pinn_plan() {
+  if [[ $BOUNDED -eq 0 ]]; then
+    printf '%s\n' convection reaction wave
+  fi
+}
+
+pinn_command_for() {  # pinn_command_for PROBLEM
+  echo python benchmarks/pinn.py --full --problems "$1" --out "$OUT/pinn-$1.json"
+}
+
 if [[ $DRY_RUN -eq 1 ]]; then
   while read -r -a spec; do
     command_for "$(run_dir "${spec[@]}")" "${spec[@]}"
   done < <(plan)
+  while read -r problem; do
+    pinn_command_for "$problem"
+  done < <(pinn_plan)
   exit 0
 fi
 
@@ -93,7 +121,7 @@ if [[ $INSTALL -eq 1 ]]; then
   # shellcheck disable=SC1091
   source .venv-gpu/bin/activate
   python -m pip install --upgrade pip
-  python -m pip install "jax[cuda12]" optax "flax>=0.12" scikit-learn mlxtend matplotlib tqdm
+  python -m pip install "jax[cuda12]" optax "flax>=0.12" scikit-learn mlxtend matplotlib tqdm scipy
   python -m pip install --no-deps -e .
 fi
 
@@ -133,6 +161,29 @@ else
   while read -r -a spec; do
     run "${spec[@]}"
   done < <(plan)
+fi
+
+run_pinn() {  # run_pinn PROBLEM
+  local json="$OUT/pinn-$1.json"
+  if [[ -f "$json" ]]; then
+    echo "=== $json: done already (delete it to rerun)"
+    return
+  fi
+  local cmd
+  read -r -a cmd < <(pinn_command_for "$1")
+  echo "=== ${cmd[*]}"
+  local start=$SECONDS
+  # the script imports twophase from this checkout whether or not it is installed
+  PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "${cmd[@]}" 2>&1 | tee "$OUT/pinn-$1.log"
+  echo "=== $json: $((SECONDS - start)) s"
+}
+
+while read -r problem; do
+  run_pinn "$problem"
+done < <(pinn_plan)
+
+if [[ $PINN_ONLY -eq 1 ]]; then
+  exit 0
 fi
 
 python - "$OUT" <<'EOF'

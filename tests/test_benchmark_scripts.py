@@ -6,6 +6,7 @@ measured by the full runs recorded in ``benchmarks/RESULTS.md``."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -188,6 +189,9 @@ def test_gpu_repro_dry_run_commands_parse():
     done = gpu_repro("--dry-run")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
+    pinn_lines = [line for line in lines if line.startswith("python benchmarks/pinn.py")]
+    assert_pinn_commands_parse(pinn_lines)
+    lines = [line for line in lines if line not in pinn_lines]
     parser = build_parser()
     runs = set()
     out_dirs = set()
@@ -217,6 +221,74 @@ def test_gpu_repro_dry_run_commands_parse():
     }
     assert runs == expected
     assert len(out_dirs) == len(lines) == len(expected)  # no two runs share a directory
+
+
+def pinn_benchmark_module():
+    """benchmarks/pinn.py imported as a module (its ``main`` does not run)."""
+    spec = importlib.util.spec_from_file_location("pinn_benchmark", BENCHMARKS / "pinn.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCHMARKS))  # for its `from _problems import ...`
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def assert_pinn_commands_parse(lines: list[str]) -> None:
+    """The PINN runs: one ``--full`` run per problem, each accepted by pinn.py's parser, each
+    writing its own JSON file."""
+    parser = pinn_benchmark_module().build_parser()
+    problems, outs = [], set()
+    for line in lines:
+        words = line.split()
+        assert words[:2] == ["python", "benchmarks/pinn.py"], line
+        args = parser.parse_args(words[2:])
+        assert args.full and len(args.problems) == 1 and args.out.endswith(".json"), line
+        problems += args.problems
+        outs.add(args.out)
+    assert sorted(problems) == ["convection", "reaction", "wave"]
+    assert len(outs) == 3
+
+
+def test_gpu_repro_pinn_only_dry_run():
+    done = gpu_repro("--pinn", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert_pinn_commands_parse(done.stdout.splitlines())
+    done = gpu_repro("--pinn", "--bounded")
+    assert done.returncode == 2 and "exclude" in done.stderr
+
+
+def test_pinn_rows_within_budget(tmp_path):
+    budget = 24
+    out_json = tmp_path / "pinn.json"
+    out = run_script(
+        "pinn.py",
+        *("--problems", "wave", "--budget", str(budget), "--width", "6", "--depth", "2"),
+        *("--residual", "30", "--grid", "11", "7", "--adam-lrs", "1e-2", "3e-2"),
+        *("--log-points", "2", "--out", str(out_json)),
+    )
+    module = pinn_benchmark_module()
+    rows = [r for r in table_rows(out, "wave") if len(r) == 14]
+    names = [r[1] for r in rows]
+    assert names == ["Adam (best lr)", *(m.name for m in module.METHODS)], names
+    for row in rows:
+        loss, grid_residual, l2, cost = float(row[2]), float(row[8]), float(row[9]), int(row[10])
+        assert math.isfinite(loss) and loss > 0 and math.isfinite(l2), row
+        assert math.isfinite(grid_residual) and grid_residual > 0, row
+        assert cost <= budget, row
+        terms = [float(c) for c in row[4:8]]  # boundary, initial, initial_velocity, residual
+        assert abs(sum(terms) - loss) <= 0.02 * loss, row  # printed to 3 digits
+    assert rows[0][13] == "0.0203 / 0.349"  # the anchor's Adam row
+    assert float(rows[0][3]) == 1.0
+    (summary,) = table_rows(out, "Adam (best lr)")[-1:]
+    assert summary[2] == "0.0203 / 0.349", summary
+    assert "Command: `" in out
+    result = json.loads(out_json.read_text())["results"]["wave"]
+    assert set(result["rows"]) == set(names)
+    switches = {name: r["switch_cost"] for name, r in result["rows"].items()}
+    assert switches["Adam->CG 11/41"] == module.switch_step(budget, 11) == 6
+    assert switches["L-BFGS"] is None
 
 
 def test_gpu_repro_bounded_dry_run_and_bad_options():

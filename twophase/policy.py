@@ -9,7 +9,7 @@ iterations, :func:`from_detector`).
 :func:`safe_resort` is the default of :func:`twophase.adam_cg` and
 :func:`twophase.adam_lbfgs`: it *tries* the second phase, measures its pace and
 returns to Adam when the trial loses, the paper's "safe resort" (Hrycej et al.,
-KDIR 2025, section 6) made into a rule. Every statistic lives in the state; the
+KDIR 2025, on its own limitations) made into a rule. Every statistic lives in the state; the
 decisions are ``jnp.where`` on scalars, so a jitted step compiles once.
 """
 

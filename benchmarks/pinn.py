@@ -1,0 +1,375 @@
+"""Physics-informed networks: Adam, L-BFGS, Adam->L-BFGS and Adam->CG side by side at equal cost.
+
+The three failure-mode problems of Krishnapriyan et al. (NeurIPS 2021) as set up by Rathore et
+al., "Challenges in Training PINNs" (ICML 2024): convection (beta = 40), reaction (rho = 5),
+wave (beta = 5) (``twophase.experiments.pinn``). Each method trains the same tanh MLP from the
+same Xavier-normal initialisation on the FULL loss (residual + initial + boundary terms) until a
+budget of ``--budget`` evaluations is spent, and the table reports the final loss, its terms,
+the relative L2 error against the exact solution on the grid, the cost and the wall time. The
+"grid residual" column is the mean squared PDE residual over every interior grid point (not only
+the training ones): far above the training residual term, it flags a network that fits its
+residual points and nothing between them.
+
+Cost: every full-batch value-and-gradient evaluation counts one. An Adam step is a full-batch
+gradient step (one evaluation). L-BFGS (``optax.lbfgs(memory_size=100)``, zoom strong-Wolfe
+line search) is charged each line-search step, plus the evaluation at the current point when its
+state holds none (as ``TwoPhaseState.second_phase_evals`` counts); CG is charged
+``tp.info(state).value_and_grad_evals`` (line-search trials included). A step that would take
+the cost above the budget is discarded (strict equal cost): ``twophase.experiments.pinn.train``.
+Wall time is the training loop's, compilation excluded (shown separately); the loss terms logged
+along the way are not counted.
+
+Methods (``METHODS``: one ``(name, factory)`` line each; ``factory(lr, budget)`` returns the
+optimizer): Adam over a learning-rate grid (the best final loss is reported, and its learning
+rate is used by every two-phase method); L-BFGS alone; Adam->L-BFGS and Adam->CG with the
+anchor's fixed switch after 1/41, 11/41 and 31/41 of the budget (its 1k, 11k, 31k of 41k
+iterations); Adam->CG preconditioned by Adam's second moments at the same splits; and the
+current default switching policy of ``tp.adam_cg(lr)`` / ``tp.adam_lbfgs(lr)``.
+
+The anchor's numbers (``ANCHOR``; lowest loss / relative L2 over 5 seeds and a tuned grid, width
+up to 400, 10,000 residual points, 41k iterations, float64) are printed beside ours. Our default
+is a CPU scale (one seed, width 50, 1000 residual points, 3000 evaluations); ``--full`` is the
+anchor's scale for a GPU (width 200, 10,000 residual points on a 201 x 101 grid, 41,000
+evaluations: the anchor counts 41k *iterations*, an L-BFGS iteration costing one evaluation or
+more, so our L-BFGS gets fewer iterations).
+
+Usage::
+
+    python benchmarks/pinn.py [--problems convection reaction wave] [--budget N] [--full]
+        [--width W] [--depth D] [--residual N] [--grid NX NT] [--adam-lrs LR ...]
+        [--methods NAME ...] [--seed S] [--float32] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+
+jax.config.update("jax_enable_x64", True)  # the benchmark asks for float64 (see --float32)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from _problems import command_line, markdown_table  # noqa: E402
+
+import twophase as tp  # noqa: E402
+from twophase.experiments import pinn  # noqa: E402
+
+Hyperparams = dict  # {"lr": Adam's learning rate, "switch": the first second-phase step}
+
+
+class Method(NamedTuple):
+    """A row: ``make(hyperparams)`` returns the optimizer; ``split`` (``j`` of a switch after
+    ``j / 41`` of the budget) sets ``hyperparams["switch"]``. The hyperparameters are traced, so
+    rows sharing ``make`` share one compilation (``twophase.experiments.pinn.train``)."""
+
+    name: str
+    make: Callable[[Hyperparams], optax.GradientTransformation]
+    split: int | None = None
+
+
+SPLITS = (1, 11, 31)  # the anchor's switch after 1k, 11k, 31k of 41k iterations
+LBFGS_MEMORY = 100
+
+
+def switch_step(budget: int, j: int) -> int:
+    """The first second-phase step of a switch after ``j / 41`` of the budget."""
+    return max(1, round(budget * j / 41))
+
+
+def adam(h: Hyperparams) -> optax.GradientTransformation:
+    return optax.adam(h["lr"])
+
+
+def lbfgs(h: Hyperparams) -> optax.GradientTransformation:
+    return optax.lbfgs(memory_size=LBFGS_MEMORY)
+
+
+def adam_lbfgs_at(h: Hyperparams) -> optax.GradientTransformation:
+    return tp.adam_lbfgs(h["lr"], memory_size=LBFGS_MEMORY, detector=tp.switch_at(h["switch"]))
+
+
+def adam_cg_at(h: Hyperparams) -> optax.GradientTransformation:
+    return tp.adam_cg(h["lr"], detector=tp.switch_at(h["switch"]))
+
+
+def adam_cg_precond_at(h: Hyperparams) -> optax.GradientTransformation:
+    return tp.adam_cg(h["lr"], detector=tp.switch_at(h["switch"]), precondition=True)
+
+
+def adam_lbfgs_default(h: Hyperparams) -> optax.GradientTransformation:
+    return tp.adam_lbfgs(h["lr"], memory_size=LBFGS_MEMORY)
+
+
+def adam_cg_default(h: Hyperparams) -> optax.GradientTransformation:
+    return tp.adam_cg(h["lr"])
+
+
+METHODS: list[Method] = [
+    Method("L-BFGS", lbfgs),
+    *[Method(f"Adam->L-BFGS {j}/41", adam_lbfgs_at, j) for j in SPLITS],
+    *[Method(f"Adam->CG {j}/41", adam_cg_at, j) for j in SPLITS],
+    *[Method(f"Adam->CG precond {j}/41", adam_cg_precond_at, j) for j in SPLITS],
+    Method("tp.adam_lbfgs default", adam_lbfgs_default),
+    Method("tp.adam_cg default", adam_cg_default),
+]
+
+# Rathore et al. (ICML 2024), lowest loss / relative L2 error (/work/shared/PINN.md).
+ANCHOR = {
+    "Adam": {
+        "convection": (1.40e-4, 5.96e-2),
+        "reaction": (4.73e-6, 2.12e-2),
+        "wave": (2.03e-2, 3.49e-1),
+    },
+    "L-BFGS": {
+        "convection": (1.51e-5, 8.26e-3),
+        "reaction": (8.93e-6, 3.83e-2),
+        "wave": (1.84e-2, 3.35e-1),
+    },
+    "Adam+L-BFGS": {
+        "convection": (5.95e-6, 4.19e-3),
+        "reaction": (3.26e-6, 1.92e-2),
+        "wave": (1.12e-3, 5.52e-2),
+    },
+    "Adam+L-BFGS+NNCG": {
+        "convection": (None, 1.94e-3),
+        "reaction": (2.89e-7, 9.92e-3),
+        "wave": (6.13e-5, 1.27e-2),
+    },
+}
+
+
+def anchor_for(method: str) -> str:
+    """The anchor's row comparable with ``method`` (``""`` if none)."""
+    if method == "Adam (best lr)":
+        return "Adam"
+    if method == "L-BFGS":
+        return "L-BFGS"
+    if method.startswith("Adam->L-BFGS"):
+        return "Adam+L-BFGS"
+    return ""
+
+
+def format_anchor(row: str, problem: str) -> str:
+    if not row:
+        return ""
+    loss, l2 = ANCHOR[row][problem]
+    loss_text = "10x below Adam+L-BFGS" if loss is None else f"{loss:.3g}"
+    return f"{loss_text} / {l2:.3g}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--problems", nargs="+", choices=pinn.PROBLEM_NAMES, default=list(pinn.PROBLEM_NAMES)
+    )
+    parser.add_argument("--full", action="store_true", help="the anchor's scale (a GPU job)")
+    parser.add_argument(
+        "--budget", type=int, help="evaluations per method (default 3000; --full 41000)"
+    )
+    parser.add_argument("--width", type=int, help="hidden width (default 50; --full 200)")
+    parser.add_argument("--depth", type=int, default=3, help="hidden layers (default 3)")
+    parser.add_argument("--residual", type=int, help="residual points (default 1000; --full 10000)")
+    parser.add_argument(
+        "--grid",
+        type=int,
+        nargs=2,
+        metavar=("NX", "NT"),
+        help="grid (default 101 101; --full 201 101)",
+    )
+    parser.add_argument(
+        "--adam-lrs",
+        type=float,
+        nargs="+",
+        help="Adam learning rates (default 1e-3 3e-3 1e-2; --full 1e-4 ... 1e-2)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="NAME",
+        help="run only these METHODS rows (names as printed; Adam always runs)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--float32", action="store_true", help="float32 instead of float64")
+    parser.add_argument("--log-points", type=int, default=20, help="loss-term logs per run")
+    parser.add_argument("--out", help="write the results as JSON here")
+    return parser
+
+
+def settings(args: argparse.Namespace) -> dict:
+    full = args.full
+    resolved = {
+        "budget": args.budget or (41_000 if full else 3000),
+        "width": args.width or (200 if full else 50),
+        "depth": args.depth,
+        "residual": args.residual or (10_000 if full else 1000),
+        "grid": tuple(args.grid or ((201, 101) if full else (101, 101))),
+        "adam_lrs": tuple(
+            args.adam_lrs or ((1e-4, 3e-4, 1e-3, 3e-3, 1e-2) if full else (1e-3, 3e-3, 1e-2))
+        ),
+        "dtype": "float32" if args.float32 else "float64",
+    }
+    for name in ("budget", "width", "depth", "residual"):
+        if resolved[name] < 1:
+            raise SystemExit(f"pinn.py: --{name} must be positive")
+    return resolved
+
+
+def grid_residual(params, problem, points, grid) -> float:
+    """The mean squared PDE residual over every interior point of the evaluation grid: far
+    above the training residual when the network overfits its residual points."""
+    x_min, x_max = problem.x_range
+    inner = (grid[:, 0] > x_min) & (grid[:, 0] < x_max) & (grid[:, 1] > 0) & (grid[:, 1] < 1)
+    dense = points._replace(residual=grid[inner])
+    return float(pinn.loss_terms(params, problem, dense)[1]["residual"])
+
+
+def run_one(problem, loss_fn, points, grid, params, make, h, budget, log_points) -> dict:
+    log = pinn.train(loss_fn, params, make, budget=budget, log_points=log_points, hyperparams=h)
+    return {
+        "grid_residual": grid_residual(log.params, problem, points, grid),
+        "loss": float(log.loss[-1]),
+        "terms": {k: float(v[-1]) for k, v in log.terms.items()},
+        "l2": float(pinn.relative_l2_error(log.params, problem, grid)),
+        "cost": int(log.cost[-1]),
+        "steps": log.steps,
+        "switch_cost": log.switch_cost,
+        "wall": log.wall_seconds,
+        "compile": log.compile_seconds,
+        "curve": {"cost": log.cost.tolist(), "loss": log.loss.tolist()},
+    }
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    s = settings(args)
+    methods = METHODS
+    if args.methods:
+        known = {m.name for m in METHODS}
+        unknown = set(args.methods) - known
+        if unknown:
+            raise SystemExit(
+                f"pinn.py: unknown --methods {sorted(unknown)}; known: {sorted(known)}"
+            )
+        methods = [m for m in METHODS if m.name in args.methods]
+    dtype = jnp.float32 if args.float32 else jnp.float64
+    widths = (s["width"],) * s["depth"]
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {s}")
+    results: dict[str, dict] = {}
+    started_all = time.perf_counter()
+    for name in args.problems:
+        problem = pinn.make_problem(name)
+        n_x, n_t = s["grid"]
+        points = pinn.collocation(
+            problem, n_x=n_x, n_t=n_t, n_residual=s["residual"], seed=args.seed, dtype=dtype
+        )
+        grid = pinn.evaluation_grid(problem, n_x, n_t, dtype=dtype)
+        loss_fn = pinn.make_loss(problem, points)
+        params = pinn.init_mlp(jax.random.PRNGKey(args.seed), widths, dtype=dtype)
+        rows: dict[str, dict] = {}
+        adam_runs = {}
+        for lr in s["adam_lrs"]:
+            h = {"lr": np.asarray(lr, dtype), "switch": np.int32(1)}
+            adam_runs[lr] = run_one(
+                problem, loss_fn, points, grid, params, adam, h, s["budget"], args.log_points
+            )
+            print(f"  {name}: Adam lr={lr:g}: loss {adam_runs[lr]['loss']:.3e}", flush=True)
+        best_lr = min(adam_runs, key=lambda lr: adam_runs[lr]["loss"])
+        rows["Adam (best lr)"] = adam_runs[best_lr]
+        for method in methods:
+            rows[method.name] = run_one(
+                problem,
+                loss_fn,
+                points,
+                grid,
+                params,
+                method.make,
+                {
+                    "lr": np.asarray(best_lr, dtype),
+                    "switch": np.int32(switch_step(s["budget"], method.split or 1)),
+                },
+                s["budget"],
+                args.log_points,
+            )
+            r = rows[method.name]
+            summary = f"loss {r['loss']:.3e}, cost {r['cost']}, {r['wall']:.1f} s"
+            print(f"  {name}: {method.name}: {summary}", flush=True)
+        results[name] = {
+            "best_lr": best_lr,
+            "adam_lrs": {str(k): v["loss"] for k, v in adam_runs.items()},
+            "rows": rows,
+        }
+        print_problem(name, results[name], s["budget"])
+    print_summary(results)
+    print(f"\nTotal wall time {time.perf_counter() - started_all:.0f} s (compilation included).")
+    print(f"Command: `{command_line()}`")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"settings": s, "command": command_line(), "results": results}, f, indent=1)
+
+
+def print_problem(name: str, result: dict, budget: int) -> None:
+    adam_loss = next(iter(result["rows"].values()))["loss"]
+    term_names = list(next(iter(result["rows"].values()))["terms"])
+    header = [
+        "problem",
+        "method",
+        "final loss",
+        "x Adam",
+        *term_names,
+        "grid residual",
+        "rel. L2",
+        "cost",
+        "switch at",
+        "wall s (compile s)",
+        "anchor loss / L2",
+    ]
+    rows = []
+    for method, r in result["rows"].items():
+        rows.append(
+            [
+                name,
+                method,
+                f"{r['loss']:.3e}",
+                f"{r['loss'] / adam_loss:.3g}",
+                *[f"{r['terms'][t]:.2e}" for t in term_names],
+                f"{r['grid_residual']:.2e}",
+                f"{r['l2']:.3e}",
+                r["cost"],
+                "" if r["switch_cost"] is None else int(r["switch_cost"]),
+                f"{r['wall']:.1f} ({r['compile']:.1f})",
+                format_anchor(anchor_for(method), name),
+            ]
+        )
+    lrs = ", ".join(f"{lr}: {loss:.3e}" for lr, loss in result["adam_lrs"].items())
+    print(
+        f"\n### {name} (budget {budget} evaluations; Adam's final loss by learning rate: {lrs}; "
+        f"the two-phase methods use {result['best_lr']:g})\n"
+    )
+    print(markdown_table(header, rows))
+
+
+def print_summary(results: dict) -> None:
+    names = list(results)
+    methods = list(next(iter(results.values()))["rows"])
+    header = ["method", *[f"{n} (ours)" for n in names], *[f"{n} (anchor)" for n in names]]
+    rows = []
+    for method in methods:
+        ours = []
+        for n in names:
+            r = results[n]["rows"][method]
+            ours.append(f"{r['loss']:.2e} / {r['l2']:.2e}")
+        rows.append([method, *ours, *[format_anchor(anchor_for(method), n) for n in names]])
+    nncg = "Adam+L-BFGS+NNCG (anchor only)"
+    rows.append([nncg, *[""] * len(names), *[format_anchor("Adam+L-BFGS+NNCG", n) for n in names]])
+    print("\n### Summary: final loss / relative L2 error\n")
+    print(markdown_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()
