@@ -210,9 +210,11 @@ def safe_resort(
       switch)`` epoch-equivalents the trial's gain, the decrease of
       ``log(value - floor)`` (``value`` at the accepted point, full batch)
       since the switch point (whose loss is estimated from Adam's last epoch),
-      is compared with what Adam would have gained in the same cost at its
-      pace frozen at the switch. A trial that is behind returns to Adam, whose
-      moments were kept: a return costs nothing. A trial that is ahead goes on,
+      is compared with what Adam would have gained in the same cost, its
+      log-loss extrapolated from its pace at the switch as a power law of the
+      cost (``pace * t0 * log(1 + spent / t0)`` at cost ``t0``). A trial that
+      is behind returns to Adam, whose moments were kept: a return costs
+      nothing. A trial that is ahead goes on,
       until its slowing pace lets the extrapolated Adam catch up.
     * **Failures**: a non-finite step ends a trial; so do ``max_failures``
       consecutive failed iterations while the trial is behind (ahead, they
@@ -378,8 +380,13 @@ def safe_resort(
         spent = cost_now - reference_cost
         pace = (reference_log - log_value) / jnp.maximum(spent, 1e-12)
         # Behind: the trial has gained less since its reference point than Adam
-        # would have at its pace from the switch.
-        behind = ~(reference_log - log_value >= state.adam_pace * spent)
+        # would have, its loss extrapolated from the switch as a power law of the
+        # cost (log-loss falling by `pace * t0 * log(1 + spent / t0)`): Adam's
+        # pace decays as it goes, and a linear extrapolation would call back even
+        # a trial that converged to the floor.
+        t0 = jnp.maximum(reference_cost, 1.0)
+        adam_gain = state.adam_pace * t0 * jnp.log1p(spent / t0)
+        behind = ~(reference_log - log_value >= adam_gain)
         loses = judged & behind
         # Failures of a trial that is ahead are taken as convergence: it stays.
         failed = ~finite | ~jnp.isfinite(log_value) | ((failures >= max_failures) & behind)

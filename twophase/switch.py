@@ -524,7 +524,7 @@ def adam_cg(
     beta: str | _cg.BetaFn = "polak_ribiere",
     linesearch: str | _ls.LineSearch = "wolfe",
     fallback: int | None = None,
-    precondition: bool | None = None,
+    precondition: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Adam, then full-batch nonlinear CG: the paper's two-phase optimizer.
 
@@ -553,9 +553,8 @@ def adam_cg(
     ``grad_norm_peak(0.9, window)``, Algorithm 1 as published, or
     ``switch_at(k)``).
 
-    Memory: Adam's two parameter-sized buffers and CG's two, plus the
-    preconditioner with ``precondition`` (the default policy's default): 2.5x
-    Adam's state (2x without it).
+    Memory: Adam's two parameter-sized buffers and CG's two: 2x Adam's state
+    (one more with ``precondition=True``).
 
     ``optax.inject_hyperparams(twophase.adam_cg, static_args=("detector",
     "beta", "linesearch"))`` makes the learning rate (and the other numeric
@@ -578,8 +577,8 @@ def adam_cg(
         policy, its ``max_failures``.
       precondition: precondition CG with Adam's second-moment estimate at each
         switch (one more parameter-sized buffer; when it pays:
-        ``benchmarks/RESULTS.md``). ``None`` (the default): with the default
-        policy, whose trials and late polish it measured faster, else not.
+        ``benchmarks/RESULTS.md``; it spoils the early trials of the default
+        policy, where the estimate is poor).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with state
@@ -595,10 +594,8 @@ def adam_cg(
     """
     _ratio_deprecated(ratio)
     _check_adam_constants(learning_rate, b1, b2, eps)
-    if precondition is None:
-        precondition = detector is None
     if not isinstance(precondition, bool):
-        raise ValueError(f"`precondition` must be a bool or None, got {precondition!r}.")
+        raise ValueError(f"`precondition` must be a bool, got {precondition!r}.")
     policy, fallback = _preset_policy(detector, window, min_steps, budget, fallback)
     second = _cg.nonlinear_cg(beta, linesearch, preconditioner="state" if precondition else None)
     return _two_phase(
