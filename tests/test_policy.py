@@ -127,24 +127,16 @@ def test_a_fast_second_phase_is_kept():
     np.testing.assert_allclose(np.asarray(p["w"]), exact[:D], atol=1e-5)
 
 
-def test_late_polish_is_tried_once_and_judged():
+def test_late_polish_keeps_a_slow_second_phase_to_the_end_of_the_budget():
     budget = 20.0
-    fast = tp.two_phase(optax.adam(1e-3), tp.nonlinear_cg(), safe_resort(STEPS, budget=budget))
-    slow = tp.two_phase(optax.adam(1e-2), slow_second_phase(), safe_resort(STEPS, budget=budget))
-    for opt, kept in ((fast, True), (slow, False)):
-        _, _, states = run(opt, 40)
-        costs = [float(x.detector_state.cost) for x in states]
-        phases = [int(x.phase) for x in states]
-        first = next(i for i, c in enumerate(costs) if c >= 0.9 * budget)
-        assert 1 in phases[first:]  # the polish was tried
-        if kept:  # a second phase faster than Adam polishes to the end
-            assert phases[-1] == 1 and int(states[-1].fallbacks) == 0
-        else:  # a slower one is returned from, and not tried again
-            back = (
-                first + phases[first:].index(1) + phases[first + phases[first:].index(1) :].index(0)
-            )
-            assert all(p == 0 for p in phases[back:])
-            assert np.isinf(float(states[-1].detector_state.polish_after))
+    opt = tp.two_phase(optax.adam(1e-2), slow_second_phase(), safe_resort(STEPS, budget=budget))
+    _, _, states = run(opt, 40)
+    costs = [float(x.detector_state.cost) for x in states]
+    phases = [int(x.phase) for x in states]
+    # From 90% of the budget on, phase 1 is never left.
+    polish = [i for i, c in enumerate(costs) if c >= 0.9 * budget]
+    first = polish[0]
+    assert all(p == 1 for p in phases[first + 1 :])
 
 
 def test_trial_with_nonfinite_values_returns_and_never_moves_parameters_to_nan():

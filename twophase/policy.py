@@ -105,8 +105,8 @@ class SafeResortState(NamedTuple):
       trial_pace: float32, the trial's pace: its decrease of ``log(value -
         floor)`` since the reference point per epoch-equivalent.
       trials: int32, trials started (switches).
-      polish_after: float32, cost before which no late polish starts (``inf``
-        once a polish was returned from).
+      polish_after: float32, cost before which no late polish starts (set after
+        a polish ended in failures).
       trial_spent: float32, cost spent in trials that were returned from.
     """
 
@@ -210,20 +210,17 @@ def safe_resort(
       switch)`` epoch-equivalents the trial's gain, the decrease of
       ``log(value - floor)`` (``value`` at the accepted point, full batch)
       since the switch point (whose loss is estimated from Adam's last epoch),
-      is compared with what Adam would have gained in the same cost, its
-      log-loss extrapolated from its pace at the switch as a power law of the
-      cost (``pace * t0 * log(1 + spent / t0)`` at cost ``t0``). A trial that
-      is behind returns to Adam, whose moments were kept: a return costs
-      nothing. A trial that is ahead goes on,
+      is compared with what Adam would have gained in the same cost at its
+      pace frozen at the switch. A trial that is behind returns to Adam, whose
+      moments were kept: a return costs nothing. A trial that is ahead goes on,
       until its slowing pace lets the extrapolated Adam catch up.
     * **Failures**: a non-finite step ends a trial; so do ``max_failures``
       consecutive failed iterations while the trial is behind (ahead, they
       are taken as convergence to float resolution, and the phase stays).
-    * **Late polish** (budget known): from ``polish`` of the budget a last
-      trial starts whatever the waits and ``explore`` say, because measured at
-      equal cost a final full-batch polish paid off wherever Adam had slowed
-      (``benchmarks/RESULTS.md``). It is judged like any trial; one that is
-      returned from is not tried again.
+    * **Late polish** (budget known): from ``polish`` of the budget the second
+      phase runs to the end (only failures return), because measured at equal
+      cost a final full-batch polish paid off wherever Adam had slowed
+      (``benchmarks/RESULTS.md``).
 
     With no budget (``budget=None`` and no ``cost_budget`` in
     :func:`twophase.train`) there is no late polish, the first trial comes
@@ -380,14 +377,10 @@ def safe_resort(
         spent = cost_now - reference_cost
         pace = (reference_log - log_value) / jnp.maximum(spent, 1e-12)
         # Behind: the trial has gained less since its reference point than Adam
-        # would have, its loss extrapolated from the switch as a power law of the
-        # cost (log-loss falling by `pace * t0 * log(1 + spent / t0)`): Adam's
-        # pace decays as it goes, and a linear extrapolation would call back even
-        # a trial that converged to the floor.
-        t0 = jnp.maximum(reference_cost, 1.0)
-        adam_gain = state.adam_pace * t0 * jnp.log1p(spent / t0)
-        behind = ~(reference_log - log_value >= adam_gain)
-        loses = judged & behind
+        # would have at its pace from the switch.
+        behind = ~(reference_log - log_value >= state.adam_pace * spent)
+        polishing = jnp.isfinite(state.budget) & (cost_now >= polish * state.budget)
+        loses = judged & behind & ~polishing
         # Failures of a trial that is ahead are taken as convergence: it stays.
         failed = ~finite | ~jnp.isfinite(log_value) | ((failures >= max_failures) & behind)
         back = loses | failed
@@ -404,7 +397,7 @@ def safe_resort(
         del params
         in_polish = jnp.isfinite(state.budget) & (state.cost >= polish * state.budget)
         return state._replace(
-            polish_after=jnp.where(in_polish, jnp.inf, state.polish_after),
+            polish_after=jnp.where(in_polish, state.cost + state.wait, state.polish_after),
             trial_spent=state.trial_spent + state.cost - state.trial_start,
             loss_sum=jnp.zeros([], f32),
             loss_count=jnp.zeros([], f32),
