@@ -139,7 +139,7 @@ def test_nnx_switch_then_cg_decreases_full_batch_loss(digits):
     np.testing.assert_allclose(float(info.value), losses[-1], rtol=1e-5)
 
 
-def test_nnx_default_detector_epoch_window(digits):
+def test_nnx_default_policy_epoch_window(digits):
     model = MLP(nnx.Rngs(2))
     optimizer = nnx.Optimizer(model, tp.adam_cg(3e-2, window=STEPS_PER_EPOCH), wrt=nnx.Param)
     traces: list = []
@@ -150,7 +150,9 @@ def test_nnx_default_detector_epoch_window(digits):
         losses.append(full_loss(model, digits))
     assert len(traces) == 1
     info = tp.info(optimizer.opt_state)
-    assert info.grad_norm_stat is not None and float(info.grad_norm_max) > 0
+    # safe_resort (no budget): a first trial after 3 epochs, inside nnx's Variables.
+    assert int(info.switches) >= 1
+    assert int(optimizer.opt_state.detector_state.epoch_steps.get_value()) == STEPS_PER_EPOCH
     assert losses[-1] < 0.5 * losses[0]
     if int(info.phase) == 1:
         cg_losses = losses[int(info.switch_step) :]

@@ -82,7 +82,7 @@ class SafeResortState(NamedTuple):
     """State of :func:`safe_resort` (all scalars but ``log_losses``).
 
     Attributes:
-      budget: float32, the run's budget in epoch-equivalents (``inf``: unknown).
+      budget: float32, the run's budget in epoch-equivalents (0: unknown).
         :func:`twophase.train` sets it from ``cost_budget``.
       epoch_steps: float32, phase-0 steps per epoch (``window``; ``train`` sets
         it to its steps per epoch). A phase-0 step costs ``1 / epoch_steps``.
@@ -93,11 +93,12 @@ class SafeResortState(NamedTuple):
         epoch since the last (re-)entry into phase 0.
       epochs: int32, entries pushed into ``log_losses`` since then.
       adam_pace: float32, Adam's last pace: the least-squares decrease of
-        ``log_losses`` per epoch over the last epochs; NaN until 3 epochs.
+        ``log_losses`` per epoch over the last epochs; 0 (and unused) until 3
+        epochs.
       next_trial: float32, cost from which the next trial may start.
       wait: float32, the wait before the trial after next (doubles each return).
-      trial_start: float32, cost at the start of the current trial.
-      segment_cost: float32, cost at the trial's last judgement (NaN before its
+      trial_start: float32, cost at the start of the current trial (-1: none).
+      segment_cost: float32, cost at the trial's last judgement (-1 before its
         reference point is known).
       reference_cost: float32, cost at the trial's reference point: the switch,
         or its first accepted point when the switch point's loss is unknown.
@@ -161,7 +162,7 @@ def check_budget(budget: Any) -> None:
 
 def _pace(log_losses: jax.Array, epochs: jax.Array, points: jax.Array) -> jax.Array:
     """Least-squares decrease per epoch of the last ``min(epochs, points)``
-    entries of the ring ``log_losses``; NaN with fewer than 3."""
+    entries of the ring ``log_losses``; 0 with fewer than 3."""
     size = log_losses.shape[0]
     slot = jnp.arange(size)
     age = jnp.mod(epochs - 1 - slot, size).astype(jnp.float32)
@@ -174,7 +175,7 @@ def _pace(log_losses: jax.Array, epochs: jax.Array, points: jax.Array) -> jax.Ar
     cov = (mask * (x - x_mean) * (log_losses - y_mean)).sum()
     var = (mask * (x - x_mean) ** 2).sum()
     slope = cov / jnp.maximum(var, 1e-12)
-    return jnp.where(used >= 3, -slope, jnp.nan)
+    return jnp.where(used >= 3, -slope, 0.0)
 
 
 def safe_resort(
@@ -272,15 +273,17 @@ def safe_resort(
     ):
         raise ValueError(f"`floor` must be a finite number, got {floor!r}.")
     f32 = jnp.float32
-    nan = jnp.asarray(jnp.nan, f32)
+    unset = jnp.asarray(-1.0, f32)  # costs are >= 0: the state holds no NaN
 
     def log_excess(x):
-        return jnp.log(jnp.asarray(x, f32) - jnp.asarray(floor, f32))
+        # Finite for every finite loss (a loss at the floor counts as tiny above it).
+        excess = jnp.asarray(x, f32) - jnp.asarray(floor, f32)
+        return jnp.log(jnp.maximum(excess, jnp.finfo(f32).tiny))
 
     def init(params):
         del params
         zero = jnp.zeros([], f32)
-        total = jnp.asarray(jnp.inf if budget is None else budget, f32)
+        total = jnp.asarray(0.0 if budget is None else budget, f32)
         return SafeResortState(
             budget=total,
             epoch_steps=jnp.asarray(window, f32),
@@ -289,14 +292,14 @@ def safe_resort(
             loss_count=zero,
             log_losses=jnp.zeros([history], f32),
             epochs=jnp.zeros([], jnp.int32),
-            adam_pace=nan,
+            adam_pace=jnp.zeros([], f32),
             next_trial=zero,
             wait=zero,
-            trial_start=nan,
-            segment_cost=nan,
-            reference_cost=nan,
-            reference_log_value=nan,
-            trial_pace=nan,
+            trial_start=unset,
+            segment_cost=unset,
+            reference_cost=unset,
+            reference_log_value=zero,
+            trial_pace=zero,
             trials=jnp.zeros([], jnp.int32),
             polish_after=zero,
             trial_spent=zero,
@@ -306,14 +309,16 @@ def safe_resort(
         mean_log = log_excess(state.loss_sum / state.loss_count)
         log_losses = state.log_losses.at[jnp.mod(state.epochs, history)].set(mean_log)
         epochs = state.epochs + 1
-        points = jnp.clip(jnp.floor(0.05 * state.budget), 3, history).astype(jnp.int32)
+        points = jnp.where(
+            state.budget > 0, jnp.clip(jnp.floor(0.05 * state.budget), 3, history), history
+        ).astype(jnp.int32)
         pace = _pace(log_losses, epochs, points)
         return state._replace(
             loss_sum=jnp.zeros([], f32),
             loss_count=jnp.zeros([], f32),
             log_losses=log_losses,
             epochs=epochs,
-            adam_pace=jnp.where(jnp.isfinite(pace), pace, nan),
+            adam_pace=jnp.where(jnp.isfinite(pace), pace, 0.0),
         )
 
     def first(state, *, grad, grad_norm, value=None, step, params=None, value_fn=None):
@@ -326,7 +331,7 @@ def safe_resort(
         )
         epoch_end = state.loss_count >= state.epoch_steps
         state = lax.cond(epoch_end, end_epoch, lambda s: s, state)
-        known = jnp.isfinite(state.budget)
+        known = state.budget > 0
         polishing = (
             known & (state.cost >= polish * state.budget) & (state.cost >= state.polish_after)
         )
@@ -336,9 +341,7 @@ def safe_resort(
         scale = jnp.where(known, state.budget, state.cost)
         affordable = state.trial_spent + 1.5 * min_judge <= explore * scale
         affordable |= ~known & (state.trials == 0)  # without a budget, one early trial
-        due = (
-            jnp.isfinite(state.adam_pace) & (state.cost >= state.next_trial) & affordable
-        ) | polishing
+        due = ((state.epochs >= 3) & (state.cost >= state.next_trial) & affordable) | polishing
         switch = epoch_end & due & (state.cost >= earliest) & (step + 1 >= min_steps)
         # The trial's first segment starts at the switch point, whose loss is
         # estimated from the last epoch's mean mini-batch loss: that mean sits half
@@ -346,17 +349,17 @@ def safe_resort(
         last = state.log_losses[jnp.mod(state.epochs - 1, history)]
         start_log = jnp.where(
             (state.epochs > 0) & epoch_end,
-            last - 0.5 * jnp.where(jnp.isfinite(state.adam_pace), state.adam_pace, 0.0),
-            nan,
+            last - 0.5 * state.adam_pace,
+            0.0,
         )
-        known_start = jnp.isfinite(start_log)
+        known_start = state.epochs > 0
         state = state._replace(
             trial_start=jnp.where(switch, state.cost, state.trial_start),
             segment_cost=jnp.where(
-                switch, jnp.where(known_start, state.cost, nan), state.segment_cost
+                switch, jnp.where(known_start, state.cost, unset), state.segment_cost
             ),
             reference_cost=jnp.where(
-                switch, jnp.where(known_start, state.cost, nan), state.reference_cost
+                switch, jnp.where(known_start, state.cost, unset), state.reference_cost
             ),
             reference_log_value=jnp.where(switch, start_log, state.reference_log_value),
             trials=state.trials + switch.astype(jnp.int32),
@@ -368,7 +371,7 @@ def safe_resort(
         del params
         cost_now = state.cost + jnp.asarray(cost, f32)
         log_value = log_excess(value)
-        started = jnp.isfinite(state.segment_cost)
+        started = state.segment_cost >= 0
         # Until the reference point is known, this step's point becomes it.
         reference_cost = jnp.where(started, state.reference_cost, cost_now)
         reference_log = jnp.where(started, state.reference_log_value, log_value)
@@ -379,36 +382,37 @@ def safe_resort(
         # Behind: the trial has gained less since its reference point than Adam
         # would have at its pace from the switch.
         behind = ~(reference_log - log_value >= state.adam_pace * spent)
-        polishing = jnp.isfinite(state.budget) & (cost_now >= polish * state.budget)
+        polishing = (state.budget > 0) & (cost_now >= polish * state.budget)
         loses = judged & behind & ~polishing
         # Failures of a trial that is ahead are taken as convergence: it stays.
         failed = ~finite | ~jnp.isfinite(log_value) | ((failures >= max_failures) & behind)
         back = loses | failed
+        usable = jnp.isfinite(log_value)  # else `failed`: nothing non-finite is stored
         state = state._replace(
             cost=cost_now,
             segment_cost=jnp.where(~started | judged, cost_now, state.segment_cost),
             reference_cost=reference_cost,
-            reference_log_value=reference_log,
-            trial_pace=jnp.where(started, pace, state.trial_pace),
+            reference_log_value=jnp.where(usable, reference_log, state.reference_log_value),
+            trial_pace=jnp.where(started & usable, pace, state.trial_pace),
         )
         return state, back
 
     def rearm(state, params):
         del params
-        in_polish = jnp.isfinite(state.budget) & (state.cost >= polish * state.budget)
+        in_polish = (state.budget > 0) & (state.cost >= polish * state.budget)
         return state._replace(
             polish_after=jnp.where(in_polish, state.cost + state.wait, state.polish_after),
             trial_spent=state.trial_spent + state.cost - state.trial_start,
             loss_sum=jnp.zeros([], f32),
             loss_count=jnp.zeros([], f32),
             epochs=jnp.zeros([], jnp.int32),
-            adam_pace=nan,
+            adam_pace=jnp.zeros([], f32),
             next_trial=state.cost + state.wait,
             wait=state.wait * growth,
-            trial_start=nan,
-            segment_cost=nan,
-            reference_cost=nan,
-            reference_log_value=nan,
+            trial_start=unset,
+            segment_cost=unset,
+            reference_cost=unset,
+            reference_log_value=jnp.zeros([], f32),
         )
 
     return Policy(init, first, second, rearm, needs_value=True)
@@ -437,7 +441,7 @@ def configure(state: PyTree, *, budget: float | None, steps_per_epoch: int) -> P
         if not is_policy_state(node):
             return node
         own = float(node.budget)
-        if budget is not None and math.isfinite(own) and not math.isclose(own, budget):
+        if budget is not None and own > 0 and not math.isclose(own, budget):
             raise ValueError(
                 f"the optimizer's `budget` ({own:g}) contradicts train's `cost_budget` "
                 f"({budget:g}); pass one of them, or the same value."
