@@ -6,8 +6,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax.tree
 
+from twophase._numerics import safe_norm
 from twophase.cg import NonlinearCGState
 from twophase.switch import TwoPhaseState
 
@@ -141,7 +141,7 @@ def info(state: Any) -> Info:
             value=cg.value,
             grad_norm=jnp.where(
                 jnp.isfinite(cg.value),
-                jnp.asarray(optax.tree.norm(cg.grad)).astype(jnp.result_type(cg.value)),
+                jnp.asarray(safe_norm(cg.grad)).astype(jnp.result_type(cg.value)),
                 jnp.inf,
             ),
             nonfinite_events=cg.nonfinite_events,

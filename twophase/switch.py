@@ -24,6 +24,7 @@ from twophase import linesearch as _ls
 from twophase._checks import concrete, is_number_in
 from twophase._control import run_if
 from twophase._gated_adam import AdamConstants, gated_adam_update
+from twophase._numerics import finite_and_norm
 from twophase.objectives import as_value_and_grad
 
 __all__ = ["TwoPhaseState", "adam_cg", "adam_lbfgs", "two_phase"]
@@ -248,10 +249,9 @@ def _two_phase(
 
         def phase0(carry):
             grad = carry[0]
-            # A NaN or Inf anywhere in the gradient makes its norm non-finite: one
-            # reduction serves the detector and the finiteness check.
-            grad_norm = jnp.asarray(optax.tree.norm(grad)).astype(jnp.float32)
-            finite = jnp.isfinite(grad_norm)
+            # Finite per element (a huge finite gradient is a step, as for optax.adam).
+            finite, grad_norm = finite_and_norm(grad)
+            grad_norm = grad_norm.astype(jnp.float32)
             if value is not None:
                 finite &= jnp.all(jnp.isfinite(value))
 
@@ -349,10 +349,10 @@ def _two_phase(
             # Everything reads the gradient through that loop's output: a loop
             # operand with other users would be copied before the loop.
             in_first = state.phase == 0
-            slot, state = run_if(~in_first, phase1, (grad, state))
+            slot, state = run_if(~in_first, phase1, (grad, state), differentiable=False)
             grad = slot  # in phase 0, where it is read as a gradient
-            grad_norm = jnp.asarray(optax.tree.norm(grad)).astype(jnp.float32)
-            finite = jnp.isfinite(grad_norm)
+            finite, grad_norm = finite_and_norm(grad)
+            grad_norm = grad_norm.astype(jnp.float32)
             if value is not None:
                 finite &= jnp.all(jnp.isfinite(value))
             active = in_first & finite
@@ -409,7 +409,7 @@ def _two_phase(
         )
         if adam is None:
             carry = run_if(in_first_phase, phase0, (grad, state))
-            new_updates, new_state = run_if(~in_first_phase, phase1, carry)
+            new_updates, new_state = run_if(~in_first_phase, phase1, carry, differentiable=False)
         else:
             new_updates, new_state = fused_adam_step(grad, state)
         new_updates = jax.tree.map(lambda u, p: u.astype(jnp.result_type(p)), new_updates, params)
@@ -617,6 +617,11 @@ def adam_lbfgs(
     :func:`adam_cg` with L-BFGS (zoom line search) as the second phase."""
     _det._check_int("window", window, 1)
     _det._check_int("min_steps", min_steps, 0)
+    if isinstance(memory_size, jax.Array):  # a (traced) injected hyperparameter
+        raise ValueError(
+            "`memory_size` sets the L-BFGS buffers' shapes and cannot be injected: pass "
+            "optax.inject_hyperparams(twophase.adam_lbfgs, static_args=('memory_size',))."
+        )
     _det._check_int("memory_size", memory_size, 1)
     _check_adam_constants(learning_rate, 0.9, 0.999, 1e-8)
     if detector is None:

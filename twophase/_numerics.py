@@ -1,0 +1,94 @@
+"""Finiteness checks, norms and inner products that neither overflow nor
+underflow for finite inputs (private).
+
+A float32 gradient with entries above about 1.8e19 has a squared norm beyond
+float32's range, and one with entries below about 1e-20 a squared norm of
+zero; ``optax.tree.norm`` then reports ``inf`` or ``0`` for a finite, nonzero
+gradient. Here finiteness is decided per element (the largest magnitude is
+finite) and norms are rescaled by a power of two (exact) when the plain sum of
+squares would leave the safe range.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax.tree
+from jax import lax
+
+__all__ = ["finite_and_norm", "max_abs", "pow2_scale", "safe_norm"]
+
+PyTree = Any
+
+
+def max_abs(tree: PyTree) -> jax.Array:
+    """Largest ``|x|`` over all leaves (NaN if any entry is NaN; 0 without leaves)."""
+    leaves = [jnp.max(jnp.abs(x)) for x in jax.tree.leaves(tree) if jnp.size(x) > 0]
+    if not leaves:
+        return jnp.zeros([], jnp.float32)
+    dtype = jnp.result_type(*leaves)
+    return jnp.max(jnp.stack([x.astype(dtype) for x in leaves]))
+
+
+def _sum_squares(tree: PyTree, scale=None) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    if scale is not None:
+        leaves = [x * scale.astype(x.dtype) for x in leaves]
+    return jnp.asarray(optax.tree.vdot(leaves, leaves)).real
+
+
+def _safe_range(dtype) -> tuple[float, float]:
+    """``[low, high]`` magnitudes whose squares, summed over up to 2**24 terms,
+    stay normal numbers of ``dtype``."""
+    info = jnp.finfo(dtype)
+    return float(2.0 ** (info.minexp // 2 + 12)), float(2.0 ** (info.maxexp // 2 - 12))
+
+
+def pow2_scale(magnitude: jax.Array) -> jax.Array:
+    """A power of two ``s`` with ``s * magnitude`` near 1 when ``magnitude`` is
+    outside the safe range of its dtype, else exactly 1 (so ordinary values are
+    computed exactly as before). 1 for zero or non-finite magnitudes."""
+    dtype = jnp.result_type(magnitude)
+    low, high = _safe_range(dtype)
+    usable = jnp.isfinite(magnitude) & (magnitude > 0)
+    outside = usable & ((magnitude < low) | (magnitude > high))
+    _, exponent = jnp.frexp(jnp.where(usable, magnitude, 1))
+    return jnp.where(outside, jnp.ldexp(jnp.ones([], dtype), -exponent), 1).astype(dtype)
+
+
+def finite_and_norm(tree: PyTree) -> tuple[jax.Array, jax.Array]:
+    """``(all entries finite, Euclidean norm)``.
+
+    The plain sum of squares and the largest magnitude are reductions over the
+    same data (XLA fuses them into one pass); only where the largest magnitude
+    is outside the safe range is the norm recomputed with the entries scaled by
+    a power of two (a ``lax.cond``, differentiable). The norm of a finite tree
+    is finite unless the norm itself exceeds the dtype's range.
+    """
+    if not jax.tree.leaves(tree):
+        return jnp.ones([], bool), jnp.zeros([], jnp.float32)
+    big = max_abs(tree)
+    finite = jnp.isfinite(big)
+    sum_sq = _sum_squares(tree)
+    scale = pow2_scale(big)
+
+    def rescaled(_):
+        return jnp.sqrt(_sum_squares(tree, scale)).astype(sum_sq.dtype) / scale.astype(
+            sum_sq.dtype
+        )
+
+    norm = lax.cond(finite & (scale != 1), rescaled, lambda _: jnp.sqrt(sum_sq), None)
+    return finite, norm
+
+
+def safe_norm(tree: PyTree) -> jax.Array:
+    """The Euclidean norm of ``tree`` without overflow or underflow (see
+    :func:`finite_and_norm`)."""
+    return finite_and_norm(tree)[1]
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+    """Whether every entry of every leaf is finite (per element, not through a norm)."""
+    return jnp.isfinite(max_abs(tree))
