@@ -26,14 +26,14 @@ from twophase.detectors import (
     norm_loss_slope,
     switch_at,
 )
-from twophase.info import Info, info
+from twophase.info import Info, info, info_all
 from twophase.linesearch import (
     LineSearch,
     LineSearchResult,
     golden_section_linesearch,
     wolfe_linesearch,
 )
-from twophase.objectives import as_value_and_grad, full_batch
+from twophase.objectives import as_value_and_grad, fill_masked, full_batch, with_weight_decay
 from twophase.switch import (
     TwoPhaseState,
     adam_cg,
@@ -62,6 +62,7 @@ __all__ = [
     "any_of",
     "as_value_and_grad",
     "dai_yuan",
+    "fill_masked",
     "fletcher_reeves",
     "full_batch",
     "golden_section_linesearch",
@@ -70,6 +71,7 @@ __all__ = [
     "hestenes_stiefel",
     "history_columns",
     "info",
+    "info_all",
     "latest_step",
     "loss_plateau",
     "nonlinear_cg",
@@ -81,5 +83,6 @@ __all__ = [
     "switch_at",
     "train",
     "two_phase",
+    "with_weight_decay",
     "wolfe_linesearch",
 ]

@@ -75,9 +75,7 @@ def finite_and_norm(tree: PyTree) -> tuple[jax.Array, jax.Array]:
     scale = pow2_scale(big)
 
     def rescaled(_):
-        return jnp.sqrt(_sum_squares(tree, scale)).astype(sum_sq.dtype) / scale.astype(
-            sum_sq.dtype
-        )
+        return jnp.sqrt(_sum_squares(tree, scale)).astype(sum_sq.dtype) / scale.astype(sum_sq.dtype)
 
     norm = lax.cond(finite & (scale != 1), rescaled, lambda _: jnp.sqrt(sum_sq), None)
     return finite, norm

@@ -11,7 +11,7 @@ from twophase._numerics import safe_norm
 from twophase.cg import NonlinearCGState
 from twophase.switch import TwoPhaseState
 
-__all__ = ["Info", "info"]
+__all__ = ["Info", "info", "info_all"]
 
 
 class Info(NamedTuple):
@@ -88,7 +88,11 @@ def _unwrap_variables(node: Any) -> Any:
 
 def _only(found: list, what: str):
     if len(found) > 1:
-        raise ValueError(f"`state` holds {len(found)} {what} states; pass one of them.")
+        raise ValueError(
+            f"`state` holds {len(found)} {what} states (e.g. optax.partition over several "
+            "twophase optimizers): use twophase.info_all(state) for one Info per state, "
+            "or pass info() the part of the state that holds one."
+        )
     return found[0] if found else None
 
 
@@ -121,16 +125,41 @@ def _with_field(tree: Any, field: str):
 def info(state: Any) -> Info:
     """Diagnostics view of ``state``: a :func:`twophase.nonlinear_cg` or
     :func:`twophase.two_phase` state, or any pytree that nests one
-    (``optax.chain``, ``optax.inject_hyperparams``, an ``nnx.Optimizer``'s
+    (``optax.chain``, ``optax.inject_hyperparams``, ``optax.masked``,
+    ``optax.partition``, ``optax.MultiSteps``, an ``nnx.Optimizer``'s
     ``opt_state``, ...). Pure and jit-compatible.
 
     Raises:
-      ValueError: ``state`` holds no twophase state, or several (ambiguous).
+      ValueError: ``state`` holds no twophase state, or several (the message
+        points to :func:`info_all`).
     """
     two = _only(_find(state, TwoPhaseState), "two_phase")
     cg = _only(_find(state if two is None else two.second_state, NonlinearCGState), "nonlinear_cg")
     if two is None and cg is None:
         raise ValueError("`state` holds no twophase optimizer state.")
+    return _info_of(two, cg)
+
+
+def info_all(state: Any) -> tuple[Info, ...]:
+    """One :class:`Info` per twophase optimizer held in ``state``, in the order
+    of ``jax.tree.leaves`` (e.g. the labels of an ``optax.partition``, sorted):
+    every :func:`twophase.two_phase` state, then every
+    :func:`twophase.nonlinear_cg` state that is not the second phase of one.
+    Empty if ``state`` holds none. Pure and jit-compatible.
+    """
+    twos = _find(state, TwoPhaseState)
+    found = [_info_of(two, _only(_find(two.second_state, NonlinearCGState), "")) for two in twos]
+
+    def is_either(x):
+        return isinstance(x, (TwoPhaseState, NonlinearCGState))
+
+    for node in jax.tree.leaves(state, is_leaf=is_either):
+        if isinstance(node, NonlinearCGState):
+            found.append(_info_of(None, _unwrap_variables(node)))
+    return tuple(found)
+
+
+def _info_of(two: TwoPhaseState | None, cg: NonlinearCGState | None) -> Info:
     fields: dict[str, Any] = {}
     if cg is not None:
         fields.update(
