@@ -38,8 +38,22 @@ def run_if(
     silently wrong.
     """
     pred = jnp.asarray(pred, bool)
-    converted, consts = jax.closure_convert(fn, operand)
-    return _run_if(converted, differentiable, pred, operand, tuple(consts))
+    converted, consts = _closure_convert(fn, operand)
+    return _run_if(converted, differentiable, pred, operand, consts)
+
+
+def _closure_convert(fn, operand):
+    """``fn`` as a function of ``(operand, *consts)`` with every value it closes
+    over as an explicit argument (``jax.closure_convert`` keeps integer tracers
+    closed over, which breaks a jitted step differentiated from outside)."""
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(operand)
+    out_tree = jax.tree.structure(out_shape)
+
+    def converted(x, *consts):
+        out = jax.core.eval_jaxpr(closed.jaxpr, consts, *jax.tree.leaves(x))
+        return jax.tree.unflatten(out_tree, out)
+
+    return converted, tuple(closed.consts)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -66,8 +80,9 @@ def _run_if_jvp(fn, differentiable, primals, tangents):
     out = _run_if(fn, differentiable, pred, operand, consts)
 
     def poison(t):
+        # A factor, not a `where`: linear in `t`, so reverse mode carries the NaN too.
         if not jnp.issubdtype(t.dtype, jnp.inexact):
             return t
-        return jnp.where(pred, jnp.full_like(t, jnp.nan), t)
+        return t * jnp.where(pred, jnp.nan, 1).astype(t.dtype)
 
     return out, jax.tree.map(poison, operand_dot)

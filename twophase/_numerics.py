@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax.tree
 from jax import lax
 
 __all__ = ["finite_and_norm", "max_abs", "pow2_scale", "safe_norm"]
@@ -32,30 +31,45 @@ def max_abs(tree: PyTree) -> jax.Array:
     return jnp.max(jnp.stack([x.astype(dtype) for x in leaves]))
 
 
-def _sum_squares(tree: PyTree, scale=None) -> jax.Array:
+def _compute_dtype(tree: PyTree):
+    """At least float32: float16's range is too small for squares."""
     leaves = jax.tree.leaves(tree)
-    if scale is not None:
-        leaves = [x * scale.astype(x.dtype) for x in leaves]
-    return jnp.asarray(optax.tree.vdot(leaves, leaves)).real
+    return jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+
+
+def _sum_squares(tree: PyTree, dtype, scale=None) -> jax.Array:
+    total = jnp.zeros([], dtype)
+    for x in jax.tree.leaves(tree):
+        x = x.astype(dtype)
+        if scale is not None:
+            x = x * scale
+        total = total + jnp.sum(jnp.square(jnp.abs(x) if jnp.iscomplexobj(x) else x))
+    return total
 
 
 def _safe_range(dtype) -> tuple[float, float]:
     """``[low, high]`` magnitudes whose squares, summed over up to 2**24 terms,
-    stay normal numbers of ``dtype``."""
+    stay normal numbers of ``dtype`` (entries below ``2**-24`` times the largest
+    one matter less than rounding)."""
     info = jnp.finfo(dtype)
-    return float(2.0 ** (info.minexp // 2 + 12)), float(2.0 ** (info.maxexp // 2 - 12))
+    return float(2.0 ** (info.minexp // 2 + 12)), float(2.0 ** ((info.maxexp - 26) // 2))
+
+
+def _inverse_pow2(magnitude: jax.Array) -> jax.Array:
+    """A power of two near ``1 / magnitude`` (1 for zero or non-finite ``magnitude``)."""
+    dtype = jnp.result_type(magnitude)
+    usable = jnp.isfinite(magnitude) & (magnitude > 0)
+    _, exponent = jnp.frexp(jnp.where(usable, magnitude, 1))
+    return jnp.where(usable, jnp.ldexp(jnp.ones([], dtype), -exponent), 1).astype(dtype)
 
 
 def pow2_scale(magnitude: jax.Array) -> jax.Array:
     """A power of two ``s`` with ``s * magnitude`` near 1 when ``magnitude`` is
     outside the safe range of its dtype, else exactly 1 (so ordinary values are
     computed exactly as before). 1 for zero or non-finite magnitudes."""
-    dtype = jnp.result_type(magnitude)
-    low, high = _safe_range(dtype)
-    usable = jnp.isfinite(magnitude) & (magnitude > 0)
-    outside = usable & ((magnitude < low) | (magnitude > high))
-    _, exponent = jnp.frexp(jnp.where(usable, magnitude, 1))
-    return jnp.where(outside, jnp.ldexp(jnp.ones([], dtype), -exponent), 1).astype(dtype)
+    low, high = _safe_range(jnp.result_type(magnitude))
+    outside = (magnitude < low) | (magnitude > high)
+    return jnp.where(outside, _inverse_pow2(magnitude), 1).astype(jnp.result_type(magnitude))
 
 
 def finite_and_norm(tree: PyTree) -> tuple[jax.Array, jax.Array]:
@@ -69,13 +83,16 @@ def finite_and_norm(tree: PyTree) -> tuple[jax.Array, jax.Array]:
     """
     if not jax.tree.leaves(tree):
         return jnp.ones([], bool), jnp.zeros([], jnp.float32)
-    big = max_abs(tree)
+    dtype = _compute_dtype(tree)
+    big = max_abs(tree).astype(dtype)
     finite = jnp.isfinite(big)
-    sum_sq = _sum_squares(tree)
-    scale = pow2_scale(big)
+    sum_sq = _sum_squares(tree, dtype)
+    # Rescaled where the largest entry is outside the safe range, or the sum of
+    # squares overflowed anyway (more than 2**24 large entries).
+    scale = jnp.where(jnp.isfinite(sum_sq), pow2_scale(big), _inverse_pow2(big))
 
     def rescaled(_):
-        return jnp.sqrt(_sum_squares(tree, scale)).astype(sum_sq.dtype) / scale.astype(sum_sq.dtype)
+        return jnp.sqrt(_sum_squares(tree, dtype, scale)) / scale
 
     norm = lax.cond(finite & (scale != 1), rescaled, lambda _: jnp.sqrt(sum_sq), None)
     return finite, norm

@@ -31,7 +31,7 @@ def as_value_and_grad(
         raise TypeError(f"`value_fn` must be callable (params -> scalar), got {value_fn!r}.")
     try:
         out = jax.eval_shape(value_fn, params)
-    except TypeError as error:
+    except Exception as error:  # MaskedNode is an empty tuple: TypeError, IndexError, ...
         if not _holds_masked(params):
             raise
         raise TypeError(
