@@ -143,7 +143,7 @@ PARAMS = {"w": jnp.zeros(3, F32), "emb": jnp.ones(2, F32)}
 )
 def test_train_rejects_transformations_chained_before_a_two_phase_optimizer(before):
     opt = optax.chain(before, tp.adam_cg(0.05, detector=tp.switch_at(8)))
-    with pytest.raises(ValueError, match="partition.*with_weight_decay"):
+    with pytest.raises(ValueError, match=r"partition.*with_weight_decay"):
         tp.train(_loss, PARAMS, _regression_data(), opt, progress=False)
 
 
@@ -272,7 +272,7 @@ def test_injected_window_takes_effect_after_init(window_at_init, window_after, s
 def test_injected_memory_size_fails_clearly_and_static_works():
     x = jnp.zeros(3, F32)
     opt = optax.inject_hyperparams(tp.adam_lbfgs)(learning_rate=0.1, memory_size=3)
-    with pytest.raises(ValueError, match="memory_size.*static_args"):
+    with pytest.raises(ValueError, match=r"memory_size.*static_args"):
         opt.init(x)
     static = optax.inject_hyperparams(tp.adam_lbfgs, static_args=("memory_size",))(
         learning_rate=0.1, memory_size=3
@@ -286,7 +286,7 @@ def test_jit_init_of_injected_adam_cg():
     opt = optax.inject_hyperparams(tp.adam_cg)(learning_rate=0.1, window=3, min_steps=2)
     x = jnp.zeros(3, F32)
     state = jax.jit(opt.init)(x)
-    u, state = jax.jit(lambda s: opt.update(x, s, x, value=jnp.sum(x), value_fn=jnp.sum))(state)
+    _, state = jax.jit(lambda s: opt.update(x, s, x, value=jnp.sum(x), value_fn=jnp.sum))(state)
     assert int(tp.info(state).step) == 1
 
 
