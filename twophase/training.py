@@ -173,8 +173,9 @@ def _check_not_chained(opt_state: PyTree) -> None:
                 "`optimizer` chains a twophase optimizer with other transformations "
                 "(optax.chain). Before it they would act in the first phase only, since CG "
                 "takes its steps from the full-batch objective; after it they break CG's "
-                "cache. Instead: freeze leaves with optax.partition / optax.masked around it "
-                "(train hands the masked leaves to the objective), put weight decay into the "
+                "cache. Instead: freeze leaves with optax.partition({'train': <it>, 'frozen': "
+                "optax.set_to_zero()}, labels) (train hands the frozen leaves to the "
+                "objective), put weight decay into the "
                 "loss (twophase.with_weight_decay(loss_fn, wd)), and for clipping in the "
                 "first phase use two_phase(optax.chain(clip, optax.adam(lr)), "
                 "nonlinear_cg(), detector)."
@@ -240,9 +241,10 @@ def train(
     Wrappers: ``optax.inject_hyperparams``, ``optax.MultiSteps``,
     ``optax.masked`` and ``optax.partition`` may hold the twophase optimizer;
     inside ``masked`` / ``partition`` the objective it evaluates gets the
-    masked-out leaves at their current values (:func:`twophase.fill_masked`),
-    so those stay fixed in both phases. In a phase-1 epoch the other members of
-    a ``partition`` receive zero updates. ``optax.chain`` of a twophase
+    masked-out leaves at their current values (:func:`twophase.fill_masked`);
+    ``optax.partition({"train": adam_cg(...), "frozen": optax.set_to_zero()},
+    labels)`` so keeps the frozen leaves fixed in both phases. In a phase-1
+    epoch the other members of a ``partition`` receive zero updates. ``optax.chain`` of a twophase
     optimizer with other transformations is rejected (see Raises).
 
     **Phase-0 (mini-batch) epoch**: one pass over a fresh random permutation of
