@@ -75,27 +75,28 @@ def pow2_scale(magnitude: jax.Array) -> jax.Array:
 def finite_and_norm(tree: PyTree) -> tuple[jax.Array, jax.Array]:
     """``(all entries finite, Euclidean norm)``.
 
-    The plain sum of squares and the largest magnitude are reductions over the
-    same data (XLA fuses them into one pass); only where the largest magnitude
-    is outside the safe range is the norm recomputed with the entries scaled by
-    a power of two (a ``lax.cond``, differentiable). The norm of a finite tree
-    is finite unless the norm itself exceeds the dtype's range.
+    One pass in the common case: the plain sum of squares, which is finite and
+    not below the safe range exactly when no entry is non-finite and nothing
+    overflowed or underflowed. Otherwise (rare) a ``lax.cond`` branch decides
+    finiteness per element (the largest magnitude) and recomputes the norm
+    with the entries scaled by a power of two. The norm of a finite tree is
+    finite unless the norm itself exceeds the dtype's range. Differentiable.
     """
     if not jax.tree.leaves(tree):
         return jnp.ones([], bool), jnp.zeros([], jnp.float32)
     dtype = _compute_dtype(tree)
-    big = max_abs(tree).astype(dtype)
-    finite = jnp.isfinite(big)
     sum_sq = _sum_squares(tree, dtype)
-    # Rescaled where the largest entry is outside the safe range, or the sum of
-    # squares overflowed anyway (more than 2**24 large entries).
-    scale = jnp.where(jnp.isfinite(sum_sq), pow2_scale(big), _inverse_pow2(big))
+    low, _ = _safe_range(dtype)
+    plain = jnp.isfinite(sum_sq) & (sum_sq >= low * low)
 
-    def rescaled(_):
-        return jnp.sqrt(_sum_squares(tree, dtype, scale)) / scale
+    def careful(_):
+        big = max_abs(tree).astype(dtype)
+        scale = _inverse_pow2(big)
+        norm = jnp.where(big > 0, jnp.sqrt(_sum_squares(tree, dtype, scale)) / scale, 0)
+        finite = jnp.isfinite(big)
+        return finite, jnp.where(finite, norm, big).astype(dtype)  # inf or NaN otherwise
 
-    norm = lax.cond(finite & (scale != 1), rescaled, lambda _: jnp.sqrt(sum_sq), None)
-    return finite, norm
+    return lax.cond(plain, lambda _: (jnp.ones([], bool), jnp.sqrt(sum_sq)), careful, None)
 
 
 def safe_norm(tree: PyTree) -> jax.Array:
