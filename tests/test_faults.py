@@ -472,3 +472,86 @@ def test_vmap_over_an_ensemble_of_params_matches_optax_adam(order):
         x, state = run(x, state)
         x_ref, ref_state = run_ref(x_ref, ref_state)
     np.testing.assert_allclose(np.asarray(x), np.asarray(x_ref), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- #
+# Second pass: further situations of these kinds.
+
+
+def test_apply_if_finite_around_adam_cg_runs_both_phases():
+    f = _quadratic()
+    opt = optax.apply_if_finite(tp.adam_cg(0.1, detector=tp.switch_at(2)), 3)
+    x = jnp.ones(5, F32)
+    state = opt.init(x)
+    step = jax.jit(lambda x, s: opt.update(jax.grad(f)(x), s, x, value=f(x), value_fn=f))
+    for _ in range(4):
+        u, state = step(x, state)
+        x = optax.apply_updates(x, u)
+    assert int(tp.info(state).cg_iterations) == 2
+
+
+@pytest.mark.parametrize(("name", "value"), [("learning_rate", 0.01), ("b1", 0.9), ("eps", 0.1)])
+def test_meta_gradient_through_scanned_steps_matches_optax_adam(name, value):
+    f = _quadratic()
+
+    def meta(h, make):
+        kwargs = {"learning_rate": 0.01, name: h}
+        opt = optax.inject_hyperparams(make)(**kwargs)
+        x = jnp.ones(5, F32)
+
+        def body(carry, _):
+            x, state = carry
+            v, g = jax.value_and_grad(f)(x)
+            u, state = opt.update(g, state, x, value=v, value_fn=f)
+            return (optax.apply_updates(x, u), state), None
+
+        (x, _), _ = jax.lax.scan(body, (x, opt.init(x)), None, length=5)
+        return f(x)
+
+    h = jnp.asarray(value, F32)
+    expected = jax.grad(meta)(h, optax.adam)
+    np.testing.assert_allclose(float(jax.grad(meta)(h, tp.adam_cg)), float(expected), rtol=1e-4)
+
+
+def test_gradient_wrt_initial_params_through_rematerialised_steps():
+    # MAML-style: differentiate the loss after a few inner steps w.r.t. the start.
+    f = _quadratic()
+
+    def inner(opt, x0):
+        state, x = opt.init(x0), x0
+
+        def step(x, state):
+            value, grad = jax.value_and_grad(f)(x)
+            return opt.update(grad, state, x, value=value, value_fn=f)
+
+        step = jax.checkpoint(step)
+        for _ in range(3):
+            u, state = step(x, state)
+            x = optax.apply_updates(x, u)
+        return f(x)
+
+    x0 = jnp.ones(5, F32)
+    got = jax.grad(lambda x: inner(tp.adam_cg(0.01), x))(x0)
+    expected = jax.grad(lambda x: inner(optax.adam(0.01), x))(x0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_params_with_huge_finite_gradients_step_like_optax_adam():
+    opt, ref = tp.adam_cg(1e-2, detector=tp.switch_at(100)), optax.adam(1e-2)
+    x = jnp.ones(3, jnp.bfloat16)
+    g = jnp.asarray([1e20, -3e19, 1.0], jnp.bfloat16)
+    u, state = opt.update(
+        g, opt.init(x), x, value=jnp.asarray(1.0, F32), value_fn=lambda p: jnp.sum(p)
+    )
+    r, _ = ref.update(g, ref.init(x), x)
+    np.testing.assert_array_equal(np.asarray(u, np.float32), np.asarray(r, np.float32))
+    assert int(tp.info(state).skipped_steps) == 0
+
+
+def test_info_through_multisteps_around_a_partition():
+    opt = optax.MultiSteps(
+        optax.partition({"a": tp.adam_cg(), "b": optax.adam(1e-3)}, {"w": "a", "emb": "b"}), 2
+    )
+    state = opt.init(PARAMS)
+    assert int(tp.info(state).phase) == 0
+    assert len(tp.info_all(state)) == 1
