@@ -145,7 +145,9 @@ def two_phase(
     (a ``lax.cond`` copied the idle phase's buffers every step; see
     ``benchmarks/overhead.py``). Under ``jax.vmap`` with a batched phase (an
     ensemble) *both* phases execute every step and each member keeps its own
-    (results stay correct; the cost is that of both phases).
+    (results stay correct; the cost is that of both phases). Derivatives through
+    ``update`` (e.g. meta-gradients w.r.t. an injected learning rate, forward or
+    reverse mode) are exact in phase 0; through a phase-1 step they are NaN.
 
     One-way by default (the paper). With ``fallback=k`` (``second`` must hold a
     ``nonlinear_cg``), ``k`` consecutive failed line searches in phase 1 return to
