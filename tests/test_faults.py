@@ -242,11 +242,12 @@ def test_with_weight_decay_rejects_bad_weight_decay(weight_decay):
 # Item 4: injected hyperparameters take effect, or are static and say so.
 
 
-def _switch_step_with_window(window_at_init, window_after, steps=40):
-    opt = optax.inject_hyperparams(tp.adam_cg)(learning_rate=0.1, window=window_at_init)
+def _switch_step_with_window(window_at_init, window_after, steps=40, name="window", **kwargs):
+    kwargs = {"learning_rate": 0.1, name: window_at_init, **kwargs}
+    opt = optax.inject_hyperparams(tp.adam_cg)(**kwargs)
     x = jnp.zeros(3, F32)
     state = opt.init(x)
-    state.hyperparams["window"] = jnp.asarray(window_after)
+    state.hyperparams[name] = jnp.asarray(window_after)
 
     def f(x):
         return jnp.sum((x - 1.0) ** 2)
@@ -267,6 +268,11 @@ def _switch_step_with_window(window_at_init, window_after, steps=40):
 )
 def test_injected_window_takes_effect_after_init(window_at_init, window_after, switch_step):
     assert _switch_step_with_window(window_at_init, window_after) == switch_step
+
+
+@pytest.mark.parametrize(("at_init", "after", "switch_step"), [(0, 30, 30), (30, 0, 14)])
+def test_injected_min_steps_takes_effect_after_init(at_init, after, switch_step):
+    assert _switch_step_with_window(at_init, after, name="min_steps", window=1) == switch_step
 
 
 def test_injected_memory_size_fails_clearly_and_static_works():
