@@ -169,8 +169,12 @@ class NonlinearCGState(NamedTuple):
       value: objective at the current parameters, scalar; ``+inf`` until the
         first evaluation. Read by ``optax.value_and_grad_from_state``.
       grad: gradient at the current parameters (pytree like the parameters).
-      direction: search direction for the next iteration, ``d_k``.
-      slope: ``<g_k, d_k>``, scalar (negative).
+      direction: search direction for the next iteration, ``d_k``, stored
+        times a power of two that brings gradients of extreme size (in float32,
+        entries beyond about 1e15 or below 1e-15) near 1, and exactly 1
+        otherwise, so that ``slope`` stays finite for any finite gradient;
+        ``step`` is along this stored direction.
+      slope: ``<g_k, d_k>`` with the stored ``d_k``, scalar (negative).
       value_prev: objective at the previous iterate, scalar.
       slope_prev: ``<g_{k-1}, d_{k-1}>``, scalar.
       step: last accepted step size, scalar.
