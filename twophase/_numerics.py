@@ -99,9 +99,11 @@ def finite_and_norm(tree: PyTree) -> tuple[jax.Array, jax.Array]:
     return lax.cond(plain, lambda _: (jnp.ones([], bool), jnp.sqrt(sum_sq)), careful, None)
 
 
+@jax.jit
 def safe_norm(tree: PyTree) -> jax.Array:
     """The Euclidean norm of ``tree`` without overflow or underflow (see
-    :func:`finite_and_norm`)."""
+    :func:`finite_and_norm`). Jitted: called eagerly (e.g. by ``info`` in a
+    Python loop) it compiles once per tree structure, not once per call."""
     return finite_and_norm(tree)[1]
 
 
