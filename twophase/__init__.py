@@ -26,7 +26,7 @@ from twophase.detectors import (
     norm_loss_slope,
     switch_at,
 )
-from twophase.info import Info, info
+from twophase.info import Info, info, info_all
 from twophase.linesearch import (
     LineSearch,
     LineSearchResult,
@@ -39,7 +39,7 @@ from twophase.newton_cg import (
     gauss_newton_objective,
     newton_cg,
 )
-from twophase.objectives import as_value_and_grad, full_batch
+from twophase.objectives import as_value_and_grad, fill_masked, full_batch, with_weight_decay
 from twophase.policy import Policy, SafeResortState, safe_resort
 from twophase.second_phase import HVP_COST, EvaluatingState, evaluating
 from twophase.switch import (
@@ -79,6 +79,7 @@ __all__ = [
     "as_value_and_grad",
     "dai_yuan",
     "evaluating",
+    "fill_masked",
     "fletcher_reeves",
     "full_batch",
     "gauss_newton_objective",
@@ -88,6 +89,7 @@ __all__ = [
     "hestenes_stiefel",
     "history_columns",
     "info",
+    "info_all",
     "latest_step",
     "loss_plateau",
     "newton_cg",
@@ -101,5 +103,6 @@ __all__ = [
     "switch_at",
     "train",
     "two_phase",
+    "with_weight_decay",
     "wolfe_linesearch",
 ]

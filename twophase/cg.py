@@ -27,6 +27,7 @@ from jax import lax
 
 from twophase import linesearch as _ls
 from twophase._checks import concrete
+from twophase._numerics import finite_and_norm, max_abs, pow2_scale
 from twophase.objectives import as_value_and_grad
 
 __all__ = [
@@ -168,8 +169,12 @@ class NonlinearCGState(NamedTuple):
       value: objective at the current parameters, scalar; ``+inf`` until the
         first evaluation. Read by ``optax.value_and_grad_from_state``.
       grad: gradient at the current parameters (pytree like the parameters).
-      direction: search direction for the next iteration, ``d_k``.
-      slope: ``<g_k, d_k>``, scalar (negative).
+      direction: search direction for the next iteration, ``d_k``, stored
+        times a power of two that brings gradients of extreme size (in float32,
+        entries beyond about 1e15 or below 1e-15) near 1, and exactly 1
+        otherwise, so that ``slope`` stays finite for any finite gradient;
+        ``step`` is along this stored direction.
+      slope: ``<g_k, d_k>`` with the stored ``d_k``, scalar (negative).
       value_prev: objective at the previous iterate, scalar.
       slope_prev: ``<g_{k-1}, d_{k-1}>``, scalar.
       step: last accepted step size, scalar.
@@ -406,25 +411,47 @@ def nonlinear_cg(
         )
 
     def next_direction(grad, grad_prev, direction_prev, apply_scales, since_restart):
-        """Direction ``d_{k+1}``, its slope and whether it is a restart."""
+        """Direction ``d_{k+1}``, its slope and whether it is a restart.
+
+        ``direction_prev`` is stored scaled by ``pow2_scale(max_abs(grad_prev))``
+        and the result by ``pow2_scale(max_abs(grad))`` (powers of two, 1 for
+        gradients of ordinary size): the inner products of a gradient with the
+        stored direction then stay finite for any finite gradient. The beta rule
+        sees all its trees scaled by one common power of two, which leaves every
+        scale-invariant rule's value unchanged.
+        """
         dtype = jnp.result_type(*jax.tree.leaves(grad)) if jax.tree.leaves(grad) else jnp.float32
-        z = apply_scales(grad)
-        z_prev = apply_scales(grad_prev)
-        gz = _vdot(grad, z)
-        beta_k = beta_fn(grad, grad_prev, direction_prev, z, z_prev).astype(gz.dtype)
+        big_new, big_old = max_abs(grad), max_abs(grad_prev)
+        scale_new, scale_old = pow2_scale(big_new), pow2_scale(big_old)
+        common = pow2_scale(jnp.maximum(big_new, big_old))
+
+        def scaled(tree, factor):
+            return jax.tree.map(lambda x: x * factor.astype(x.dtype), tree)
+
+        grad_c, grad_prev_c = scaled(grad, common), scaled(grad_prev, common)
+        direction_prev_c = scaled(direction_prev, common / scale_old)
+        z = apply_scales(grad_c)
+        z_prev = apply_scales(grad_prev_c)
+        gz = _vdot(grad_c, z)
+        beta_k = beta_fn(grad_c, grad_prev_c, direction_prev_c, z, z_prev).astype(gz.dtype)
         candidate = jax.tree.map(
-            lambda z_, d: (-z_ + beta_k * d).astype(z_.dtype), z, direction_prev
+            lambda z_, d: (-z_ + beta_k * d).astype(z_.dtype), z, direction_prev_c
         )
-        slope_candidate = _vdot(grad, candidate)
+        slope_candidate = _vdot(grad_c, candidate)
         restart = ~jnp.isfinite(beta_k)
         # Not a (numerically) descent direction.
         restart |= ~(slope_candidate < -jnp.finfo(dtype).eps * gz)
         if restart_threshold is not None:  # Powell (1977)
-            restart |= jnp.abs(_vdot(z, grad_prev)) >= restart_threshold * gz
+            restart |= jnp.abs(_vdot(z, grad_prev_c)) >= restart_threshold * gz
         if restart_every is not None:
             restart |= since_restart + 1 >= restart_every
         direction = _select(restart, optax.tree.scale(-1.0, z), candidate)
-        return direction, jnp.where(restart, -gz, slope_candidate), restart
+        slope = jnp.where(restart, -gz, slope_candidate)
+        # Back from the common scale to the new point's own.
+        to_new = (scale_new / common).astype(gz.dtype)
+        direction = scaled(direction, to_new)
+        slope = slope * to_new / common.astype(gz.dtype)
+        return direction, slope, restart
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del extra_args
@@ -462,15 +489,18 @@ def nonlinear_cg(
         def apply_scales(tree):
             return tree if scales is None else optax.tree.mul(scales, tree)
 
-        grad_sq = _vdot(grad, grad).astype(dtype)
-        finite_here = jnp.isfinite(value) & jnp.isfinite(grad_sq)
-        converged = grad_sq <= jnp.asarray(grad_tol, dtype) ** 2
+        # Per element, and a norm that does not overflow for finite gradients.
+        grad_finite, grad_norm = finite_and_norm(grad)
+        finite_here = jnp.isfinite(value) & grad_finite
+        converged = grad_norm.astype(dtype) <= jnp.asarray(grad_tol, dtype)
 
         def step_branch(_):
             # The stored direction belongs to the cached point; anything else
             # (first call, after a failure, an external re-evaluation) restarts.
             fresh_start = state.restart_next | ~cached
-            steepest = optax.tree.scale(-1.0, apply_scales(grad))
+            # Stored directions are scaled by this power of two (see next_direction).
+            scale = pow2_scale(max_abs(grad)).astype(dtype)
+            steepest = optax.tree.scale(-scale, apply_scales(grad))
             direction = _select(fresh_start, steepest, state.direction)
             slope0 = jnp.where(fresh_start, _vdot(grad, steepest), state.slope).astype(dtype)
 

@@ -51,6 +51,7 @@ import optax.tree
 from jax import lax
 
 from twophase._checks import concrete as _concrete
+from twophase._numerics import safe_norm
 from twophase.objectives import as_value_and_grad
 
 __all__ = [
@@ -197,7 +198,7 @@ def _on_window_end(w: _Window, window, params, value_fn, estimator: str):
         mean_value = w.value_sum / jnp.maximum(w.count.astype(jnp.float32), 1.0)
         if estimator == "exact":
             value, grad = as_value_and_grad(value_fn, params)(params)
-            norm = jnp.asarray(optax.tree.norm(grad)).astype(jnp.float32)
+            norm = jnp.asarray(safe_norm(grad)).astype(jnp.float32)
             return norm, value.astype(jnp.float32), jnp.ones([], jnp.int32)
         if estimator == "minibatch":
             norm = jnp.sqrt(w.sq_norm_sum / jnp.maximum(w.count.astype(jnp.float32), 1.0))
@@ -480,6 +481,9 @@ class LossPlateauState(NamedTuple):
       slope: float32, least-squares slope of the last ``history`` means (per window).
       slope_stderr: float32, its standard error.
       streak: int32, consecutive windows whose slope was not clearly negative.
+      merges: int32, how often windows were merged: the current window is
+        ``window * 2**merges`` steps for the ``window`` in effect at each update
+        (so an injected ``window`` takes effect at once).
     """
 
     value_sum: jax.Array
@@ -493,6 +497,7 @@ class LossPlateauState(NamedTuple):
     slope: jax.Array
     slope_stderr: jax.Array
     streak: jax.Array
+    merges: jax.Array
 
 
 def loss_plateau(
@@ -561,6 +566,7 @@ def loss_plateau(
             slope=zero,
             slope_stderr=zero,
             streak=izero,
+            merges=izero,
         )
 
     def close(state: LossPlateauState) -> LossPlateauState:
@@ -580,6 +586,7 @@ def loss_plateau(
             grad_sq_sum=jnp.zeros([], jnp.float32),
             count=jnp.zeros([], jnp.int32),
             window_steps=jnp.where(full, 2 * state.window_steps, state.window_steps),
+            merges=state.merges + full.astype(jnp.int32),
             means=jnp.where(full, merged, means),
             stored=jnp.where(full, history, stored),
             grad_norm_stat=norm,
@@ -596,6 +603,8 @@ def loss_plateau(
             value_sum=state.value_sum + jnp.reshape(jnp.asarray(value, jnp.float32), ()),
             grad_sq_sum=state.grad_sq_sum + jnp.square(grad_norm.astype(jnp.float32)),
             count=state.count + 1,
+            # From the `window` in effect now, so that an injected one takes effect.
+            window_steps=jnp.left_shift(jnp.asarray(window, jnp.int32), state.merges),
         )
         state = lax.cond(state.count >= state.window_steps, close, lambda s: s, state)
         fire = (state.streak >= patience) & (step + 1 >= min_steps)

@@ -6,12 +6,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax.tree
 
+from twophase._numerics import safe_norm
 from twophase.second_phase import HVP_COST
 from twophase.switch import TwoPhaseState
 
-__all__ = ["Info", "info"]
+__all__ = ["Info", "info", "info_all"]
 
 
 class Info(NamedTuple):
@@ -101,7 +101,11 @@ def _unwrap_variables(node: Any) -> Any:
 
 def _only(found: list, what: str):
     if len(found) > 1:
-        raise ValueError(f"`state` holds {len(found)} {what} states; pass one of them.")
+        raise ValueError(
+            f"`state` holds {len(found)} {what} states (e.g. optax.partition over several "
+            "twophase optimizers): use twophase.info_all(state) for one Info per state, "
+            "or pass info() the part of the state that holds one."
+        )
     return found[0] if found else None
 
 
@@ -118,13 +122,17 @@ def _with_field(tree: Any, field: str):
 
 
 def info(state: Any) -> Info:
-    """Diagnostics view of ``state``: a :func:`twophase.nonlinear_cg` or
+    """Diagnostics view of ``state``: a second-phase state (e.g.
+    :func:`twophase.nonlinear_cg`, :func:`twophase.newton_cg`) or a
     :func:`twophase.two_phase` state, or any pytree that nests one
-    (``optax.chain``, ``optax.inject_hyperparams``, an ``nnx.Optimizer``'s
-    ``opt_state``, ...). Pure and jit-compatible.
+    (``optax.chain``, ``optax.inject_hyperparams``, ``optax.masked``,
+    ``optax.partition``, ``optax.MultiSteps``, an ``nnx.Optimizer``'s
+    ``opt_state``, ...). Second-phase fields are read by name
+    (:mod:`twophase.second_phase`). Pure and jit-compatible.
 
     Raises:
-      ValueError: ``state`` holds no twophase state, or several (ambiguous).
+      ValueError: ``state`` holds no twophase state, or several (the message
+        points to :func:`info_all`).
     """
     two = _only(_find(state, TwoPhaseState), "two_phase")
     inner = _only(
@@ -133,29 +141,53 @@ def info(state: Any) -> Info:
     )
     if two is None and inner is None:
         raise ValueError("`state` holds no twophase optimizer state.")
+    return _info_of(two, inner)
+
+
+def info_all(state: Any) -> tuple[Info, ...]:
+    """One :class:`Info` per twophase optimizer held in ``state``, in the order
+    of ``jax.tree.leaves`` (e.g. the labels of an ``optax.partition``, sorted):
+    every :func:`twophase.two_phase` state, then every second-phase state (a
+    NamedTuple with ``value_and_grad_evals``) that is not the second phase of
+    one. Empty if ``state`` holds none. Pure and jit-compatible.
+    """
+    twos = _find(state, TwoPhaseState)
+    found = [
+        _info_of(two, _only(_all_nodes_with_field(two.second_state, "value_and_grad_evals"), ""))
+        for two in twos
+    ]
+
+    def is_two(x):
+        return isinstance(x, TwoPhaseState)
+
+    outside = [node for node in jax.tree.leaves(state, is_leaf=is_two) if not is_two(node)]
+    for node in _all_nodes_with_field(outside, "value_and_grad_evals"):
+        found.append(_info_of(None, node))
+    return tuple(found)
+
+
+_SECOND_PHASE_FIELDS = (
+    "cg_iterations",
+    "value_and_grad_evals",
+    "restarts",
+    "linesearch_failures",
+    "value",
+    "nonfinite_events",
+    "consecutive_failures",
+    "hessian_vector_products",
+)
+
+
+def _info_of(two: TwoPhaseState | None, inner: Any) -> Info:
     fields: dict[str, Any] = {}
     if inner is not None:
         inner = _unwrap_variables(inner)
-        fields.update(
-            {
-                name: getattr(inner, name, None)
-                for name in (
-                    "cg_iterations",
-                    "value_and_grad_evals",
-                    "restarts",
-                    "linesearch_failures",
-                    "value",
-                    "nonfinite_events",
-                    "consecutive_failures",
-                    "hessian_vector_products",
-                )
-            }
-        )
+        fields.update({name: getattr(inner, name, None) for name in _SECOND_PHASE_FIELDS})
         grad = getattr(inner, "grad", None)
         if grad is not None:
             fields["grad_norm"] = jnp.where(
                 jnp.isfinite(inner.value),
-                jnp.asarray(optax.tree.norm(grad)).astype(jnp.result_type(inner.value)),
+                jnp.asarray(safe_norm(grad)).astype(jnp.result_type(inner.value)),
                 jnp.inf,
             )
     if two is not None:

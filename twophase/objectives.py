@@ -9,9 +9,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 
-__all__ = ["as_value_and_grad", "full_batch"]
+__all__ = ["as_value_and_grad", "fill_masked", "full_batch", "with_weight_decay"]
 
 PyTree = Any
 
@@ -28,7 +29,17 @@ def as_value_and_grad(
     """
     if not callable(value_fn):
         raise TypeError(f"`value_fn` must be callable (params -> scalar), got {value_fn!r}.")
-    out = jax.eval_shape(value_fn, params)
+    try:
+        out = jax.eval_shape(value_fn, params)
+    except Exception as error:  # MaskedNode is an empty tuple: TypeError, IndexError, ...
+        if not _holds_masked(params):
+            raise
+        raise TypeError(
+            "`value_fn` failed on parameters holding optax.MaskedNode (the optimizer runs "
+            "inside optax.masked / optax.partition, which hide the other leaves). Pass "
+            "`value_fn=twophase.fill_masked(value_fn, params)` with the full parameters "
+            f"(twophase.train does this itself). The error was: {error}"
+        ) from error
     if not hasattr(out, "shape") or out.shape not in ((), (1,)):
         raise TypeError(
             "`value_fn` must return a scalar objective, got "
@@ -41,6 +52,80 @@ def as_value_and_grad(
         return jnp.reshape(value_fn(p), ())
 
     return jax.value_and_grad(scalar_fn)
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _holds_masked(tree: Any) -> bool:
+    return any(_is_masked(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked))
+
+
+def fill_masked(
+    value_fn: Callable[[PyTree], jax.Array], params: PyTree
+) -> Callable[[PyTree], jax.Array]:
+    """``value_fn`` for an optimizer inside ``optax.masked`` / ``optax.partition``.
+
+    Those wrappers hand their inner transformation the parameters with
+    ``optax.MaskedNode`` in place of the leaves it does not own, and pass
+    ``value_fn`` on unchanged. The returned function accepts such a tree and
+    evaluates ``value_fn`` at ``params`` with the given leaves put in, so a
+    second phase differentiates (and moves) only its own leaves while the others
+    stay at their values in ``params``::
+
+        updates, state = opt.update(grads, state, params, value=loss,
+                                    value_fn=tp.fill_masked(full_loss, params))
+
+    A tree without ``MaskedNode`` is passed through unchanged.
+    """
+
+    def filled(partial: PyTree) -> jax.Array:
+        if not _holds_masked(partial):
+            return value_fn(partial)
+        full = jax.tree.map(
+            lambda p, q: q if _is_masked(p) else p, partial, params, is_leaf=_is_masked
+        )
+        return value_fn(full)
+
+    return filled
+
+
+def with_weight_decay(
+    fn: Callable[..., jax.Array], weight_decay: float, *, mask: Any = None
+) -> Callable[..., jax.Array]:
+    """``fn(params, *args) + weight_decay / 2 * ||params||^2``.
+
+    The regularised loss whose gradient is what ``optax.add_decayed_weights(
+    weight_decay, mask)`` adds to the gradient. Use it for a two-phase optimizer
+    instead of ``add_decayed_weights`` chained before it, which only acts in
+    the first phase (CG takes its steps from ``value_fn``): wrap the mini-batch
+    loss (both phases then minimise the same objective), or a ``value_fn``.
+
+    Args:
+      fn: ``fn(params, *args) -> scalar`` (a loss ``(params, batch)`` or a
+        ``value_fn(params)``).
+      weight_decay: a number >= 0 (may be a traced scalar).
+      mask: ``None`` (every leaf), a pytree of bools like ``params``, or a
+        callable ``params -> such a pytree``, as for optax.
+    """
+    if not callable(fn):
+        raise ValueError(f"`fn` must be callable, got {fn!r}.")
+    if isinstance(weight_decay, (int, float)) and (
+        isinstance(weight_decay, bool) or not 0 <= weight_decay < math.inf
+    ):
+        raise ValueError(f"`weight_decay` must be a finite number >= 0, got {weight_decay!r}.")
+
+    def regularized(params, *args, **kwargs):
+        chosen = mask(params) if callable(mask) else mask
+        leaves = jax.tree.leaves(params)
+        if chosen is not None:
+            flags = jax.tree.leaves(chosen)
+            leaves = [x for x, keep in zip(leaves, flags, strict=True) if keep]
+        penalty = sum((jnp.sum(jnp.square(x)) for x in leaves), jnp.zeros([]))
+        return fn(params, *args, **kwargs) + 0.5 * weight_decay * penalty
+
+    return regularized
 
 
 def _check_loss_output(out: Any) -> None:

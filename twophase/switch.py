@@ -27,6 +27,7 @@ from twophase import second_phase as _sp
 from twophase._checks import concrete, is_number_in
 from twophase._control import run_if
 from twophase._gated_adam import AdamConstants, gated_adam_update
+from twophase._numerics import finite_and_norm
 from twophase.newton_cg import newton_cg as _newton_cg
 
 __all__ = ["TwoPhaseState", "adam_cg", "adam_lbfgs", "adam_newton_cg", "two_phase"]
@@ -156,7 +157,10 @@ def two_phase(
     state in place (a ``lax.cond`` copied the idle phase's buffers every step;
     see ``benchmarks/overhead.py``). Under ``jax.vmap`` with a batched phase
     (an ensemble) *both* phases execute every step and each member keeps its
-    own (results stay correct; the cost is that of both phases).
+    own (results stay correct; the cost is that of both phases). Derivatives
+    through ``update`` (e.g. meta-gradients w.r.t. an injected learning rate,
+    forward or reverse mode) are exact in phase 0; through a phase-1 step they
+    are NaN.
 
     A :class:`twophase.Detector` is a one-way policy (the paper); with
     ``fallback=k``, ``k`` consecutive failed second-phase iterations (the
@@ -270,10 +274,10 @@ def _two_phase(
         second_phase = second_for(params)
 
         def grad_norm_and_finite(grad):
-            # A NaN or Inf anywhere in the gradient makes its norm non-finite: one
-            # reduction serves the policy and the finiteness check.
-            grad_norm = jnp.asarray(optax.tree.norm(grad)).astype(jnp.float32)
-            finite = jnp.isfinite(grad_norm)
+            # Finite per element (a huge finite gradient is a step, as for optax.adam);
+            # one pass serves the policy and the finiteness check.
+            finite, grad_norm = finite_and_norm(grad)
+            grad_norm = grad_norm.astype(jnp.float32)
             if value is not None:
                 finite &= jnp.all(jnp.isfinite(value))
             return grad_norm, finite
@@ -388,7 +392,7 @@ def _two_phase(
             # Everything reads the gradient through that loop's output: a loop
             # operand with other users would be copied before the loop.
             in_first = state.phase == 0
-            slot, state = run_if(~in_first, phase1, (grad, state))
+            slot, state = run_if(~in_first, phase1, (grad, state), differentiable=False)
             grad = slot  # in phase 0, where it is read as a gradient
             grad_norm, finite = grad_norm_and_finite(grad)
             active = in_first & finite
@@ -411,7 +415,7 @@ def _two_phase(
         )
         if adam is None:
             carry = run_if(in_first_phase, phase0, (grad, state))
-            new_updates, new_state = run_if(~in_first_phase, phase1, carry)
+            new_updates, new_state = run_if(~in_first_phase, phase1, carry, differentiable=False)
         else:
             new_updates, new_state = fused_adam_step(grad, state)
         new_updates = jax.tree.map(lambda u, p: u.astype(jnp.result_type(p)), new_updates, params)
@@ -640,6 +644,11 @@ def adam_lbfgs(
         ``min_steps``, ``budget``, ``detector`` or ``fallback``.
       TypeError: at trace time, ``update`` without ``value_fn`` or ``value``.
     """
+    if isinstance(memory_size, jax.Array):  # a (traced) injected hyperparameter
+        raise ValueError(
+            "`memory_size` sets the L-BFGS buffers' shapes and cannot be injected: pass "
+            "optax.inject_hyperparams(twophase.adam_lbfgs, static_args=('memory_size',))."
+        )
     _det._check_int("memory_size", memory_size, 1)
     _check_adam_constants(learning_rate, 0.9, 0.999, 1e-8)
     policy, fallback = _preset_policy(detector, window, min_steps, budget, fallback)

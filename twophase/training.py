@@ -36,9 +36,12 @@ import optax.tree
 from jax import lax
 
 from twophase._control import run_if
+from twophase.info import Info
 from twophase.info import info as _info
-from twophase.objectives import full_batch
+from twophase.info import info_all as _info_all
+from twophase.objectives import fill_masked, full_batch
 from twophase.policy import configure as configure_policy
+from twophase.switch import TwoPhaseState
 
 __all__ = ["TrainResult", "history_columns", "train"]
 
@@ -48,7 +51,7 @@ LossFn = Callable[[PyTree, PyTree], jax.Array]
 HISTORY_FILE = "history.json"
 """Name of the JSON side file that holds the history next to the checkpoints."""
 
-_MINIBATCH, _TWO_PHASE, _CG = "minibatch", "two_phase", "cg"
+_MINIBATCH, _TWO_PHASE, _CG, _SEVERAL = "minibatch", "two_phase", "cg", "several"
 
 
 class TrainResult(NamedTuple):
@@ -186,11 +189,68 @@ def _place(tree: PyTree, sharding: jax.sharding.Sharding | None) -> PyTree:
 
 
 def _optimizer_mode(opt_state: PyTree) -> str:
-    try:
-        diagnostics = _info(opt_state)
-    except ValueError:
+    found = _info_all(opt_state)
+    if not found:
         return _MINIBATCH
-    return _CG if diagnostics.phase is None else _TWO_PHASE
+    if len(found) > 1:
+        return _SEVERAL
+    return _CG if found[0].phase is None else _TWO_PHASE
+
+
+def _is_ours(x: Any) -> bool:
+    """A two-phase state, or a second-phase state (its fields, by name)."""
+    return isinstance(x, TwoPhaseState) or (
+        isinstance(x, tuple) and "value_and_grad_evals" in getattr(x, "_fields", ())
+    )
+
+
+def _check_not_chained(opt_state: PyTree) -> None:
+    """ValueError for a twophase optimizer inside an ``optax.chain`` with other
+    transformations (a chain's state is a plain tuple of its members' states).
+
+    Before it, they act in the first phase only (CG takes its steps from
+    ``value_fn``); after it, they break CG's contract that the parameters
+    advance by exactly its update.
+    """
+    stack = [opt_state]
+    while stack:
+        node = stack.pop()
+        if _is_ours(node):
+            continue
+        if type(node) is tuple and len(node) > 1 and any(_info_all(x) for x in node):
+            raise ValueError(
+                "`optimizer` chains a twophase optimizer with other transformations "
+                "(optax.chain). Before it they would act in the first phase only, since CG "
+                "takes its steps from the full-batch objective; after it they break CG's "
+                "cache. Instead: freeze leaves with optax.partition({'train': <it>, 'frozen': "
+                "optax.set_to_zero()}, labels) (train hands the frozen leaves to the "
+                "objective), put weight decay into the "
+                "loss (twophase.with_weight_decay(loss_fn, wd)), and for clipping in the "
+                "first phase use two_phase(optax.chain(clip, optax.adam(lr)), "
+                "nonlinear_cg(), detector)."
+            )
+        if isinstance(node, (tuple, list)):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+
+
+def _summed_info(opt_state: PyTree) -> Info:
+    """The counts of every twophase optimizer in ``opt_state``, summed (``None``
+    where none has the field)."""
+    found = _info_all(opt_state)
+    fields = {}
+    for name in (
+        "value_and_grad_evals",
+        "hessian_vector_products",
+        "cost",
+        "cg_iterations",
+        "linesearch_failures",
+        "skipped_steps",
+    ):
+        values = [getattr(i, name) for i in found if getattr(i, name) is not None]
+        fields[name] = sum(values) if values else None
+    return Info(**fields)
 
 
 # --------------------------------------------------------------------------- #
@@ -228,7 +288,20 @@ def train(
       phase 0 is followed);
     * a bare :func:`twophase.nonlinear_cg` (or a chain holding one): every epoch
       is a phase-1 epoch;
+    * a state holding several (e.g. ``optax.partition`` with an ``adam_cg``
+      per label): every epoch is a mini-batch epoch, each step runs every
+      optimizer in its own phase, and the cost adds up all their full-batch
+      evaluations;
     * anything else (``optax.adam``, ...): every epoch is a mini-batch epoch.
+
+    Wrappers: ``optax.inject_hyperparams``, ``optax.MultiSteps``,
+    ``optax.masked`` and ``optax.partition`` may hold the twophase optimizer;
+    inside ``masked`` / ``partition`` the objective it evaluates gets the
+    masked-out leaves at their current values (:func:`twophase.fill_masked`);
+    ``optax.partition({"train": adam_cg(...), "frozen": optax.set_to_zero()},
+    labels)`` so keeps the frozen leaves fixed in both phases. In a phase-1
+    epoch the other members of a ``partition`` receive zero updates. ``optax.chain`` of a twophase
+    optimizer with other transformations is rejected (see Raises).
 
     **Phase-0 (mini-batch) epoch**: one pass over a fresh random permutation of
     the ``N`` examples (``jax.random``, seeded by ``seed``, inside one jitted
@@ -262,7 +335,8 @@ def train(
       (``None`` likewise);
     * ``epoch_cost`` and ``cost`` (cumulative), in epoch equivalents: a phase-0
       epoch counts ``steps / (N // batch_size)`` (1 for a whole epoch), plus
-      the increase of ``info.value_and_grad_evals`` during the epoch, i.e. one
+      the increase of ``info.cost`` during the epoch (evaluations, and
+      Hessian-vector products at ``twophase.HVP_COST`` each), i.e. one
       per full-batch value-and-gradient evaluation made by the optimizer (CG's
       evaluations including its line search's; an exact-norm detector's in
       phase 0). The monitoring evaluations (``train_loss``, ``grad_norm``,
@@ -359,7 +433,10 @@ def train(
         leading sizes; ``metrics`` not a mapping of callables;
         ``checkpoint_every`` without ``checkpoint_dir``; ``strict_budget`` not a
         bool, or true without ``cost_budget``; in a multi-process run, ``data``
-        or ``val_data`` with process-local leaves.
+        or ``val_data`` with process-local leaves; a twophase optimizer chained
+        with other transformations in ``optax.chain`` (before it they would act
+        in the first phase only; the message says what to use instead);
+        ``cost_budget`` different from the optimizer's own ``budget``.
     """
     batch_size = _positive_int("batch_size", batch_size)
     max_epochs = _positive_int("max_epochs", max_epochs)
@@ -397,6 +474,7 @@ def train(
     # Copies: the caller's buffers survive donation, and no two donated leaves share
     # a buffer (an init may reuse one zeros array for several state fields).
     opt_state = _with_extra_args(optimizer).init(params)
+    _check_not_chained(opt_state)
     # The switching policy learns the budget and the epoch length from here.
     opt_state = configure_policy(opt_state, budget=cost_budget, steps_per_epoch=steps_per_epoch)
     opt_state = _place(opt_state, replicated)
@@ -439,6 +517,8 @@ def train(
     def diagnostics(opt_state):
         if mode == _MINIBATCH:
             return None
+        if mode == _SEVERAL:
+            return jax.device_get(_summed_info(opt_state))
         return jax.device_get(_info(opt_state))
 
     cost = history[-1]["cost"] if history else 0.0
@@ -557,8 +637,9 @@ def _phase0_epoch_impl(params, opt_state, key, data, *, config: _Config):
             params, opt_state, done = carry
             mini = jax.tree.map(lambda x: jnp.take(x, indices, axis=0), data)
             loss, grad = jax.value_and_grad(config.loss_fn)(params, mini)
+            # Inside optax.masked / optax.partition the optimizer sees MaskedNode leaves.
             updates, opt_state = optimizer.update(
-                grad, opt_state, params, value=loss, value_fn=value_fn
+                grad, opt_state, params, value=loss, value_fn=fill_masked(value_fn, params)
             )
             return optax.apply_updates(params, updates), opt_state, done + 1
 
@@ -579,7 +660,7 @@ def _phase1_step_impl(params, opt_state, data, *, config: _Config):
         opt_state,
         params,
         value=jnp.zeros([], jnp.float32),
-        value_fn=_objective(config, data),
+        value_fn=fill_masked(_objective(config, data), params),
     )
     return optax.apply_updates(params, updates), opt_state
 
