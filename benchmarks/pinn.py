@@ -60,7 +60,8 @@ from _problems import command_line, markdown_table  # noqa: E402
 import twophase as tp  # noqa: E402
 from twophase.experiments import pinn  # noqa: E402
 
-Hyperparams = dict  # {"lr": Adam's learning rate, "switch": the first second-phase step}
+Hyperparams = dict  # {"lr": Adam's learning rate, "switch": the first second-phase step,
+#                      "budget": the run's budget, told to the default policy}
 
 
 class Method(NamedTuple):
@@ -103,11 +104,12 @@ def adam_cg_precond_at(h: Hyperparams) -> optax.GradientTransformation:
 
 
 def adam_lbfgs_default(h: Hyperparams) -> optax.GradientTransformation:
-    return tp.adam_lbfgs(h["lr"], memory_size=LBFGS_MEMORY)
+    # Full batch: one Adam step is one epoch; the default policy is told the budget.
+    return tp.adam_lbfgs(h["lr"], memory_size=LBFGS_MEMORY, window=1, budget=h["budget"])
 
 
 def adam_cg_default(h: Hyperparams) -> optax.GradientTransformation:
-    return tp.adam_cg(h["lr"])
+    return tp.adam_cg(h["lr"], window=1, budget=h["budget"])
 
 
 METHODS: list[Method] = [
@@ -274,7 +276,11 @@ def main() -> None:
         rows: dict[str, dict] = {}
         adam_runs = {}
         for lr in s["adam_lrs"]:
-            h = {"lr": np.asarray(lr, dtype), "switch": np.int32(1)}
+            h = {
+                "lr": np.asarray(lr, dtype),
+                "switch": np.int32(1),
+                "budget": np.float32(s["budget"]),
+            }
             adam_runs[lr] = run_one(
                 problem, loss_fn, points, grid, params, adam, h, s["budget"], args.log_points
             )
@@ -292,6 +298,7 @@ def main() -> None:
                 {
                     "lr": np.asarray(best_lr, dtype),
                     "switch": np.int32(switch_step(s["budget"], method.split or 1)),
+                    "budget": np.float32(s["budget"]),
                 },
                 s["budget"],
                 args.log_points,

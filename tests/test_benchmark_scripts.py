@@ -309,3 +309,24 @@ def test_cg_suite_newton_cg_rows():
     evals, _, hvps = row[1].split()[:3]  # twophase newton_cg: "evals + HVPs (iterations)"
     assert 0 < int(evals) < 5000 and 0 < int(hvps) < 5000, row
     assert 0 < float(row[-2]) <= 1.5, row  # cost ratio to scipy's Newton-CG
+
+
+def test_policy_rows_within_budget_and_report_roundtrip(tmp_path):
+    budget, saved = 8, tmp_path / "runs.jsonl"
+    out = run_script(
+        "policy.py", "--budgets", str(budget), "--problems", "teacher-student-small",
+        "--splits", "2", "--sweep-budget", str(budget), "--save", str(saved),
+    )  # fmt: skip
+    rows = [r for r in table_rows(out, "teacher-student-small") if len(r) == 9]
+    methods = [r[2] for r in rows]
+    assert methods[0] == "adam" and "new default" in methods and "paper rule" in methods
+    for row in rows:
+        assert float(row[5]) <= budget, row  # strict equal cost
+        assert math.isfinite(float(row[6])) and float(row[6]) > 0, row
+    assert float(rows[0][7]) == 1.0  # Adam's ratio to itself
+    assert "No harm" in out and "geometric mean" in out
+    # The saved runs print the same summary again.
+    again = run_script("policy.py", "--report", str(saved))
+    assert again.split("## Summary")[1].split("## All runs")[0] == (
+        out.split("## Summary")[1].split("## All runs")[0]
+    )

@@ -242,9 +242,15 @@ def test_with_weight_decay_rejects_bad_weight_decay(weight_decay):
 # Item 4: injected hyperparameters take effect, or are static and say so.
 
 
+def _adam_cg_plateau(learning_rate, window, min_steps=0):
+    """adam_cg with the loss_plateau detector built from the (injected) window."""
+    detector = tp.loss_plateau(window, patience=5, history=10, z_score=1.0, min_steps=min_steps)
+    return tp.adam_cg(learning_rate, window=window, min_steps=min_steps, detector=detector)
+
+
 def _switch_step_with_window(window_at_init, window_after, steps=40, name="window", **kwargs):
     kwargs = {"learning_rate": 0.1, name: window_at_init, **kwargs}
-    opt = optax.inject_hyperparams(tp.adam_cg)(**kwargs)
+    opt = optax.inject_hyperparams(_adam_cg_plateau)(**kwargs)
     x = jnp.zeros(3, F32)
     state = opt.init(x)
     state.hyperparams[name] = jnp.asarray(window_after)
@@ -273,6 +279,22 @@ def test_injected_window_takes_effect_after_init(window_at_init, window_after, s
 @pytest.mark.parametrize(("at_init", "after", "switch_step"), [(0, 30, 30), (30, 0, 14)])
 def test_injected_min_steps_takes_effect_after_init(at_init, after, switch_step):
     assert _switch_step_with_window(at_init, after, name="min_steps", window=1) == switch_step
+
+
+def test_injected_window_sets_the_default_policys_epoch_length():
+    opt = optax.inject_hyperparams(tp.adam_cg)(learning_rate=0.1, window=1)
+    x = jnp.zeros(3, F32)
+    state = opt.init(x)
+    state.hyperparams["window"] = jnp.asarray(4)
+    step = jax.jit(
+        lambda x, s: opt.update(2 * (x - 1.0), s, x, value=jnp.asarray(1.0, F32), value_fn=jnp.sum)
+    )
+    for _ in range(10):
+        _, state = step(x, state)
+    policy_state = state.inner_state.detector_state
+    # 10 steps of an epoch of 4 steps: 2.5 epoch-equivalents, 2 epochs ended.
+    np.testing.assert_allclose(float(policy_state.cost), 2.5, rtol=1e-6)
+    assert int(policy_state.epochs) == 2
 
 
 def test_injected_memory_size_fails_clearly_and_static_works():

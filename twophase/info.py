@@ -160,9 +160,14 @@ def info_all(state: Any) -> tuple[Info, ...]:
     def is_two(x):
         return isinstance(x, TwoPhaseState)
 
-    outside = [node for node in jax.tree.leaves(state, is_leaf=is_two) if not is_two(node)]
-    for node in _all_nodes_with_field(outside, "value_and_grad_evals"):
-        found.append(_info_of(None, node))
+    def is_either(x):
+        return is_two(x) or (
+            isinstance(x, tuple) and "value_and_grad_evals" in getattr(x, "_fields", ())
+        )
+
+    for node in jax.tree.leaves(state, is_leaf=is_either):
+        if is_either(node) and not is_two(node):
+            found.append(_info_of(None, node))
     return tuple(found)
 
 

@@ -229,7 +229,8 @@ def safe_resort(
 
     Args:
       window: phase-0 steps per epoch, ``>= 1`` (:func:`twophase.train` sets it
-        to its own).
+        to its own; injected with ``optax.inject_hyperparams``, it takes effect
+        at the next update).
       budget: the run's budget in epoch-equivalents, or ``None``.
       floor: a lower bound of the loss (0 for squared errors and
         cross-entropy); paces are measured on ``log(loss - floor)``.
@@ -324,6 +325,10 @@ def safe_resort(
     def first(state, *, grad, grad_norm, value=None, step, params=None, value_fn=None):
         del grad, grad_norm, params, value_fn
         _det._require_value(value, "safe_resort")
+        # An injected `window` (an array under optax.inject_hyperparams) takes effect
+        # at once; a static one was stored at init (or set by twophase.train).
+        if isinstance(window, jax.Array):
+            state = state._replace(epoch_steps=jnp.asarray(window, f32))
         state = state._replace(
             cost=state.cost + 1.0 / state.epoch_steps,
             loss_sum=state.loss_sum + jnp.reshape(jnp.asarray(value, f32), ()),

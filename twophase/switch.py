@@ -500,6 +500,11 @@ def _ratio_deprecated(ratio) -> None:
 
 def _preset_policy(detector, window, min_steps, budget, fallback):
     """(policy or detector, fallback for two_phase) of a preset's arguments."""
+    checked = concrete(fallback)
+    if fallback is not None and (
+        isinstance(checked, bool) or not isinstance(checked, int) or checked < 1
+    ):
+        raise ValueError(f"`fallback` must be a positive int or None, got {fallback!r}.")
     _det._check_int("window", window, 1)
     _det._check_int("min_steps", min_steps, 0)
     _policy.check_budget(budget)
