@@ -396,7 +396,17 @@ def _two_phase(
             grad = slot  # in phase 0, where it is read as a gradient
             grad_norm, finite = grad_norm_and_finite(grad)
             active = in_first & finite
-            state = run_if(active, lambda s: observe_phase0(grad, grad_norm, s), state)
+            # Only the policy's scalars and state go through the loop: a carry holding
+            # the optimizer states would be copied (benchmarks/overhead.py).
+            decision = ("phase", "switch_step", "phase0_steps", "detector_state", "switches")
+
+            def decide(fields):
+                decided = observe_phase0(grad, grad_norm, state._replace(**fields))
+                return {name: getattr(decided, name) for name in decision}
+
+            state = state._replace(
+                **run_if(active, decide, {name: getattr(state, name) for name in decision})
+            )
             state = state._replace(
                 skipped_steps=state.skipped_steps + (in_first & ~finite).astype(jnp.int32)
             )
