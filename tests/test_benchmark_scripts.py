@@ -327,6 +327,7 @@ def test_policy_rows_within_budget_and_report_roundtrip(tmp_path):
     assert "No harm" in out and "geometric mean" in out
     # The saved runs print the same summary again.
     again = run_script("policy.py", "--report", str(saved))
-    assert again.split("## Summary")[1].split("## All runs")[0] == (
-        out.split("## Summary")[1].split("## All runs")[0]
+    assert (
+        again.split("## Summary")[1].split("## All runs")[0]
+        == (out.split("## Summary")[1].split("## All runs")[0])
     )

@@ -487,9 +487,7 @@ def test_adam_newton_cg_equals_two_phase_with_newton_cg_and_counts_hvps():
     runs = []
     for opt in (fused, generic):
         step = jax.jit(
-            lambda p, s, opt=opt: opt.update(
-                jax.grad(FULL)(p), s, p, value=FULL(p), value_fn=FULL
-            )
+            lambda p, s, opt=opt: opt.update(jax.grad(FULL)(p), s, p, value=FULL(p), value_fn=FULL)
         )
         p, s = PARAMS, opt.init(PARAMS)
         for _ in range(20):

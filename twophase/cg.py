@@ -370,7 +370,6 @@ def nonlinear_cg(
         and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf)
     ):
         raise ValueError(f"`grad_tol` must be a finite number >= 0, got {grad_tol!r}.")
-    stored_preconditioner = preconditioner is not None and not callable(preconditioner)
     if isinstance(preconditioner, str) and preconditioner != "state":
         raise ValueError(
             "`preconditioner` must be None, 'state', a pytree or a callable, "
@@ -380,16 +379,7 @@ def nonlinear_cg(
     def init_fn(params):
         dtype = _scalar_dtype(params)
         zeros = _to_compute(optax.tree.zeros_like(params))
-        if not stored_preconditioner:
-            stored = None
-        elif isinstance(preconditioner, str):
-            stored = _to_compute(optax.tree.ones_like(params))
-        else:
-            stored = jax.tree.map(
-                lambda p, x: jnp.broadcast_to(jnp.asarray(p, compute_dtype(x.dtype)), x.shape),
-                preconditioner,
-                params,
-            )
+        stored = initial_preconditioner(preconditioner, params)
         int_zero = jnp.zeros([], jnp.int32)
         return NonlinearCGState(
             value=jnp.asarray(jnp.inf, dtype),
@@ -628,6 +618,21 @@ def _has_preconditioner_field(node: Any) -> bool:
     """A second-phase state by the contract's field name: a NamedTuple with a
     ``preconditioner`` field (:class:`NonlinearCGState`, ``NewtonCGState``)."""
     return isinstance(node, tuple) and "preconditioner" in getattr(node, "_fields", ())
+
+
+def initial_preconditioner(preconditioner: Any, params: PyTree) -> PyTree | None:
+    """The stored diagonal preconditioner a second phase starts with: ``None``
+    unless ``preconditioner`` is stored (``"state"``: ones, to be set by a
+    handover; a pytree: broadcast to the parameters); in the compute dtype."""
+    if preconditioner is None or callable(preconditioner):
+        return None
+    if isinstance(preconditioner, str):
+        return _to_compute(optax.tree.ones_like(params))
+    return jax.tree.map(
+        lambda p, x: jnp.broadcast_to(jnp.asarray(p, compute_dtype(x.dtype)), x.shape),
+        preconditioner,
+        params,
+    )
 
 
 def set_preconditioner(state: PyTree, scales: PyTree) -> PyTree:

@@ -56,6 +56,7 @@ from twophase.cg import (
     _vdot,
     _zero_if_nonfinite,
     compute_dtype,
+    initial_preconditioner,
 )
 from twophase.objectives import as_value_and_grad
 from twophase.second_phase import HVP_COST
@@ -661,20 +662,10 @@ def newton_cg(
         raise ValueError(
             f"`initial_step` must be one of {list(_INITIAL_STEP_RULES)}, got {initial_step!r}."
         )
-    stored_preconditioner = preconditioner is not None and not callable(preconditioner)
 
     def init_fn(params):
         dtype = _scalar_dtype(params)
-        if not stored_preconditioner:
-            stored = None
-        elif isinstance(preconditioner, str):
-            stored = _to_compute(optax.tree.ones_like(params))
-        else:
-            stored = jax.tree.map(
-                lambda p, x: jnp.broadcast_to(jnp.asarray(p, compute_dtype(x.dtype)), x.shape),
-                preconditioner,
-                params,
-            )
+        stored = initial_preconditioner(preconditioner, params)
         int_zero = jnp.zeros([], jnp.int32)
         return NewtonCGState(
             value=jnp.asarray(jnp.inf, dtype),

@@ -100,9 +100,7 @@ def _as_policy(detector: Any, fallback: int | None) -> _policy.Policy:
         return detector
     if isinstance(detector, _det.Detector):
         return _policy.from_detector(detector, fallback)
-    raise ValueError(
-        f"`detector` must be a twophase Detector or Policy, got {detector!r}."
-    )
+    raise ValueError(f"`detector` must be a twophase Detector or Policy, got {detector!r}.")
 
 
 def two_phase(
@@ -343,9 +341,7 @@ def _two_phase(
                 carry[0], state.second_state, params, value_fn=value_fn, **extra_args
             )
             finite = _all_finite(new_updates)
-            new_updates = optax.tree.where(
-                finite, new_updates, optax.tree.zeros_like(new_updates)
-            )
+            new_updates = optax.tree.where(finite, new_updates, optax.tree.zeros_like(new_updates))
             evals = _sp.value_and_grad_evals(second_state) - _sp.value_and_grad_evals(
                 state.second_state
             )
@@ -365,8 +361,7 @@ def _two_phase(
                 detector_state=detector_state,
                 second_phase_evals=state.second_phase_evals + evals,
                 second_phase_hvps=state.second_phase_hvps + hvps,
-                second_phase_nonfinite=state.second_phase_nonfinite
-                + (~finite).astype(jnp.int32),
+                second_phase_nonfinite=state.second_phase_nonfinite + (~finite).astype(jnp.int32),
             )
 
             def go_back(state):
