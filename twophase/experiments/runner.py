@@ -94,6 +94,7 @@ RECORD_KEYS = (
     "val_loss",
     "val_acc",
     "switch_epoch",
+    "explanation",
     "cost_epochs",
     "wall_seconds",
     "params",
