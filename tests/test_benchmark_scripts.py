@@ -317,7 +317,7 @@ def test_policy_rows_within_budget_and_report_roundtrip(tmp_path):
         "policy.py", "--budgets", str(budget), "--problems", "teacher-student-small",
         "--splits", "2", "--sweep-budget", str(budget), "--save", str(saved),
     )  # fmt: skip
-    rows = [r for r in table_rows(out, "teacher-student-small") if len(r) == 9]
+    rows = table_rows(out.split("## All runs")[1], "teacher-student-small")
     methods = [r[2] for r in rows]
     assert methods[0] == "adam" and "new default" in methods and "paper rule" in methods
     for row in rows:
