@@ -222,6 +222,8 @@ def safe_resort(
       phase runs to the end (only failures return), because measured at equal
       cost a final full-batch polish paid off wherever Adam had slowed
       (``benchmarks/RESULTS.md``).
+    * **Room**: no switch once less than ``min_judge`` of a known budget is
+      left.
 
     With no budget (``budget=None`` and no ``cost_budget`` in
     :func:`twophase.train`) there is no late polish, the first trial comes
@@ -347,7 +349,11 @@ def safe_resort(
         affordable = state.trial_spent + 1.5 * min_judge <= explore * scale
         affordable |= ~known & (state.trials == 0)  # without a budget, one early trial
         due = ((state.epochs >= 3) & (state.cost >= state.next_trial) & affordable) | polishing
-        switch = epoch_end & due & (state.cost >= earliest) & (step + 1 >= min_steps)
+        # No switch without room for a judged trial: an iteration that does not fit
+        # in the budget would be wasted (twophase.train discards it under a strict
+        # budget, and the epochs Adam would have had are lost).
+        room = ~known | (state.budget - state.cost >= min_judge)
+        switch = epoch_end & due & room & (state.cost >= earliest) & (step + 1 >= min_steps)
         # The trial's first segment starts at the switch point, whose loss is
         # estimated from the last epoch's mean mini-batch loss: that mean sits half
         # an epoch behind the point, so half of Adam's pace is taken off.
