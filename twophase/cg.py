@@ -235,13 +235,18 @@ def _resolve_beta(beta) -> BetaFn:
     raise ValueError(f"`beta` must be one of {sorted(BETA_RULES)} or a callable, got {beta!r}.")
 
 
-def _resolve_linesearch(linesearch) -> _ls.LineSearch:
+def _resolve_linesearch(
+    linesearch, choices: dict[str, Callable[[], _ls.LineSearch]] | None = None
+) -> _ls.LineSearch:
+    """``linesearch`` itself, or the search its name builds from ``choices``
+    (CG's by default; a second phase may pass its own defaults)."""
+    choices = _LINESEARCHES if choices is None else choices
     if isinstance(linesearch, _ls.LineSearch):
         return linesearch
-    if isinstance(linesearch, str) and linesearch in _LINESEARCHES:
-        return _LINESEARCHES[linesearch]()
+    if isinstance(linesearch, str) and linesearch in choices:
+        return choices[linesearch]()
     raise ValueError(
-        f"`linesearch` must be one of {sorted(_LINESEARCHES)} or a twophase.LineSearch, "
+        f"`linesearch` must be one of {sorted(choices)} or a twophase.LineSearch, "
         f"got {linesearch!r}."
     )
 

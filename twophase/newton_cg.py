@@ -49,6 +49,7 @@ from jax import lax
 from twophase import linesearch as _ls
 from twophase._checks import concrete
 from twophase.cg import (
+    _resolve_linesearch,
     _scalar_dtype,
     _scaled_update,
     _select,
@@ -484,17 +485,6 @@ _LINESEARCHES: dict[str, Callable[[], _ls.LineSearch]] = {
 _INITIAL_STEP_RULES = ("unit", "quadratic")
 
 
-def _resolve_linesearch(linesearch) -> _ls.LineSearch:
-    if isinstance(linesearch, _ls.LineSearch):
-        return linesearch
-    if isinstance(linesearch, str) and linesearch in _LINESEARCHES:
-        return _LINESEARCHES[linesearch]()
-    raise ValueError(
-        f"`linesearch` must be one of {sorted(_LINESEARCHES)} or a twophase.LineSearch, "
-        f"got {linesearch!r}."
-    )
-
-
 def _positive_finite(name: str, value: Any) -> float:
     checked = concrete(value)
     if (
@@ -624,7 +614,7 @@ def newton_cg(
       TypeError: ``update`` called without ``value_fn``, or with one that is not
         a :func:`gauss_newton_objective` under ``curvature="gauss_newton"``.
     """
-    search = _resolve_linesearch(linesearch)
+    search = _resolve_linesearch(linesearch, _LINESEARCHES)
     if curvature not in CURVATURES:
         raise ValueError(f"`curvature` must be one of {list(CURVATURES)}, got {curvature!r}.")
     if isinstance(forcing, str):
