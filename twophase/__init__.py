@@ -4,6 +4,7 @@ Adam while the loss is non-convex, full-batch nonlinear conjugate gradient once
 the gradient norm has peaked (Hrycej et al., KDIR 2025, arXiv 2510.25366).
 """
 
+from twophase.auxiliary import prepare_aux
 from twophase.cg import (
     BETA_RULES,
     BetaFn,
@@ -96,6 +97,7 @@ __all__ = [
     "nonlinear_cg",
     "norm_loss_slope",
     "polak_ribiere",
+    "prepare_aux",
     "restore_checkpoint",
     "safe_resort",
     "save_checkpoint",

@@ -25,10 +25,10 @@ import optax
 import optax.tree
 from jax import lax
 
+from twophase import auxiliary as _aux
 from twophase import linesearch as _ls
 from twophase._checks import concrete
 from twophase._numerics import finite_and_norm, max_abs, pow2_scale
-from twophase.objectives import as_value_and_grad
 
 __all__ = [
     "BETA_RULES",
@@ -191,6 +191,10 @@ class NonlinearCGState(NamedTuple):
       consecutive_failures: int32 current run of such failures (0 after a success).
       nonfinite_events: int32 calls where the objective or gradient at the current
         point was not finite (no step was taken).
+      aux: the auxiliary output at the current parameters when ``value_fn``
+        returns ``(loss, aux)`` (a pytree of scalars, zeros before the first
+        evaluation), else ``None``; ``None`` until the first ``update`` sees
+        ``value_fn`` (:func:`twophase.prepare_aux` fills it beforehand).
     """
 
     value: jax.Array
@@ -209,6 +213,7 @@ class NonlinearCGState(NamedTuple):
     linesearch_failures: jax.Array
     consecutive_failures: jax.Array
     nonfinite_events: jax.Array
+    aux: PyTree = None
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -403,6 +408,7 @@ def nonlinear_cg(
             linesearch_failures=int_zero,
             consecutive_failures=int_zero,
             nonfinite_events=int_zero,
+            aux=None,
         )
 
     def next_direction(grad, grad_prev, direction_prev, apply_scales, since_restart):
@@ -459,27 +465,10 @@ def nonlinear_cg(
             raise TypeError("nonlinear_cg.update requires `params`.")
         del updates
         dtype = state.value.dtype
-        value_and_grad = as_value_and_grad(value_fn, params)
-
-        def evaluate_here(_):
-            value, grad = value_and_grad(params)
-            return value.astype(dtype), _to_compute(grad), jnp.ones([], jnp.int32)
-
-        cached = jnp.isfinite(state.value)
-        value, grad, new_evals = lax.cond(
-            cached,
-            lambda _: (state.value, state.grad, jnp.zeros([], jnp.int32)),
-            evaluate_here,
-            None,
-        )
-        evals = state.value_and_grad_evals + new_evals
-
-        if state.preconditioner is not None:
-            scales = state.preconditioner
-        elif callable(preconditioner):
-            scales = _to_compute(preconditioner(params, state))
-        else:
-            scales = None
+        state = _aux.prepare_aux(state, value_fn, params)
+        value_grad_aux = _aux.value_grad_and_aux(value_fn, params)
+        value, grad, aux, cached, evals = value_here(state, value_grad_aux, params)
+        scales = preconditioner_scales(state, preconditioner, params)
 
         def apply_scales(tree):
             return tree if scales is None else optax.tree.mul(scales, tree)
@@ -519,21 +508,24 @@ def nonlinear_cg(
             trial = jnp.where(jnp.isfinite(trial) & (trial > 0), trial, 1.0).astype(dtype)
 
             def evaluate(step):
+                # The auxiliary output rides with the gradient, which the line
+                # search only carries: it comes back for the accepted point.
                 delta = _scaled_update(step, direction, params)
-                f, g = value_and_grad(optax.apply_updates(params, delta))
+                f, g, a = value_grad_aux(optax.apply_updates(params, delta))
                 g = _to_compute(g)
-                return f.astype(dtype), g, _vdot(g, direction).astype(dtype)
+                return f.astype(dtype), (g, a), _vdot(g, direction).astype(dtype)
 
-            result = search.search(evaluate, value, grad, slope0, trial)
+            result = search.search(evaluate, value, (grad, aux), slope0, trial)
+            result_grad, result_aux = result.grad
             failed = result.failed
             since = jnp.where(fresh_start, 0, state.since_restart)
             new_direction, new_slope, restart = next_direction(
-                result.grad, grad, direction, apply_scales, since
+                result_grad, grad, direction, apply_scales, since
             )
             delta = _scaled_update(jnp.where(failed, 0, result.step), direction, params)
             new_state = NonlinearCGState(
                 value=jnp.where(failed, value, result.value),
-                grad=_select(failed, grad, result.grad),
+                grad=_select(failed, grad, result_grad),
                 direction=new_direction,
                 slope=new_slope.astype(dtype),
                 value_prev=value,
@@ -548,18 +540,14 @@ def nonlinear_cg(
                 linesearch_failures=state.linesearch_failures + failed.astype(jnp.int32),
                 consecutive_failures=jnp.where(failed, state.consecutive_failures + 1, 0),
                 nonfinite_events=state.nonfinite_events,
+                aux=_select(failed, aux, result_aux),
             )
             return delta, new_state
 
         def hold_branch(_):
             # Converged, or nothing finite to work with: do not move.
             delta = optax.tree.zeros_like(params)
-            new_state = state._replace(
-                value=jnp.where(finite_here, value, jnp.inf).astype(dtype),
-                grad=_select(finite_here, grad, state.grad),
-                value_and_grad_evals=evals,
-                nonfinite_events=state.nonfinite_events + (~finite_here).astype(jnp.int32),
-                consecutive_failures=state.consecutive_failures + (~finite_here).astype(jnp.int32),
+            new_state = held(state, finite_here, value, grad, aux, evals)._replace(
                 restart_next=state.restart_next | ~finite_here | ~cached,
             )
             return delta, new_state
@@ -590,6 +578,52 @@ def nonlinear_cg(
         return delta, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def value_here(state, value_grad_aux, params):
+    """Stage 1 of a second phase's iteration: ``(value, grad, aux, cached,
+    evals)`` at ``params``, from ``state``'s cache (the previous line search's
+    accepted point) when its ``value`` is finite, else evaluated (``evals``: the
+    state's cumulative count including this evaluation)."""
+    dtype = state.value.dtype
+
+    def evaluate(_):
+        value, grad, aux = value_grad_aux(params)
+        return value.astype(dtype), _to_compute(grad), aux, jnp.ones([], jnp.int32)
+
+    cached = jnp.isfinite(state.value)
+    value, grad, aux, new_evals = lax.cond(
+        cached,
+        lambda _: (state.value, state.grad, state.aux, jnp.zeros([], jnp.int32)),
+        evaluate,
+        None,
+    )
+    return value, grad, aux, cached, state.value_and_grad_evals + new_evals
+
+
+def held(state, finite_here, value, grad, aux, evals):
+    """A second phase's state after an iteration that does not move (converged,
+    or no finite value or gradient here): keeps a finite evaluation, counts a
+    non-finite one as a failure."""
+    nonfinite = (~finite_here).astype(jnp.int32)
+    return state._replace(
+        value=jnp.where(finite_here, value, jnp.inf).astype(state.value.dtype),
+        grad=_select(finite_here, grad, state.grad),
+        aux=_select(finite_here, aux, state.aux),
+        value_and_grad_evals=evals,
+        nonfinite_events=state.nonfinite_events + nonfinite,
+        consecutive_failures=state.consecutive_failures + nonfinite,
+    )
+
+
+def preconditioner_scales(state, preconditioner, params):
+    """The diagonal preconditioner of this iteration: the one stored in
+    ``state``, else a callable's ``preconditioner(params, state)``, else ``None``."""
+    if state.preconditioner is not None:
+        return state.preconditioner
+    if callable(preconditioner):
+        return _to_compute(preconditioner(params, state))
+    return None
 
 
 def _max_abs(tree):

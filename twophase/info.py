@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from twophase._numerics import safe_norm
 from twophase.second_phase import HVP_COST
+from twophase.second_phase import nodes_with_field as _all_nodes_with_field
 from twophase.switch import TwoPhaseState
 
 __all__ = ["Info", "info", "info_all"]
@@ -29,7 +30,9 @@ class Info(NamedTuple):
         plus those of every exact-norm detector (all members of ``any_of`` /
         ``all_of``).
       restarts: int32, steepest-descent restarts after the first CG iteration.
-      linesearch_failures: int32, line searches that found no decrease.
+      linesearch_failures: int32, line searches of the current second-phase
+        state that found no decrease (since its latest switch in a two-phase
+        state).
       value: objective at the current point as last evaluated by CG (``inf``
         before the first evaluation).
       grad_norm: Euclidean norm of the gradient stored with ``value`` (``inf``
@@ -55,6 +58,17 @@ class Info(NamedTuple):
         before the first return.
       hessian_vector_products: int32, Hessian-vector products made by the
         second phase (over all trials in a two-phase state).
+      zero_steps: int32, second-phase iterations whose line search found no
+        decrease, so that the step was zero, by any second phase (CG, Newton-CG,
+        L-BFGS through :func:`twophase.second_phase.evaluating`), over all trials
+        of a two-phase state: stalls are counted, never silent. Each is handled:
+        the next iteration restarts (steepest descent), and a run of
+        ``max_failures`` returns to the first phase under
+        :func:`twophase.safe_resort` (``fallback=k`` for a detector).
+      aux: the second phase's auxiliary output at its current point when
+        ``value_fn`` returns ``(loss, aux)`` (a pytree of scalars, e.g. the loss
+        terms of a physics-informed network; :mod:`twophase.auxiliary`), else
+        ``None``.
       cost: float32, the second phase's cost in evaluation-equivalents:
         ``value_and_grad_evals + HVP_COST * hessian_vector_products``
         (:mod:`twophase.second_phase`).
@@ -79,6 +93,8 @@ class Info(NamedTuple):
     return_step: jax.Array | None = None
     hessian_vector_products: jax.Array | None = None
     cost: jax.Array | None = None
+    zero_steps: jax.Array | None = None
+    aux: Any = None
 
 
 def _find(state: Any, kind: type) -> list:
@@ -180,6 +196,7 @@ _SECOND_PHASE_FIELDS = (
     "nonfinite_events",
     "consecutive_failures",
     "hessian_vector_products",
+    "aux",
 )
 
 
@@ -199,6 +216,7 @@ def _info_of(two: TwoPhaseState | None, inner: Any) -> Info:
         two = _unwrap_variables(two)
         fields["value_and_grad_evals"] = two.second_phase_evals
         fields["hessian_vector_products"] = two.second_phase_hvps
+        fields["zero_steps"] = two.second_phase_linesearch_failures
         for detector_evals in _all_with_field(two.detector_state, "value_and_grad_evals"):
             fields["value_and_grad_evals"] = fields["value_and_grad_evals"] + detector_evals
         fields.update(
@@ -212,6 +230,8 @@ def _info_of(two: TwoPhaseState | None, inner: Any) -> Info:
             switches=two.switches,
             return_step=two.return_step,
         )
+    if two is None and fields.get("linesearch_failures") is not None:
+        fields["zero_steps"] = fields["linesearch_failures"]
     evals = fields.get("value_and_grad_evals")
     if evals is not None:
         hvps = fields.get("hessian_vector_products")
@@ -219,22 +239,3 @@ def _info_of(two: TwoPhaseState | None, inner: Any) -> Info:
             0.0 if hvps is None else HVP_COST * jnp.asarray(hvps, jnp.float32)
         )
     return Info(**fields)
-
-
-def _all_nodes_with_field(tree: Any, field: str) -> list:
-    """Every NamedTuple in ``tree`` that has ``field`` (not looking inside them)."""
-
-    def is_named(x):
-        return isinstance(x, tuple) and hasattr(x, "_fields")
-
-    found = []
-    stack = [tree]
-    while stack:
-        node = stack.pop(0)
-        if is_named(node) and field in node._fields:
-            found.append(node)
-        elif isinstance(node, (tuple, list)):
-            stack[:0] = list(node)
-        elif isinstance(node, dict):
-            stack[:0] = list(node.values())
-    return found

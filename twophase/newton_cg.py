@@ -46,6 +46,7 @@ import optax
 import optax.tree
 from jax import lax
 
+from twophase import auxiliary as _aux
 from twophase import linesearch as _ls
 from twophase._checks import concrete
 from twophase.cg import (
@@ -57,9 +58,11 @@ from twophase.cg import (
     _vdot,
     _zero_if_nonfinite,
     compute_dtype,
+    held,
     initial_preconditioner,
+    preconditioner_scales,
+    value_here,
 )
-from twophase.objectives import as_value_and_grad
 from twophase.second_phase import HVP_COST
 
 __all__ = [
@@ -149,6 +152,8 @@ class NewtonCGState(NamedTuple):
       nonfinite_events: int32 calls where the objective or gradient at the
         current point, or a curvature product, was not finite (no step was
         taken).
+      aux: as :class:`twophase.NonlinearCGState`'s ``aux`` (the auxiliary
+        output at the current parameters, or ``None``).
     """
 
     value: jax.Array
@@ -168,6 +173,7 @@ class NewtonCGState(NamedTuple):
     rejected_steps: jax.Array
     consecutive_failures: jax.Array
     nonfinite_events: jax.Array
+    aux: PyTree = None
 
 
 # --------------------------------------------------------------------------- Gauss-Newton
@@ -253,7 +259,7 @@ def gauss_newton_objective(
 def hessian_product(value_fn: Callable[[PyTree], jax.Array], params: PyTree):
     """``v -> H v`` at ``params`` by forward-over-reverse differentiation
     (``jax.jvp`` of ``jax.grad``; Pearlmutter 1994)."""
-    grad_fn = jax.grad(lambda p: jnp.reshape(value_fn(p), ()))
+    grad_fn = jax.grad(_aux.scalar_objective(value_fn))
 
     def hessian_vector_product(v):
         return jax.jvp(grad_fn, (params,), (v,))[1]
@@ -675,6 +681,7 @@ def newton_cg(
             rejected_steps=int_zero,
             consecutive_failures=int_zero,
             nonfinite_events=int_zero,
+            aux=None,
         )
 
     def curvature_product(value_fn, params):
@@ -707,27 +714,13 @@ def newton_cg(
             raise TypeError("newton_cg.update requires `params`.")
         del updates
         dtype = state.value.dtype
-        value_and_grad = as_value_and_grad(value_fn, params)
-        int_one = jnp.ones([], jnp.int32)
+        state = _aux.prepare_aux(state, value_fn, params)
+        value_grad_aux = _aux.value_grad_and_aux(value_fn, params)
         int_zero = jnp.zeros([], jnp.int32)
 
         # Stage 1: value and gradient here (cached by the previous line search).
-        def evaluate_here(_):
-            value, grad = value_and_grad(params)
-            return value.astype(dtype), _to_compute(grad), int_one
-
-        cached = jnp.isfinite(state.value)
-        value, grad, new_evals = lax.cond(
-            cached, lambda _: (state.value, state.grad, int_zero), evaluate_here, None
-        )
-        evals = state.value_and_grad_evals + new_evals
-
-        if state.preconditioner is not None:
-            scales = state.preconditioner
-        elif callable(preconditioner):
-            scales = _to_compute(preconditioner(params, state))
-        else:
-            scales = None
+        value, grad, aux, _, evals = value_here(state, value_grad_aux, params)
+        scales = preconditioner_scales(state, preconditioner, params)
         apply_scales = None if scales is None else (lambda t: optax.tree.mul(scales, t))
 
         grad_norm = jnp.sqrt(_vdot(grad, grad)).astype(dtype)
@@ -756,10 +749,12 @@ def newton_cg(
 
             # Stage 4: line search from the Newton step.
             def evaluate(step):
+                # The auxiliary output rides with the gradient, which the line
+                # search only carries: it comes back for the accepted point.
                 delta = _scaled_update(step, direction, params)
-                f, g = value_and_grad(optax.apply_updates(params, delta))
+                f, g, a = value_grad_aux(optax.apply_updates(params, delta))
                 g = _to_compute(g)
-                return f.astype(dtype), g, _vdot(g, direction).astype(dtype)
+                return f.astype(dtype), (g, a), _vdot(g, direction).astype(dtype)
 
             one = jnp.ones([], dtype)
             if initial_step == "quadratic":
@@ -769,13 +764,13 @@ def newton_cg(
                 trial = one
 
             def search_branch(_):
-                return search.search(evaluate, value, grad, slope, trial.astype(dtype))
+                return search.search(evaluate, value, (grad, aux), slope, trial.astype(dtype))
 
             def skip_branch(_):
                 return _ls.LineSearchResult(
                     step=jnp.zeros([], dtype),
                     value=value,
-                    grad=grad,
+                    grad=(grad, aux),
                     slope=jnp.where(jnp.isfinite(slope), slope, 0).astype(dtype),
                     evaluations=int_zero,
                     failed=jnp.asarray(True),
@@ -783,6 +778,7 @@ def newton_cg(
                 )
 
             result = lax.cond(usable, search_branch, skip_branch, None)
+            result_grad, result_aux = result.grad
             moved = usable & ~result.failed
             step = jnp.where(moved, result.step, 0).astype(dtype)
 
@@ -804,7 +800,8 @@ def newton_cg(
             failed = ~moved
             new_state = state._replace(
                 value=jnp.where(moved, result.value, value).astype(dtype),
-                grad=_select(moved, result.grad, grad),
+                grad=_select(moved, result_grad, grad),
+                aux=_select(moved, result_aux, aux),
                 value_prev=jnp.where(moved, value, state.value_prev).astype(dtype),
                 damping=new_damping,
                 eta=eta,
@@ -826,13 +823,7 @@ def newton_cg(
 
         def hold_branch(_):
             # Converged, or nothing finite to work with: do not move.
-            new_state = state._replace(
-                value=jnp.where(finite_here, value, jnp.inf).astype(dtype),
-                grad=_select(finite_here, grad, state.grad),
-                value_and_grad_evals=evals,
-                nonfinite_events=state.nonfinite_events + (~finite_here).astype(jnp.int32),
-                consecutive_failures=state.consecutive_failures + (~finite_here).astype(jnp.int32),
-            )
+            new_state = held(state, finite_here, value, grad, aux, evals)
             return optax.tree.zeros_like(params), new_state
 
         def reject_branch(_):
@@ -841,6 +832,7 @@ def newton_cg(
             new_state = state._replace(
                 value=value,
                 grad=grad,
+                aux=aux,
                 damping=jnp.asarray(lam0, dtype),
                 value_and_grad_evals=evals,
                 iterations=state.iterations + 1,

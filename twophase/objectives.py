@@ -9,8 +9,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
+
+from twophase import auxiliary as _aux
+from twophase.auxiliary import _holds_masked, _is_masked
 
 __all__ = ["as_value_and_grad", "fill_masked", "full_batch", "with_weight_decay"]
 
@@ -18,48 +20,21 @@ PyTree = Any
 
 
 def as_value_and_grad(
-    value_fn: Callable[[PyTree], jax.Array], params: PyTree
+    value_fn: Callable[[PyTree], Any], params: PyTree
 ) -> Callable[[PyTree], tuple[jax.Array, PyTree]]:
     """``jax.value_and_grad(value_fn)``, checking at trace time that ``value_fn``
-    maps ``params`` to a real scalar.
+    maps ``params`` to a real scalar, or to a pair ``(loss, aux)`` whose ``aux``
+    is dropped here (:mod:`twophase.auxiliary`).
 
     Raises:
       TypeError: ``value_fn`` is not callable, or returns something other than a
-        real floating scalar (shape ``()`` or ``(1,)``).
+        real floating scalar (shape ``()`` or ``(1,)``) or such a pair.
+      ValueError: the ``aux`` of a pair holds a leaf that is not a scalar.
     """
     if not callable(value_fn):
         raise TypeError(f"`value_fn` must be callable (params -> scalar), got {value_fn!r}.")
-    try:
-        out = jax.eval_shape(value_fn, params)
-    except Exception as error:  # MaskedNode is an empty tuple: TypeError, IndexError, ...
-        if not _holds_masked(params):
-            raise
-        raise TypeError(
-            "`value_fn` failed on parameters holding optax.MaskedNode (the optimizer runs "
-            "inside optax.masked / optax.partition, which hide the other leaves). Pass "
-            "`value_fn=twophase.fill_masked(value_fn, params)` with the full parameters "
-            f"(twophase.train does this itself). The error was: {error}"
-        ) from error
-    if not hasattr(out, "shape") or out.shape not in ((), (1,)):
-        raise TypeError(
-            "`value_fn` must return a scalar objective, got "
-            f"{getattr(out, 'shape', type(out).__name__)}."
-        )
-    if not jnp.issubdtype(out.dtype, jnp.floating):
-        raise TypeError(f"`value_fn` must return a real floating scalar, got dtype {out.dtype}.")
-
-    def scalar_fn(p):
-        return jnp.reshape(value_fn(p), ())
-
-    return jax.value_and_grad(scalar_fn)
-
-
-def _is_masked(x: Any) -> bool:
-    return isinstance(x, optax.MaskedNode)
-
-
-def _holds_masked(tree: Any) -> bool:
-    return any(_is_masked(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked))
+    _aux.aux_shape(value_fn, params)
+    return jax.value_and_grad(_aux.scalar_objective(value_fn))
 
 
 def fill_masked(
@@ -126,17 +101,6 @@ def with_weight_decay(
         return fn(params, *args, **kwargs) + 0.5 * weight_decay * penalty
 
     return regularized
-
-
-def _check_loss_output(out: Any) -> None:
-    """Trace-time check that ``loss_fn`` returned a real floating scalar."""
-    if not hasattr(out, "shape") or out.shape not in ((), (1,)):
-        raise TypeError(
-            "`loss_fn` must return a scalar (the mean loss over the batch), got "
-            f"{getattr(out, 'shape', type(out).__name__)}."
-        )
-    if not jnp.issubdtype(out.dtype, jnp.floating):
-        raise TypeError(f"`loss_fn` must return a real floating scalar, got dtype {out.dtype}.")
 
 
 def _num_examples(data: PyTree) -> int:
@@ -229,7 +193,8 @@ def full_batch(
     data: PyTree,
     *,
     batch_size: int | None = None,
-) -> Callable[[PyTree], jax.Array]:
+    has_aux: bool = False,
+) -> Callable[[PyTree], Any]:
     """The exact full-data mean of a per-batch mean loss, evaluated chunk by chunk.
 
     ``value_fn(params)`` equals ``loss_fn(params, data)`` (up to float rounding)
@@ -250,9 +215,16 @@ def full_batch(
         over arrays on other processes' devices.
       batch_size: examples per chunk, a positive int or ``None`` (one chunk: a
         plain ``loss_fn(params, data)``). Values ``>= N`` also mean one chunk.
+      has_aux: ``loss_fn`` returns a pair ``(loss, aux)``, ``aux`` a pytree of
+        scalars that are means over the batch like the loss (e.g. the terms of
+        a physics-informed loss); ``value_fn`` then returns ``(loss, aux)`` with
+        ``aux`` the full-data means, weighted like the loss. Every second phase
+        and :func:`twophase.two_phase` accept such a ``value_fn``
+        (:mod:`twophase.auxiliary`).
 
     Returns:
-      ``value_fn(params) -> jax.Array`` of shape ``()`` and ``loss_fn``'s dtype.
+      ``value_fn(params) -> jax.Array`` of shape ``()`` and ``loss_fn``'s dtype
+      (with ``has_aux``: ``(loss, aux)``, each ``aux`` leaf of shape ``()``).
       Pure, jit-able, and differentiable in forward and reverse mode with
       respect to ``params`` (and ``data``).
 
@@ -317,8 +289,12 @@ def full_batch(
         cannot close over: pass ``data`` as an argument and build ``full_batch``
         inside the traced function.
       TypeError: (when ``value_fn`` is traced) ``loss_fn`` returns something
-        other than a real floating scalar.
+        other than a real floating scalar; it returns a pair ``(loss, aux)``
+        without ``has_aux=True``, or the loss alone with it (naming ``has_aux``).
+      ValueError: (traced) an ``aux`` leaf is not a scalar.
     """
+    if not isinstance(has_aux, bool):
+        raise ValueError(f"`has_aux` must be a bool, got {has_aux!r}.")
     n = _num_examples(data)
     b = _chunk_size(batch_size, n)
     global_leaves = _global_leaves(data)
@@ -332,20 +308,31 @@ def full_batch(
     def merge(x):  # (Q, k, ...) -> (Q * k, ...)
         return jnp.reshape(x, (-1, *jnp.shape(x)[2:]))
 
-    def scalar_loss(params, batch):
-        return jnp.reshape(loss_fn(params, batch), ())
+    def parts(params, batch):
+        """``(loss, aux)`` of one batch, leaves of shape ``()`` (``aux`` ``()`` without aux)."""
+        out = loss_fn(params, batch)
+        loss, aux = out if has_aux else (out, ())
+        return jax.tree.map(lambda x: jnp.reshape(x, ()), (loss, aux))
 
-    def value_fn(params: PyTree) -> jax.Array:
+    def value_fn(params: PyTree) -> Any:
         _check_not_closing_over(global_leaves, params)
         chunk_spec = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct((b, *jnp.shape(x)[1:]), jnp.result_type(x)), data
         )
-        out = jax.eval_shape(loss_fn, params, chunk_spec)
-        _check_loss_output(out)
+        out, aux_out = _aux.split_output(
+            jax.eval_shape(loss_fn, params, chunk_spec), "loss_fn", has_aux=has_aux
+        )
+        aux_out = () if aux_out is None else aux_out
+        dtypes = jax.tree.map(lambda x: x.dtype, (out, aux_out))
+
+        def result(total):
+            total = jax.tree.map(lambda x, d: x.astype(d), total, dtypes)
+            return total if has_aux else total[0]
+
         if num_chunks == 1 and rest == 0:
-            return scalar_loss(params, data)
+            return result(parts(params, data))
         grouped = jax.tree.map(as_groups, data)
-        acc_dtype = _accumulation_dtype(out.dtype)
+        acc_dtypes = jax.tree.map(_accumulation_dtype, dtypes)
 
         # The scan's reverse pass sums the cotangents of closed-over `params` in
         # their own dtype: entering the loop as float32 makes that sum float32.
@@ -359,6 +346,9 @@ def full_batch(
         def narrow(x, dtype):
             return x if dtype is None or x.dtype == dtype else x.astype(dtype)
 
+        def accumulated(tree):
+            return jax.tree.map(lambda x, d: x.astype(d), tree, acc_dtypes)
+
         wide_params = jax.tree.map(widen, params, param_dtypes)
 
         @jax.checkpoint
@@ -367,16 +357,18 @@ def full_batch(
                 lambda x: merge(lax.dynamic_slice_in_dim(x, c * cols, cols, axis=1)), grouped
             )
             params = jax.tree.map(narrow, wide_params, param_dtypes)
-            return scalar_loss(params, chunk).astype(acc_dtype)
+            return accumulated(parts(params, chunk))
 
         def body(total, c):
-            return total + chunk_loss(wide_params, c), None
+            return jax.tree.map(jnp.add, total, chunk_loss(wide_params, c)), None
 
-        total, _ = lax.scan(body, jnp.zeros((), acc_dtype), jnp.arange(num_chunks))
-        value = total * (b / n)
+        zeros = jax.tree.map(lambda d: jnp.zeros((), d), acc_dtypes)
+        total, _ = lax.scan(body, zeros, jnp.arange(num_chunks))
+        total = jax.tree.map(lambda x: x * (b / n), total)
         if rest:
             remainder = jax.tree.map(lambda x: merge(x[:, num_chunks * cols :]), grouped)
-            value = value + scalar_loss(params, remainder).astype(acc_dtype) * (rest / n)
-        return value.astype(out.dtype)
+            last = accumulated(parts(params, remainder))
+            total = jax.tree.map(lambda x, r: x + r * (rest / n), total, last)
+        return result(total)
 
     return value_fn

@@ -42,16 +42,20 @@ import optax
 import optax.tree
 from jax import lax
 
+from twophase import auxiliary as _aux
+from twophase._control import run_if
 from twophase.objectives import as_value_and_grad
 
 __all__ = [
     "HVP_COST",
     "EvaluatingState",
+    "aux",
     "current_value",
     "evaluates_itself",
     "evaluating",
     "failures",
     "hessian_vector_products",
+    "linesearch_failures",
     "value_and_grad_evals",
 ]
 
@@ -81,20 +85,30 @@ scale: ``cost = value_and_grad_evals + HVP_COST * hessian_vector_products``.
 """
 
 
-def _field(state: PyTree, name: str):
-    """``name`` of the first NamedTuple in ``state`` (depth first) that has it, else None."""
-    stack = [state]
+def nodes_with_field(tree: PyTree, name: str) -> list:
+    """Every NamedTuple in ``tree`` that has the field ``name``, depth first (not
+    looking inside those that have it): how the contract finds second phases."""
+
+    def is_named(x):
+        return isinstance(x, tuple) and hasattr(x, "_fields")
+
+    found = []
+    stack = [tree]
     while stack:
         node = stack.pop(0)
-        if isinstance(node, tuple) and hasattr(node, "_fields"):
-            if name in node._fields:
-                return getattr(node, name)
-            stack[:0] = list(node)
+        if is_named(node) and name in node._fields:
+            found.append(node)
         elif isinstance(node, (tuple, list)):
             stack[:0] = list(node)
         elif isinstance(node, dict):
             stack[:0] = list(node.values())
-    return None
+    return found
+
+
+def _field(state: PyTree, name: str):
+    """``name`` of the first NamedTuple in ``state`` (depth first) that has it, else None."""
+    found = nodes_with_field(state, name)
+    return getattr(found[0], name) if found else None
 
 
 def evaluates_itself(state: PyTree) -> bool:
@@ -122,6 +136,16 @@ def failures(state: PyTree) -> jax.Array:
     return _int_field(state, "consecutive_failures")
 
 
+def linesearch_failures(state: PyTree) -> jax.Array:
+    """Cumulative line searches that found no decrease (0 if not counted)."""
+    return _int_field(state, "linesearch_failures")
+
+
+def aux(state: PyTree) -> PyTree | None:
+    """The auxiliary output at the current point (``None`` without one)."""
+    return _field(state, "aux")
+
+
 def current_value(state: PyTree) -> jax.Array:
     """The objective at the current point as the state holds it (``inf`` if none)."""
     found = _field(state, "value")
@@ -139,9 +163,18 @@ class EvaluatingState(NamedTuple):
       value_and_grad_evals: int32 cumulative evaluations: at the current point
         when the inner state holds no finite ``value``/``grad``, plus the
         ``num_linesearch_steps`` an optax zoom line search in ``inner`` reports.
+        With an ``aux`` (``value_fn`` returning ``(loss, aux)``), plus one per
+        step that moved: the forward evaluation for the ``aux`` at the accepted
+        point (charged as a full evaluation; an optax line search does not
+        return it).
       consecutive_failures: int32 current run of steps that did not lower the
         objective or were not finite (the update was then zero).
       nonfinite_events: int32 steps whose update or new value was not finite.
+      linesearch_failures: int32 cumulative finite steps that did not lower the
+        objective (a line search that accepted a zero or uphill step); each
+        resets ``inner`` (a restart from steepest descent).
+      aux: the auxiliary output at the current point when ``value_fn`` returns
+        ``(loss, aux)``, else ``None`` (see :mod:`twophase.auxiliary`).
     """
 
     inner: PyTree
@@ -149,6 +182,8 @@ class EvaluatingState(NamedTuple):
     value_and_grad_evals: jax.Array
     consecutive_failures: jax.Array
     nonfinite_events: jax.Array
+    linesearch_failures: jax.Array
+    aux: PyTree = None
 
 
 def _compute(tree: PyTree) -> PyTree:
@@ -201,6 +236,8 @@ def evaluating(inner: optax.GradientTransformation) -> optax.GradientTransformat
             value_and_grad_evals=izero,
             consecutive_failures=izero,
             nonfinite_events=izero,
+            linesearch_failures=izero,
+            aux=None,
         )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
@@ -215,8 +252,11 @@ def evaluating(inner: optax.GradientTransformation) -> optax.GradientTransformat
         if params is None:
             raise TypeError("the second phase requires `params`.")
 
+        state = _aux.prepare_aux(state, value_fn, params)
+        with_aux = state.aux is not None
+
         def objective(wide_params):
-            return value_fn(optax.tree.cast_like(wide_params, params))
+            return _aux.scalar_objective(value_fn)(optax.tree.cast_like(wide_params, params))
 
         wide = _compute(params)
         dtype = state.value.dtype
@@ -234,6 +274,11 @@ def evaluating(inner: optax.GradientTransformation) -> optax.GradientTransformat
         finite = jnp.isfinite(value) & jnp.isfinite(new_value) & _all_finite(new_updates)
         progressed = finite & (new_value < value)
         fresh = _strongly_typed(inner.init(wide))
+        aux = state.aux
+        if with_aux:
+            new_params = optax.apply_updates(params, optax.tree.cast_like(new_updates, params))
+            aux = run_if(progressed, lambda old: _aux_at(value_fn, new_params, old), state.aux)
+            evals = evals + progressed.astype(jnp.int32)
         return (
             optax.tree.cast_like(
                 optax.tree.where(progressed, new_updates, optax.tree.zeros_like(new_updates)),
@@ -245,10 +290,19 @@ def evaluating(inner: optax.GradientTransformation) -> optax.GradientTransformat
                 value_and_grad_evals=state.value_and_grad_evals + evals,
                 consecutive_failures=jnp.where(progressed, 0, state.consecutive_failures + 1),
                 nonfinite_events=state.nonfinite_events + (~finite).astype(jnp.int32),
+                linesearch_failures=state.linesearch_failures
+                + (finite & ~progressed).astype(jnp.int32),
+                aux=aux,
             ),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _aux_at(value_fn, params: PyTree, like: PyTree) -> PyTree:
+    """``value_fn``'s ``aux`` at ``params`` (one forward evaluation), cast like ``like``."""
+    _, aux = value_fn(params)
+    return jax.tree.map(lambda x, ref: jnp.reshape(x, ref.shape).astype(ref.dtype), aux, like)
 
 
 def _all_finite(tree: PyTree) -> jax.Array:

@@ -19,6 +19,7 @@ import optax
 import optax.tree
 from jax import lax
 
+from twophase import auxiliary as _aux
 from twophase import cg as _cg
 from twophase import detectors as _det
 from twophase import linesearch as _ls
@@ -63,6 +64,11 @@ class TwoPhaseState(NamedTuple):
         phase-0 step; -1 before the first return.
       second_phase_nonfinite: int32, second-phase steps whose update was not
         finite (dropped: the update was zero).
+      second_phase_linesearch_failures: int32, line searches of the second
+        phase over all its trials that found no decrease (a zero step; the
+        increases of its state's ``linesearch_failures``). Each makes the next
+        iteration a restart, and repeated ones return to the first phase under
+        :func:`twophase.safe_resort`.
     """
 
     phase: jax.Array
@@ -79,6 +85,7 @@ class TwoPhaseState(NamedTuple):
     switches: jax.Array
     return_step: jax.Array
     second_phase_nonfinite: jax.Array
+    second_phase_linesearch_failures: jax.Array
 
 
 def _strongly_typed(tree: Any) -> Any:
@@ -248,6 +255,7 @@ def _two_phase(
             switches=izero,
             return_step=minus_one,
             second_phase_nonfinite=izero,
+            second_phase_linesearch_failures=izero,
         )
 
     def update_fn(updates, state, params=None, *, value=None, value_fn=None, **extra_args):
@@ -270,6 +278,9 @@ def _two_phase(
         extra_args.pop("grad", None)
         value_kwargs = {} if value is None else {"value": value}
         second_phase = second_for(params)
+        # Second-phase `aux` fields get their structure from value_fn (the same in
+        # every branch below); no-op for a value_fn without aux.
+        state = _aux.prepare_aux(state, value_fn, params)
 
         def grad_norm_and_finite(grad):
             # Finite per element (a huge finite gradient is a step, as for optax.adam);
@@ -348,6 +359,9 @@ def _two_phase(
             hvps = _sp.hessian_vector_products(second_state) - _sp.hessian_vector_products(
                 state.second_state
             )
+            zero_steps = _sp.linesearch_failures(second_state) - _sp.linesearch_failures(
+                state.second_state
+            )
             detector_state, back = policy.second(
                 state.detector_state,
                 value=_sp.current_value(second_state),
@@ -362,11 +376,15 @@ def _two_phase(
                 second_phase_evals=state.second_phase_evals + evals,
                 second_phase_hvps=state.second_phase_hvps + hvps,
                 second_phase_nonfinite=state.second_phase_nonfinite + (~finite).astype(jnp.int32),
+                second_phase_linesearch_failures=state.second_phase_linesearch_failures
+                + zero_steps,
             )
 
             def go_back(state):
                 return state._replace(
-                    second_state=_strongly_typed(second_phase.init(params)),
+                    second_state=_aux.prepare_aux(
+                        _strongly_typed(second_phase.init(params)), value_fn, params
+                    ),
                     phase=jnp.zeros([], jnp.int32),
                     phase0_steps=jnp.zeros([], jnp.int32),
                     detector_state=policy.rearm(state.detector_state, params),
