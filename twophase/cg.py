@@ -26,7 +26,7 @@ import optax.tree
 from jax import lax
 
 from twophase import linesearch as _ls
-from twophase._checks import concrete
+from twophase._checks import concrete, require_update_args
 from twophase._numerics import finite_and_norm, max_abs, pow2_scale
 from twophase.objectives import as_value_and_grad
 
@@ -450,13 +450,7 @@ def nonlinear_cg(
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del extra_args
-        if value_fn is None:
-            raise TypeError(
-                "nonlinear_cg.update requires the keyword argument `value_fn` "
-                "(params -> full-batch objective, a scalar)."
-            )
-        if params is None and jax.tree.leaves(updates):  # (None is also an empty pytree)
-            raise TypeError("nonlinear_cg.update requires `params`.")
+        require_update_args("nonlinear_cg", updates, params, value_fn)
         del updates
         dtype = state.value.dtype
         value_and_grad = as_value_and_grad(value_fn, params)

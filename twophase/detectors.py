@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import optax.tree
 from jax import lax
 
-from twophase._checks import concrete as _concrete
+from twophase._checks import check_fraction, check_int, check_one_of, check_positive, require_value
 from twophase._numerics import safe_norm
 from twophase.objectives import as_value_and_grad
 
@@ -87,51 +87,10 @@ class Detector(NamedTuple):
     needs_value: bool = False
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    value = _concrete(value)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-
-
-def _check_positive(name: str, value: Any) -> None:
-    value = _concrete(value)
-    if value is None:
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not 0 < value < float("inf")
-    ):
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
-
-
-def _check_ratio(ratio: Any) -> None:
-    ratio = _concrete(ratio)
-    if ratio is None:
-        return
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"`ratio` must be in (0, 1], got {ratio!r}.")
-
-
-def _require_value(value, who: str) -> None:
-    if value is None:
-        raise TypeError(
-            f"{who} needs the mini-batch loss: pass `value=` to update (the loss at the "
-            "incoming gradient)."
-        )
-
-
 # --------------------------------------------------------------------------- #
 # Window accumulation of a gradient-norm statistic.
 
 ESTIMATORS = ("exact", "minibatch", "window")
-
-
-def _check_estimator(estimator: Any) -> None:
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"`estimator` must be one of {list(ESTIMATORS)}, got {estimator!r}.")
 
 
 class _Window(NamedTuple):
@@ -289,10 +248,10 @@ def grad_norm_peak(
     Returns:
       A :class:`Detector`.
     """
-    _check_ratio(ratio)
-    _check_int("window", window, 1)
-    _check_int("min_steps", min_steps, 0)
-    _check_estimator(estimator)
+    check_fraction("ratio", ratio, closed=True)
+    check_int("window", window, 1)
+    check_int("min_steps", min_steps, 0)
+    check_one_of("estimator", estimator, ESTIMATORS)
 
     def init(params):
         zero = jnp.zeros([], jnp.float32)
@@ -402,12 +361,12 @@ def norm_loss_slope(
     Returns:
       A :class:`Detector` (``needs_value`` unless ``"exact"``).
     """
-    _check_int("window", window, 1)
-    _check_int("patience", patience, 1)
-    _check_int("history", history, 3)
-    _check_int("min_steps", min_steps, 0)
-    _check_estimator(estimator)
-    _check_positive("z_score", z_score)
+    check_int("window", window, 1)
+    check_int("patience", patience, 1)
+    check_int("history", history, 3)
+    check_int("min_steps", min_steps, 0)
+    check_one_of("estimator", estimator, ESTIMATORS)
+    check_positive("z_score", z_score)
     needs_value = estimator != "exact"
 
     def init(params):
@@ -429,7 +388,7 @@ def norm_loss_slope(
 
     def update(state, *, grad, grad_norm, value=None, step, params=None, value_fn=None):
         if needs_value:
-            _require_value(value, "norm_loss_slope")
+            require_value(value, "norm_loss_slope")
         w = _window_add(state.window, grad, grad_norm, value)
         done, w, norm, loss, evals = _on_window_end(w, window, params, value_fn, estimator)
         norms = jnp.where(done, jnp.roll(state.norms, -1).at[-1].set(norm), state.norms)
@@ -542,11 +501,11 @@ def loss_plateau(
     Returns:
       A :class:`Detector` with ``needs_value=True``.
     """
-    _check_int("window", window, 1)
-    _check_int("patience", patience, 1)
-    _check_int("history", history, 3)
-    _check_int("min_steps", min_steps, 0)
-    _check_positive("z_score", z_score)
+    check_int("window", window, 1)
+    check_int("patience", patience, 1)
+    check_int("history", history, 3)
+    check_int("min_steps", min_steps, 0)
+    check_positive("z_score", z_score)
     capacity = 2 * history
     positions = jnp.arange(history, dtype=jnp.float32)
 
@@ -598,7 +557,7 @@ def loss_plateau(
 
     def update(state, *, grad, grad_norm, value=None, step, params=None, value_fn=None):
         del grad, params, value_fn
-        _require_value(value, "loss_plateau")
+        require_value(value, "loss_plateau")
         state = state._replace(
             value_sum=state.value_sum + jnp.reshape(jnp.asarray(value, jnp.float32), ()),
             grad_sq_sum=state.grad_sq_sum + jnp.square(grad_norm.astype(jnp.float32)),
@@ -626,7 +585,7 @@ def switch_at(step: int) -> Detector:
     is step number ``step`` (0-based), i.e. after ``step >= 1`` first-phase steps.
     (A detector decides after a first-phase step, so at least one is made; for
     the second phase from the start use it directly, e.g. ``nonlinear_cg()``.)"""
-    _check_int("step", step, 1)
+    check_int("step", step, 1)
     switch_step = step
 
     def init(params):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from twophase._checks import concrete
+from twophase._checks import as_positive_finite, check_max_evaluations
 
 __all__ = [
     "LineSearch",
@@ -107,25 +107,6 @@ class LineSearch(NamedTuple):
 
     name: str
     search: LineSearchFn
-
-
-def _check_positive(name: str, value: float) -> None:
-    value = concrete(value)
-    if not (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    ):
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
-
-
-def _check_max_evaluations(max_evaluations: int) -> None:
-    max_evaluations = concrete(max_evaluations)
-    if not isinstance(max_evaluations, int) or isinstance(max_evaluations, bool):
-        raise ValueError(f"`max_evaluations` must be an int, got {max_evaluations!r}.")
-    if max_evaluations < 1:
-        raise ValueError(f"`max_evaluations` must be >= 1, got {max_evaluations}.")
 
 
 def cubic_minimizer(a, fa, sa, b, fb, sb):
@@ -230,13 +211,13 @@ def wolfe_linesearch(
     Returns:
       A :class:`LineSearch` named ``"wolfe"``.
     """
-    _check_positive("c1", c1)
-    _check_positive("c2", c2)
+    as_positive_finite("c1", c1)
+    as_positive_finite("c2", c2)
     if not c1 < c2 < 1.0:
         raise ValueError(f"`c1` and `c2` must satisfy 0 < c1 < c2 < 1, got c1={c1}, c2={c2}.")
-    _check_max_evaluations(max_evaluations)
-    _check_positive("value_tolerance", value_tolerance)
-    _check_positive("max_growth", max_growth)
+    check_max_evaluations(max_evaluations)
+    as_positive_finite("value_tolerance", value_tolerance)
+    as_positive_finite("max_growth", max_growth)
     if max_growth <= 1.0:
         raise ValueError(f"`max_growth` must be > 1, got {max_growth}.")
 
@@ -393,10 +374,10 @@ def golden_section_linesearch(
     Returns:
       A :class:`LineSearch` named ``"golden"``.
     """
-    _check_positive("tolerance", tolerance)
+    as_positive_finite("tolerance", tolerance)
     if tolerance >= 1.0:
         raise ValueError(f"`tolerance` must be < 1, got {tolerance}.")
-    _check_max_evaluations(max_evaluations)
+    check_max_evaluations(max_evaluations)
 
     def search(evaluate, value0, grad0, slope0, initial_step):
         dtype = jnp.result_type(value0)

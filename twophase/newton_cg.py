@@ -47,7 +47,7 @@ import optax.tree
 from jax import lax
 
 from twophase import linesearch as _ls
-from twophase._checks import concrete
+from twophase._checks import as_open_unit, as_positive_finite, concrete, require_update_args
 from twophase.cg import (
     _resolve_linesearch,
     _scalar_dtype,
@@ -485,24 +485,6 @@ _LINESEARCHES: dict[str, Callable[[], _ls.LineSearch]] = {
 _INITIAL_STEP_RULES = ("unit", "quadratic")
 
 
-def _positive_finite(name: str, value: Any) -> float:
-    checked = concrete(value)
-    if (
-        isinstance(checked, bool)
-        or not isinstance(checked, (int, float))
-        or not (0 < checked < math.inf)
-    ):
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
-    return float(checked)
-
-
-def _open_unit(name: str, value: Any) -> float:
-    checked = concrete(value)
-    if isinstance(checked, bool) or not isinstance(checked, (int, float)) or not 0 < checked < 1:
-        raise ValueError(f"`{name}` must be in (0, 1), got {value!r}.")
-    return float(checked)
-
-
 def newton_cg(
     linesearch: str | _ls.LineSearch = "wolfe",
     *,
@@ -625,16 +607,16 @@ def newton_cg(
             )
         forcing_rule: str | float = forcing
     else:
-        forcing_rule = _open_unit("forcing", forcing)
-    eta_cap = _open_unit("eta_max", eta_max)
+        forcing_rule = as_open_unit("forcing", forcing)
+    eta_cap = as_open_unit("eta_max", eta_max)
     inner_cap = concrete(max_inner_iterations)
     if not isinstance(inner_cap, int) or isinstance(inner_cap, bool) or inner_cap < 1:
         raise ValueError(
             f"`max_inner_iterations` must be an int >= 1, got {max_inner_iterations!r}."
         )
-    lam0 = _positive_finite("damping", damping)
-    lam_min = _positive_finite("min_damping", min_damping)
-    lam_max = _positive_finite("max_damping", max_damping)
+    lam0 = as_positive_finite("damping", damping)
+    lam_min = as_positive_finite("min_damping", min_damping)
+    lam_max = as_positive_finite("max_damping", max_damping)
     if not lam_min <= lam0 <= lam_max:
         raise ValueError(
             "`damping` must lie in [`min_damping`, `max_damping`], got "
@@ -693,18 +675,12 @@ def newton_cg(
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del extra_args
-        if value_fn is None:
-            raise TypeError(
-                "newton_cg.update requires the keyword argument `value_fn` "
-                "(params -> full-batch objective, a scalar)."
-            )
+        require_update_args("newton_cg", updates, params, value_fn)
         if curvature == "gauss_newton" and not isinstance(value_fn, GaussNewtonObjective):
             raise TypeError(
                 "newton_cg(curvature='gauss_newton') requires `value_fn` built by "
                 f"twophase.gauss_newton_objective(residual_fn), got {value_fn!r}."
             )
-        if params is None and jax.tree.leaves(updates):
-            raise TypeError("newton_cg.update requires `params`.")
         del updates
         dtype = state.value.dtype
         value_and_grad = as_value_and_grad(value_fn, params)

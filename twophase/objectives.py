@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from twophase._checks import check_scalar_output, num_examples
+
 __all__ = ["as_value_and_grad", "fill_masked", "full_batch", "with_weight_decay"]
 
 PyTree = Any
@@ -40,13 +42,7 @@ def as_value_and_grad(
             "`value_fn=twophase.fill_masked(value_fn, params)` with the full parameters "
             f"(twophase.train does this itself). The error was: {error}"
         ) from error
-    if not hasattr(out, "shape") or out.shape not in ((), (1,)):
-        raise TypeError(
-            "`value_fn` must return a scalar objective, got "
-            f"{getattr(out, 'shape', type(out).__name__)}."
-        )
-    if not jnp.issubdtype(out.dtype, jnp.floating):
-        raise TypeError(f"`value_fn` must return a real floating scalar, got dtype {out.dtype}.")
+    check_scalar_output("value_fn", out, "a scalar objective")
 
     def scalar_fn(p):
         return jnp.reshape(value_fn(p), ())
@@ -126,42 +122,6 @@ def with_weight_decay(
         return fn(params, *args, **kwargs) + 0.5 * weight_decay * penalty
 
     return regularized
-
-
-def _check_loss_output(out: Any) -> None:
-    """Trace-time check that ``loss_fn`` returned a real floating scalar."""
-    if not hasattr(out, "shape") or out.shape not in ((), (1,)):
-        raise TypeError(
-            "`loss_fn` must return a scalar (the mean loss over the batch), got "
-            f"{getattr(out, 'shape', type(out).__name__)}."
-        )
-    if not jnp.issubdtype(out.dtype, jnp.floating):
-        raise TypeError(f"`loss_fn` must return a real floating scalar, got dtype {out.dtype}.")
-
-
-def _num_examples(data: PyTree) -> int:
-    """The common leading size of ``data``'s leaves; ``ValueError`` naming ``data`` otherwise."""
-    leaves = jax.tree.leaves(data)
-    if not leaves:
-        raise ValueError("`data` must contain at least one array leaf, got an empty pytree.")
-    sizes = set()
-    for leaf in leaves:
-        shape = jnp.shape(leaf)
-        if len(shape) == 0:
-            raise ValueError(
-                "`data` leaves need a leading example axis, got a scalar leaf "
-                f"(shapes: {[jnp.shape(x) for x in leaves]})."
-            )
-        sizes.add(shape[0])
-    if len(sizes) != 1:
-        raise ValueError(
-            "`data` leaves must share the leading (example) size, got leading sizes "
-            f"{sorted(sizes)} (shapes: {[jnp.shape(x) for x in leaves]})."
-        )
-    (n,) = sizes
-    if n == 0:
-        raise ValueError("`data` is empty: its leaves have 0 examples.")
-    return n
 
 
 def _global_leaves(data: PyTree) -> list[str]:
@@ -319,7 +279,7 @@ def full_batch(
       TypeError: (when ``value_fn`` is traced) ``loss_fn`` returns something
         other than a real floating scalar.
     """
-    n = _num_examples(data)
+    n = num_examples("data", data)
     b = _chunk_size(batch_size, n)
     global_leaves = _global_leaves(data)
     num_chunks, rest = divmod(n, b)
@@ -341,7 +301,7 @@ def full_batch(
             lambda x: jax.ShapeDtypeStruct((b, *jnp.shape(x)[1:]), jnp.result_type(x)), data
         )
         out = jax.eval_shape(loss_fn, params, chunk_spec)
-        _check_loss_output(out)
+        check_scalar_output("loss_fn", out, "a scalar (the mean loss over the batch)")
         if num_chunks == 1 and rest == 0:
             return scalar_loss(params, data)
         grouped = jax.tree.map(as_groups, data)

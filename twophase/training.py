@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
-import operator
 import os
 import sys
 import time
@@ -35,6 +33,7 @@ import optax
 import optax.tree
 from jax import lax
 
+from twophase._checks import as_positive_int, as_positive_or_none, num_examples
 from twophase._control import run_if
 from twophase.info import Info
 from twophase.info import info as _info
@@ -87,51 +86,6 @@ def history_columns(history: list[Mapping[str, Any]]) -> dict[str, list[Any]]:
 
 # --------------------------------------------------------------------------- #
 # Argument checks.
-
-
-def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, bool):
-        try:
-            number = operator.index(value)
-        except TypeError:
-            number = None
-        if number is not None and number >= 1:
-            return number
-    expected = "a positive int" + (" or None" if allow_none else "")
-    raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
-
-
-def _positive_number(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"`{name}` must be a positive number or None, got {value!r}.")
-    return float(value)
-
-
-def _num_examples(name: str, data: PyTree) -> int:
-    leaves = jax.tree.leaves(data)
-    if not leaves:
-        raise ValueError(f"`{name}` must contain at least one array leaf, got {data!r}.")
-    shapes = [np.shape(x) for x in leaves]
-    if any(len(s) == 0 for s in shapes):
-        raise ValueError(f"`{name}` leaves need a leading example axis, got shapes {shapes}.")
-    sizes = {s[0] for s in shapes}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"`{name}` leaves must share the leading (example) size, got shapes {shapes}."
-        )
-    (n,) = sizes
-    if n == 0:
-        raise ValueError(f"`{name}` is empty: its leaves have 0 examples.")
-    return n
 
 
 def _with_extra_args(optimizer) -> optax.GradientTransformationExtraArgs:
@@ -438,22 +392,22 @@ def train(
         in the first phase only; the message says what to use instead);
         ``cost_budget`` different from the optimizer's own ``budget``.
     """
-    batch_size = _positive_int("batch_size", batch_size)
-    max_epochs = _positive_int("max_epochs", max_epochs)
-    cost_budget = _positive_number("cost_budget", cost_budget)
-    grad_tol = _positive_number("grad_tol", grad_tol)
-    full_batch_size = _positive_int("full_batch_size", full_batch_size, allow_none=True)
-    checkpoint_every = _positive_int("checkpoint_every", checkpoint_every, allow_none=True)
+    batch_size = as_positive_int("batch_size", batch_size)
+    max_epochs = as_positive_int("max_epochs", max_epochs)
+    cost_budget = as_positive_or_none("cost_budget", cost_budget)
+    grad_tol = as_positive_or_none("grad_tol", grad_tol)
+    full_batch_size = as_positive_int("full_batch_size", full_batch_size, allow_none=True)
+    checkpoint_every = as_positive_int("checkpoint_every", checkpoint_every, allow_none=True)
     if checkpoint_every is not None and checkpoint_dir is None:
         raise ValueError("`checkpoint_every` needs `checkpoint_dir`.")
     if not isinstance(strict_budget, bool):
         raise ValueError(f"`strict_budget` must be a bool, got {strict_budget!r}.")
     if strict_budget and cost_budget is None:
         raise ValueError("`strict_budget` needs `cost_budget`.")
-    n = _num_examples("data", data)
+    n = num_examples("data", data)
     replicated = _replicated_sharding("data", data)
     if val_data is not None:
-        _num_examples("val_data", val_data)
+        num_examples("val_data", val_data)
         _replicated_sharding("val_data", val_data)
     metrics = dict(metrics or {})
     for name, fn in metrics.items():
