@@ -320,10 +320,9 @@ def nonlinear_cg(
 
     Args:
       beta: direction rule, a name in :data:`BETA_RULES` or a :class:`BetaFn`.
-        Default ``"polak_ribiere"`` (PR+): with the default line search it needed
-        0.865x scipy's evaluations in geometric mean over ``benchmarks/cg_suite.py``
-        (median of 3 perturbed starts) and at most 1.19x on every problem, the
-        only configuration of the sweep meeting both (see ``benchmarks/RESULTS.md``).
+        Default ``"polak_ribiere"`` (PR+): with the default line search, the
+        only configuration of the sweep over ``benchmarks/cg_suite.py`` that met
+        both of its targets against scipy (``benchmarks/RESULTS.md``, section 1).
       linesearch: ``"wolfe"`` (:func:`twophase.wolfe_linesearch` defaults),
         ``"golden"`` (the paper's), or a :class:`twophase.LineSearch`.
       restart_threshold: Powell's restart constant in ``(0, 1]``; ``None``
@@ -644,6 +643,18 @@ def set_preconditioner(state: PyTree, scales: PyTree) -> PyTree:
 
     Requires ``nonlinear_cg(preconditioner="state")`` / ``newton_cg(preconditioner="state")``
     (or a pytree).
+
+    Args:
+      state: an optimizer state holding such second-phase states (any nesting).
+      scales: a pytree like the parameters, each leaf broadcastable to the
+        stored preconditioner's (cast to its dtype).
+
+    Returns:
+      ``state`` with the preconditioners replaced (the same structure and dtypes).
+
+    Raises:
+      ValueError: a second-phase state in ``state`` that stores no
+        preconditioner (built without ``preconditioner="state"``).
     """
 
     def replace(node):

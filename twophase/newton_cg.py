@@ -556,17 +556,14 @@ def newton_cg(
       forcing: ``"sqrt"``, ``"eisenstat_walker"`` or a constant in ``(0, 1)``
         (see :func:`forcing_term`).
       eta_max: largest forcing term, in ``(0, 1)``.
-      max_inner_iterations: cap on products per inner solve, an int ``>= 1``.
-        100 by default: on ``benchmarks/cg_suite.py --newton-cg`` a cap of 50
-        cost 1.28x scipy's products on the 1000-dimensional quadratic of
-        condition 1e4 (every solve truncated), 100 and 250 0.97x and 0.92x, and
-        no other problem changed.
+      max_inner_iterations: cap on products per inner solve, an int ``>= 1``
+        (how the default was chosen: ``benchmarks/RESULTS.md``, section 6).
       damping: initial ``lambda > 0``. It is an absolute shift of the Hessian's
         eigenvalues, so its right size depends on the objective's scale; the
         adaptation corrects it within a few iterations (a factor 3 down per
-        good step). Measured on ``benchmarks/cg_suite.py --newton-cg``: 1e-6
-        made the MLP problem 1.7x cheaper and the trigonometric one 1.2x dearer
-        than the default 1e-3; 0.1 the reverse, worse.
+        good step). The default 1e-3 is a compromise between the problems of
+        ``benchmarks/cg_suite.py --newton-cg`` (``benchmarks/RESULTS.md``,
+        section 6).
       min_damping: lower bound of ``lambda``, ``0 < min_damping <= damping``.
       max_damping: upper bound, ``>= damping``.
       preconditioner: ``None``; a pytree of positive scales ``P`` (an
@@ -578,10 +575,10 @@ def newton_cg(
         is computed beyond the (cached) gradient.
       initial_step: first trial step of the line search. ``"unit"``: the
         Newton step ``1``; ``"quadratic"`` (default, as scipy's Newton-CG):
-        ``min(1, 1.01 * 2 (f_{k-1} - f_k) / -<g_k, p_k>)``, which on the
-        Rosenbrock functions of ``tests/test_newton_cg.py`` halved the
-        line-search evaluations (long Newton steps across a curved valley) and
-        still tries ``1`` near a minimiser, where the ratio tends to 2.
+        ``min(1, 1.01 * 2 (f_{k-1} - f_k) / -<g_k, p_k>)``, which saves
+        line-search evaluations on long Newton steps across a curved valley
+        (``benchmarks/RESULTS.md``, section 6) and still tries ``1`` near a
+        minimiser, where the ratio tends to 2.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
