@@ -4,6 +4,7 @@
 check a concrete one; ``as_*`` return the Python number and reject a tracer.
 """
 
+import fractions
 import math
 
 import jax
@@ -83,6 +84,7 @@ def test_as_functions_return_python_numbers_and_reject_tracers():
     assert C.as_non_negative_int("step", 0) == 0
     assert C.as_positive_or_none("tol", None) is None
     assert C.as_positive_or_none("tol", 3) == 3.0
+    assert C.as_positive_or_none("tol", fractions.Fraction(1, 4)) == 0.25
     for fn, bad in [
         (lambda v: C.as_positive_finite("d", v), [0, -1, math.inf, True]),
         (lambda v: C.as_open_unit("e", v), [0, 1, 2.0]),

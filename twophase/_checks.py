@@ -15,6 +15,7 @@ rule for traced values:
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Iterable
 from typing import Any
@@ -166,11 +167,13 @@ def as_non_negative_int(name: str, value: Any) -> int:
 
 
 def as_positive_or_none(name: str, value: Any) -> float | None:
-    """``None``, or ``value`` as a Python float if a positive finite number."""
+    """``None``, or ``value`` as a Python float if a positive finite real number
+    (any ``numbers.Real``, e.g. a ``Fraction``)."""
     if value is None:
         return None
     checked = concrete(value)
-    if not _is_real(checked) or not math.isfinite(checked) or checked <= 0:
+    real = isinstance(checked, numbers.Real) and not isinstance(checked, bool)
+    if not real or not math.isfinite(checked) or checked <= 0:
         raise ValueError(f"`{name}` must be a positive number or None, got {value!r}.")
     return float(checked)
 
