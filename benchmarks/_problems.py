@@ -1,4 +1,4 @@
-"""Shared helpers for ``benchmarks/switching.py`` and ``benchmarks/overhead.py``.
+"""Shared helpers of the ``benchmarks/`` scripts.
 
 Small tanh MLPs written as plain pytrees (a list of ``(w, b)`` pairs), the mean-squared-error
 loss the paper uses, the benchmark problems of ``switching.py`` and a deterministic mini-batch
@@ -16,6 +16,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import optax.tree
+from jax import lax
 
 Params = list  # [(w, b), ...]
 
@@ -144,3 +147,55 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- Adam alone
+
+
+def _epoch_stats(grads_sum, sq_sum, cos_sum, m):
+    """Replica of the detectors' window estimate, RMS mini-batch norm, mean lag-1 cosine."""
+    unbiased = (optax.tree.vdot(grads_sum, grads_sum) - sq_sum) / (m * (m - 1))
+    estimate = jnp.sqrt(jnp.maximum(unbiased, 0.0))
+    return jnp.stack([estimate, jnp.sqrt(sq_sum / m), cos_sum / (m - 1)])
+
+
+@jax.jit
+def adam_epoch(params, state, lr, idx, data):
+    """One epoch of ``optax.adam(lr)``; returns the epoch's gradient statistics as well."""
+    x, y = data
+    opt = optax.adam(lr)
+
+    def step(carry, batch):
+        params, state, g_sum, sq_sum, cos_sum, g_prev = carry
+        grad = jax.grad(mse)(params, x[batch], y[batch])
+        norm = optax.tree.norm(grad)
+        cos = optax.tree.vdot(grad, g_prev) / jnp.maximum(norm * optax.tree.norm(g_prev), 1e-30)
+        updates, state = opt.update(grad, state, params)
+        params = optax.apply_updates(params, updates)
+        carry = (params, state, optax.tree.add(g_sum, grad), sq_sum + norm**2, cos_sum + cos, grad)
+        return carry, None
+
+    zeros = optax.tree.zeros_like(params)
+    init = (params, state, zeros, 0.0, 0.0, zeros)
+    (params, state, g_sum, sq_sum, cos_sum, _), _ = lax.scan(step, init, idx)
+    return params, state, _epoch_stats(g_sum, sq_sum, cos_sum, idx.shape[0])
+
+
+@jax.jit
+def full_loss_and_norm(params, data):
+    loss, grad = jax.value_and_grad(mse)(params, *data)
+    return loss, optax.tree.norm(grad)
+
+
+def run_adam(problem: Problem, lr: float, schedule: np.ndarray, data) -> tuple[float, dict]:
+    """Adam for ``len(schedule)`` epochs: final full-batch loss and per-epoch diagnostics
+    ``epoch -> (estimate, true norm at epoch end, RMS mini-batch norm, lag-1 cosine, loss)``."""
+    params = problem.init()
+    state = optax.adam(lr).init(params)
+    diag = {}
+    for epoch, idx in enumerate(schedule, start=1):
+        params, state, stats = adam_epoch(params, state, jnp.float32(lr), idx, data)
+        loss, norm = full_loss_and_norm(params, data)
+        est, rms, cos = np.asarray(stats)
+        diag[epoch] = (float(est), float(norm), float(rms), float(cos), float(loss))
+    return diag[len(schedule)][4], diag

@@ -24,7 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import switching
-from _problems import batch_schedule, command_line, markdown_table, mse, small_teacher_student
+from _problems import (
+    batch_schedule,
+    command_line,
+    markdown_table,
+    mse,
+    run_adam,
+    small_teacher_student,
+)
 from jax.flatten_util import ravel_pytree
 
 
@@ -52,7 +59,7 @@ def main(argv=None) -> None:
     spe = problem.steps_per_epoch
 
     trainer = switching.Trainer(problem, switching.methods(args.lr, spe)["split"])
-    adam_loss, _ = switching.run_adam(problem, args.lr, schedule, data)
+    adam_loss, _ = run_adam(problem, args.lr, schedule, data)
     rows = []
     never = args.budget + 1
     for split in [*args.splits, never]:

@@ -62,6 +62,7 @@ import optax  # noqa: E402
 import optax.tree  # noqa: E402
 import scipy  # noqa: E402
 import scipy.optimize  # noqa: E402
+from _problems import markdown_table  # noqa: E402
 from jax import lax  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
@@ -424,12 +425,6 @@ def format_cell(result: Result) -> str:
     if result.converged:
         return f"{result.evals} ({result.iterations})"
     return f"no conv, {result.evals} ({result.iterations}), ‖g‖={result.grad_norm:.1e}"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def ratio(numerator: Result, denominator: Result) -> float:

@@ -38,8 +38,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.tree
-from _problems import batch_schedule, command_line, markdown_table, mse, problems
-from switching import adam_epoch, full_loss_and_norm, run_adam
+from _problems import (
+    adam_epoch,
+    batch_schedule,
+    command_line,
+    full_loss_and_norm,
+    markdown_table,
+    mse,
+    problems,
+    run_adam,
+)
 
 import twophase as tp
 

@@ -66,9 +66,11 @@ from _problems import (
     batch_schedule,
     command_line,
     count_params,
+    full_loss_and_norm,
     markdown_table,
     mse,
     problems,
+    run_adam,
 )
 from jax import lax
 
@@ -96,58 +98,6 @@ class Run(NamedTuple):
     stats: dict[int, float]  # epoch -> detector grad_norm_stat (phase 0 only)
     count_mismatch: str = ""
     params: object = None  # the final parameters
-
-
-# --------------------------------------------------------------------------- Adam alone
-
-
-def _epoch_stats(grads_sum, sq_sum, cos_sum, m):
-    """Replica of the detectors' window estimate, RMS mini-batch norm, mean lag-1 cosine."""
-    unbiased = (optax.tree.vdot(grads_sum, grads_sum) - sq_sum) / (m * (m - 1))
-    estimate = jnp.sqrt(jnp.maximum(unbiased, 0.0))
-    return jnp.stack([estimate, jnp.sqrt(sq_sum / m), cos_sum / (m - 1)])
-
-
-@jax.jit
-def adam_epoch(params, state, lr, idx, data):
-    """One epoch of ``optax.adam(lr)``; returns the epoch's gradient statistics as well."""
-    x, y = data
-    opt = optax.adam(lr)
-
-    def step(carry, batch):
-        params, state, g_sum, sq_sum, cos_sum, g_prev = carry
-        grad = jax.grad(mse)(params, x[batch], y[batch])
-        norm = optax.tree.norm(grad)
-        cos = optax.tree.vdot(grad, g_prev) / jnp.maximum(norm * optax.tree.norm(g_prev), 1e-30)
-        updates, state = opt.update(grad, state, params)
-        params = optax.apply_updates(params, updates)
-        carry = (params, state, optax.tree.add(g_sum, grad), sq_sum + norm**2, cos_sum + cos, grad)
-        return carry, None
-
-    zeros = optax.tree.zeros_like(params)
-    init = (params, state, zeros, 0.0, 0.0, zeros)
-    (params, state, g_sum, sq_sum, cos_sum, _), _ = lax.scan(step, init, idx)
-    return params, state, _epoch_stats(g_sum, sq_sum, cos_sum, idx.shape[0])
-
-
-@jax.jit
-def full_loss_and_norm(params, data):
-    loss, grad = jax.value_and_grad(mse)(params, *data)
-    return loss, optax.tree.norm(grad)
-
-
-def run_adam(problem: Problem, lr: float, schedule: np.ndarray, data) -> tuple[float, dict]:
-    """Adam for ``len(schedule)`` epochs: final full-batch loss and per-epoch diagnostics
-    ``epoch -> (estimate, true norm at epoch end, RMS mini-batch norm, lag-1 cosine, loss)``."""
-    params = problem.init()
-    state = optax.adam(lr).init(params)
-    diag = {}
-    for epoch, idx in enumerate(schedule, start=1):
-        params, state, stats = adam_epoch(params, state, jnp.float32(lr), idx, data)
-        loss, norm = full_loss_and_norm(params, data)
-        est, rms, cos = np.asarray(stats)
-        diag[epoch] = (float(est), float(norm), float(rms), float(cos), float(loss))
-    return diag[len(schedule)][4], diag
 
 
 # --------------------------------------------------------------------------- two-phase runs

@@ -1,7 +1,12 @@
-"""Classic unconstrained test problems (More, Garbow & Hillstrom 1981) in JAX."""
+"""Classic unconstrained test problems (More, Garbow & Hillstrom 1981) in JAX,
+and checks shared by the tests of several second phases."""
 
+import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
 
 def rosenbrock(x):
@@ -93,3 +98,51 @@ def exact_step_cg_iterations(a, b, rule, *, tol=1e-8, max_iterations=None, powel
         d = -g_new if restart else -g_new + beta * d
         g = g_new
     return None
+
+
+# --------------------------------------------------------------------------- #
+# Checks shared by the tests of nonlinear_cg, newton_cg and the switch.
+
+
+def run_steps_keeping_types(step, params, state, steps):
+    """``steps`` calls of ``step(params, state) -> (updates, state)``; each must
+    give updates with the parameters' dtypes and a state of unchanged shapes and
+    dtypes. Returns the final ``(params, state)``."""
+    for _ in range(steps):
+        u, new_state = step(params, state)
+        chex.assert_trees_all_equal_dtypes(u, params)
+        chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+        params, state = optax.apply_updates(params, u), new_state
+    return params, state
+
+
+def assert_update_needs_value_fn(opt):
+    """``opt.update`` without ``value_fn`` raises a TypeError naming it."""
+    x = jnp.ones(2)
+    with pytest.raises(TypeError, match="value_fn"):
+        opt.update(x, opt.init(x), x)
+
+
+def uphill_quadratic():
+    """``sum((x - 1)^2)`` with a gradient of the wrong sign (its value is right):
+    every line search along the negative "gradient" fails."""
+    f = lambda x: jnp.sum((x - 1.0) ** 2)
+
+    @jax.custom_vjp
+    def uphill(x):
+        return f(x)
+
+    uphill.defvjp(lambda x: (f(x), x), lambda x, ct: (-ct * jax.grad(f)(x),))
+    return uphill
+
+
+def jitted_loop(opt, f, x0, steps, wrap=lambda fn: fn):
+    """``steps`` jitted calls of a second phase's ``update`` on ``f`` from ``x0``
+    (``wrap`` wraps the traced function, e.g. the ``count_traces`` fixture).
+    Returns the final ``(x, state)``."""
+    step = jax.jit(wrap(lambda x, s: opt.update(x, s, x, value_fn=f)))
+    state, x = opt.init(x0), x0
+    for _ in range(steps):
+        u, state = step(x, state)
+        x = optax.apply_updates(x, u)
+    return x, state

@@ -189,12 +189,7 @@ def test_cached_value_and_grad_are_reused():
 
 def test_jitted_loop_compiles_once(count_traces):
     f, x0 = problems.rosenbrock, problems.rosenbrock_x0(4)
-    opt = tp.nonlinear_cg()
-    step = jax.jit(count_traces(lambda x, s: opt.update(x, s, x, value_fn=f)))
-    state, x = opt.init(x0), x0
-    for _ in range(30):
-        u, state = step(x, state)
-        x = optax.apply_updates(x, u)
+    problems.jitted_loop(tp.nonlinear_cg(), f, x0, 30, count_traces)
     assert count_traces.counter["n"] == 1
 
 
@@ -259,13 +254,7 @@ def test_converged_point_does_not_move():
 def test_repeated_failure_is_counted_without_evaluating():
     """After a failed CG search and a failed steepest-descent restart from the same point,
     a third call would repeat the restart exactly: it fails without evaluating."""
-    f = lambda x: jnp.sum((x - 1.0) ** 2)
-
-    @jax.custom_vjp
-    def uphill(x):  # f, with a gradient of the wrong sign: every line search fails
-        return f(x)
-
-    uphill.defvjp(lambda x: (f(x), x), lambda x, ct: (-ct * jax.grad(f)(x),))
+    uphill = problems.uphill_quadratic()  # every line search fails
     opt = tp.nonlinear_cg()
     x = jnp.array([3.0, -2.0])
     state = opt.init(x)
@@ -378,10 +367,7 @@ def test_missing_params_is_a_type_error_but_an_empty_none_tree_is_not():
 
 
 def test_missing_value_fn_is_a_type_error():
-    opt = tp.nonlinear_cg()
-    x = jnp.ones(2)
-    with pytest.raises(TypeError, match="value_fn"):
-        opt.update(x, opt.init(x), x)
+    problems.assert_update_needs_value_fn(tp.nonlinear_cg())
 
 
 def test_non_scalar_value_fn_is_a_type_error():

@@ -375,13 +375,7 @@ def test_nonpositive_damping_in_the_state_is_rejected_and_counted(bad):
 
 
 def test_failed_line_search_raises_damping_and_does_not_move():
-    g = lambda x: jnp.sum((x - 1.0) ** 2)
-
-    @jax.custom_vjp
-    def uphill(x):  # g, with a gradient of the wrong sign: every line search fails
-        return g(x)
-
-    uphill.defvjp(lambda x: (g(x), x), lambda x, ct: (-ct * jax.grad(g)(x),))
+    uphill = problems.uphill_quadratic()  # every line search fails
     opt = tp.newton_cg()
     x = jnp.array([3.0, -2.0])
     state = opt.init(x)
@@ -409,12 +403,7 @@ def test_converged_point_does_not_move():
 
 def test_jitted_loop_compiles_once(count_traces):
     f, x0 = problems.rosenbrock, problems.rosenbrock_x0(6)
-    opt = tp.newton_cg()
-    step = jax.jit(count_traces(lambda x, s: opt.update(x, s, x, value_fn=f)))
-    state, x = opt.init(x0), x0
-    for _ in range(80):
-        u, state = step(x, state)
-        x = optax.apply_updates(x, u)
+    _, state = problems.jitted_loop(tp.newton_cg(), f, x0, 80, count_traces)
     assert count_traces.counter["n"] == 1
     assert float(optax.tree.norm(state.grad)) < 1e-6
 
@@ -493,11 +482,7 @@ def test_dtypes_preserved(dtype):
     )
     step = jax.jit(lambda p, s: opt.update(p, s, p, value_fn=f))
     start = float(f(params))
-    for _ in range(4):
-        u, new_state = step(params, state)
-        chex.assert_trees_all_equal_dtypes(u, params)
-        chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
-        params, state = optax.apply_updates(params, u), new_state
+    params, state = problems.run_steps_keeping_types(step, params, state, 4)
     assert params["w"].dtype == dtype
     # The minimiser: w solves 2 (w - 2) + 0.4 w^3 = 0, w = 1.42326...; b = (0, 0, 1).
     w_star = scipy.optimize.brentq(lambda w: 2 * (w - 2) + 0.4 * w**3, 0.0, 2.0)
@@ -598,10 +583,7 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
 
 
 def test_missing_value_fn_is_a_type_error():
-    opt = tp.newton_cg()
-    x = jnp.ones(2)
-    with pytest.raises(TypeError, match="value_fn"):
-        opt.update(x, opt.init(x), x)
+    problems.assert_update_needs_value_fn(tp.newton_cg())
 
 
 def test_mixed_dtype_empty_and_none_pytrees():

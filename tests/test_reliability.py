@@ -297,11 +297,7 @@ def test_dtypes_across_the_switch_compile_once(dtype, count_traces):
     )
     state = opt.init(params)
     start = float(full(params))
-    for _ in range(8):
-        u, new_state = step(params, state)
-        chex.assert_trees_all_equal_dtypes(u, params)
-        chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
-        params, state = optax.apply_updates(params, u), new_state
+    params, state = problems.run_steps_keeping_types(step, params, state, 8)
     assert all(a.dtype == dtype for a in jax.tree.leaves(params))
     assert count_traces.counter["n"] == 1
     assert float(full(params)) < start

@@ -42,15 +42,14 @@ from twophase.newton_cg import (
 )
 from twophase.objectives import as_value_and_grad, fill_masked, full_batch, with_weight_decay
 from twophase.policy import Policy, SafeResortState, safe_resort
-from twophase.second_phase import HVP_COST, EvaluatingState, evaluating
-from twophase.switch import (
-    TwoPhaseState,
+from twophase.presets import (
     adam_cg,
     adam_lbfgs,
     adam_newton_cg,
     adam_second_moment_preconditioner,
-    two_phase,
 )
+from twophase.second_phase import HVP_COST, EvaluatingState, evaluating
+from twophase.switch import TwoPhaseState, two_phase
 from twophase.training import TrainResult, history_columns, train
 
 __version__ = "0.1.0"

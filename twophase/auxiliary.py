@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from twophase._checks import check_scalar_output
+
 __all__ = ["aux_shape", "prepare_aux", "scalar_objective", "value_grad_and_aux"]
 
 PyTree = Any
@@ -72,13 +74,7 @@ def split_output(out: Any, who: str = "value_fn", has_aux: bool | None = None):
             "(loss, aux), or return the scalar loss alone."
         )
     loss, aux = out if paired else (out, None)
-    if not _is_scalar_like(loss):
-        raise TypeError(
-            f"`{who}` must return a scalar objective (or a pair (loss, aux)), got "
-            f"{_describe(loss)}."
-        )
-    if not jnp.issubdtype(loss.dtype, jnp.floating):
-        raise TypeError(f"`{who}` must return a real floating scalar, got dtype {loss.dtype}.")
+    check_scalar_output(who, loss, "a scalar objective (or a pair (loss, aux))")
     if aux is not None:
         check_aux(aux, who)
     return loss, aux

@@ -27,7 +27,7 @@ from jax import lax
 
 from twophase import auxiliary as _aux
 from twophase import linesearch as _ls
-from twophase._checks import concrete
+from twophase._checks import concrete, require_update_args
 from twophase._numerics import finite_and_norm, max_abs, pow2_scale
 
 __all__ = [
@@ -325,10 +325,9 @@ def nonlinear_cg(
 
     Args:
       beta: direction rule, a name in :data:`BETA_RULES` or a :class:`BetaFn`.
-        Default ``"polak_ribiere"`` (PR+): with the default line search it needed
-        0.865x scipy's evaluations in geometric mean over ``benchmarks/cg_suite.py``
-        (median of 3 perturbed starts) and at most 1.19x on every problem, the
-        only configuration of the sweep meeting both (see ``benchmarks/RESULTS.md``).
+        Default ``"polak_ribiere"`` (PR+): with the default line search, the
+        only configuration of the sweep over ``benchmarks/cg_suite.py`` that met
+        both of its targets against scipy (``benchmarks/RESULTS.md``, section 1).
       linesearch: ``"wolfe"`` (:func:`twophase.wolfe_linesearch` defaults),
         ``"golden"`` (the paper's), or a :class:`twophase.LineSearch`.
       restart_threshold: Powell's restart constant in ``(0, 1]``; ``None``
@@ -456,13 +455,7 @@ def nonlinear_cg(
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del extra_args
-        if value_fn is None:
-            raise TypeError(
-                "nonlinear_cg.update requires the keyword argument `value_fn` "
-                "(params -> full-batch objective, a scalar)."
-            )
-        if params is None and jax.tree.leaves(updates):  # (None is also an empty pytree)
-            raise TypeError("nonlinear_cg.update requires `params`.")
+        require_update_args("nonlinear_cg", updates, params, value_fn)
         del updates
         dtype = state.value.dtype
         state = _aux.prepare_aux(state, value_fn, params)
@@ -684,6 +677,18 @@ def set_preconditioner(state: PyTree, scales: PyTree) -> PyTree:
 
     Requires ``nonlinear_cg(preconditioner="state")`` / ``newton_cg(preconditioner="state")``
     (or a pytree).
+
+    Args:
+      state: an optimizer state holding such second-phase states (any nesting).
+      scales: a pytree like the parameters, each leaf broadcastable to the
+        stored preconditioner's (cast to its dtype).
+
+    Returns:
+      ``state`` with the preconditioners replaced (the same structure and dtypes).
+
+    Raises:
+      ValueError: a second-phase state in ``state`` that stores no
+        preconditioner (built without ``preconditioner="state"``).
     """
 
     def replace(node):

@@ -20,12 +20,13 @@ imported when a function is called.
 
 from __future__ import annotations
 
-import operator
 import os
 from typing import Any
 
 import jax
 import numpy as np
+
+from twophase._checks import as_non_negative_int
 
 __all__ = ["latest_step", "restore_checkpoint", "save_checkpoint"]
 
@@ -51,18 +52,6 @@ def _as_path(directory: str | os.PathLike):
 
     text = os.fspath(directory)
     return epath.Path(text if "://" in text else os.path.abspath(text))
-
-
-def _check_step(step: Any, name: str = "step") -> int:
-    if isinstance(step, bool):
-        raise ValueError(f"`{name}` must be a non-negative int, got {step!r}.")
-    try:
-        value = operator.index(step)
-    except TypeError:
-        raise ValueError(f"`{name}` must be a non-negative int, got {step!r}.") from None
-    if value < 0:
-        raise ValueError(f"`{name}` must be a non-negative int, got {value}.")
-    return value
 
 
 def _manager(path, *, keep: int | None = None, writing: bool = False):
@@ -217,7 +206,7 @@ def save_checkpoint(
       TypeError: a leaf that is not an array or a scalar.
       FileExistsError: checkpoint ``step`` exists and ``overwrite`` is False.
     """
-    step = _check_step(step)
+    step = as_non_negative_int("step", step)
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"`keep` must be a positive int, got {keep!r}.")
     paths, leaves, shapes, dtypes, _ = _layout(state)
@@ -277,7 +266,7 @@ def restore_checkpoint(
       FileNotFoundError: ``directory`` holds no checkpoint, or none for ``step``.
     """
     if step is not None:
-        step = _check_step(step)
+        step = as_non_negative_int("step", step)
     paths, target_leaves, shapes, _, treedef = _layout(target)
     ocp = _orbax()
     path = _as_path(directory)

@@ -43,20 +43,21 @@ full, is what works, at one full-batch evaluation per window.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import optax.tree
 from jax import lax
 
-from twophase._checks import concrete as _concrete
+from twophase._checks import check_fraction, check_int, check_one_of, check_positive, require_value
 from twophase._numerics import safe_norm
 from twophase.objectives import as_value_and_grad
 
 __all__ = [
     "ESTIMATORS",
     "Detector",
+    "DetectorUpdate",
     "GradNormPeakState",
     "LossPlateauState",
     "NormLossSlopeState",
@@ -72,66 +73,61 @@ __all__ = [
 PyTree = Any
 
 
+class DetectorUpdate(Protocol):
+    """A detector's ``update``: one phase-0 step seen, and whether to switch.
+
+    Args:
+      state: the detector's state.
+      grad: the incoming (mini-batch) gradient, a pytree like the parameters.
+      grad_norm: float32 ``()``, its Euclidean norm.
+      value: ``()`` the mini-batch loss, or ``None`` when the caller has none
+        (a detector with ``needs_value`` then raises ``TypeError``).
+      step: int32 ``()``, phase-0 steps seen before this one (0-based).
+      params: the parameters, or ``None``.
+      value_fn: ``params -> ()`` full-batch objective, or ``None``.
+
+    Returns:
+      ``(new_state, fire)``, ``fire`` a bool ``()``: switch after this step.
+    """
+
+    def __call__(
+        self,
+        state: Any,
+        *,
+        grad: PyTree,
+        grad_norm: jax.Array,
+        value: jax.Array | None = None,
+        step: jax.Array,
+        params: PyTree = None,
+        value_fn: Callable[[PyTree], jax.Array] | None = None,
+    ) -> tuple[Any, jax.Array]: ...
+
+
 class Detector(NamedTuple):
     """A switch detector; see the module docstring for the protocol.
 
     Attributes:
       init: ``params -> state``.
-      update: ``(state, *, grad, grad_norm, value, step, params, value_fn) ->
-        (state, fire)``.
+      update: a :class:`DetectorUpdate`, ``(state, *, grad, grad_norm, value,
+        step, params, value_fn) -> (state, fire)``.
       needs_value: whether ``update`` requires the mini-batch loss ``value``.
     """
 
     init: Callable[[PyTree], Any]
-    update: Callable[..., tuple[Any, jax.Array]]
+    update: DetectorUpdate
     needs_value: bool = False
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    value = _concrete(value)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-
-
-def _check_positive(name: str, value: Any) -> None:
-    value = _concrete(value)
-    if value is None:
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not 0 < value < float("inf")
-    ):
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
-
-
-def _check_ratio(ratio: Any) -> None:
-    ratio = _concrete(ratio)
-    if ratio is None:
-        return
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"`ratio` must be in (0, 1], got {ratio!r}.")
-
-
-def _require_value(value, who: str) -> None:
-    if value is None:
-        raise TypeError(
-            f"{who} needs the mini-batch loss: pass `value=` to update (the loss at the "
-            "incoming gradient)."
-        )
+def _reached(step: jax.Array, steps: Any) -> jax.Array:
+    """bool ``()``: ``steps`` phase-0 steps are done once the one with 0-based
+    index ``step`` is (the ``min_steps`` test, and :func:`switch_at`'s)."""
+    return step + 1 >= steps
 
 
 # --------------------------------------------------------------------------- #
 # Window accumulation of a gradient-norm statistic.
 
 ESTIMATORS = ("exact", "minibatch", "window")
-
-
-def _check_estimator(estimator: Any) -> None:
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"`estimator` must be one of {list(ESTIMATORS)}, got {estimator!r}.")
 
 
 class _Window(NamedTuple):
@@ -149,22 +145,35 @@ def _window_init(params, estimator: str) -> _Window:
     return _Window(grad_sum, zero, zero, jnp.zeros([], jnp.int32))
 
 
+def _add_step(value_sum, sq_norm_sum, count, grad_norm, value):
+    """``(value_sum, sq_norm_sum, count)`` of a window after one more step: the
+    float32 sums of the mini-batch losses (0 for ``value=None``) and squared
+    gradient norms, and the int32 step count. The sums are reset lazily by the
+    first step of a window (``count == 0``), so that closing a window touches
+    scalars only."""
+    fresh = count == 0
+    value_f32 = jnp.zeros([], jnp.float32) if value is None else jnp.asarray(value, jnp.float32)
+    return (
+        jnp.where(fresh, 0.0, value_sum) + jnp.reshape(value_f32, ()),
+        jnp.where(fresh, 0.0, sq_norm_sum) + jnp.square(grad_norm.astype(jnp.float32)),
+        count + 1,
+    )
+
+
+def _window_means(value_sum, sq_norm_sum, count) -> tuple[jax.Array, jax.Array]:
+    """``(mean loss, RMS gradient norm)`` of a window's steps (float32 ``()``)."""
+    steps = jnp.maximum(count.astype(jnp.float32), 1.0)
+    return value_sum / steps, jnp.sqrt(sq_norm_sum / steps)
+
+
 def _window_add(w: _Window, grad, grad_norm, value) -> _Window:
-    # Sums are reset lazily by the first step of the next window, so that closing a
-    # window touches scalars only.
-    fresh = w.count == 0
     grad_sum = w.grad_sum
     if grad_sum is not None:
         grad_sum = jax.tree.map(
-            lambda s, g: jnp.where(fresh, 0.0, s) + g.astype(jnp.float32), grad_sum, grad
+            lambda s, g: jnp.where(w.count == 0, 0.0, s) + g.astype(jnp.float32), grad_sum, grad
         )
-    value_f32 = jnp.zeros([], jnp.float32) if value is None else jnp.asarray(value, jnp.float32)
-    return _Window(
-        grad_sum,
-        jnp.where(fresh, 0.0, w.sq_norm_sum) + jnp.square(grad_norm.astype(jnp.float32)),
-        jnp.where(fresh, 0.0, w.value_sum) + jnp.reshape(value_f32, ()),
-        w.count + 1,
-    )
+    value_sum, sq_norm_sum, count = _add_step(w.value_sum, w.sq_norm_sum, w.count, grad_norm, value)
+    return _Window(grad_sum, sq_norm_sum, value_sum, count)
 
 
 def _window_sum_estimate(w: _Window) -> jax.Array:
@@ -195,15 +204,12 @@ def _on_window_end(w: _Window, window, params, value_fn, estimator: str):
         raise TypeError("a detector with estimator='exact' needs `value_fn` at every update.")
 
     def close(w):
-        mean_value = w.value_sum / jnp.maximum(w.count.astype(jnp.float32), 1.0)
+        mean_value, rms_norm = _window_means(w.value_sum, w.sq_norm_sum, w.count)
         if estimator == "exact":
             value, grad = as_value_and_grad(value_fn, params)(params)
             norm = jnp.asarray(safe_norm(grad)).astype(jnp.float32)
             return norm, value.astype(jnp.float32), jnp.ones([], jnp.int32)
-        if estimator == "minibatch":
-            norm = jnp.sqrt(w.sq_norm_sum / jnp.maximum(w.count.astype(jnp.float32), 1.0))
-        else:
-            norm = _window_sum_estimate(w)
+        norm = rms_norm if estimator == "minibatch" else _window_sum_estimate(w)
         return norm, mean_value, jnp.zeros([], jnp.int32)
 
     def keep(w):
@@ -288,11 +294,17 @@ def grad_norm_peak(
 
     Returns:
       A :class:`Detector`.
+
+    Raises:
+      ValueError: ``ratio`` not in ``(0, 1]``, ``window`` not an int ``>= 1``,
+        ``min_steps`` not an int ``>= 0``, or an unknown ``estimator``.
+      TypeError: at trace time, ``update`` without ``value_fn`` for the
+        ``"exact"`` estimator.
     """
-    _check_ratio(ratio)
-    _check_int("window", window, 1)
-    _check_int("min_steps", min_steps, 0)
-    _check_estimator(estimator)
+    check_fraction("ratio", ratio, closed=True)
+    check_int("window", window, 1)
+    check_int("min_steps", min_steps, 0)
+    check_one_of("estimator", estimator, ESTIMATORS)
 
     def init(params):
         zero = jnp.zeros([], jnp.float32)
@@ -305,7 +317,7 @@ def grad_norm_peak(
         stat = jnp.where(done, norm, state.grad_norm_stat)
         peak = jnp.maximum(state.grad_norm_max, stat)
         windows = state.windows + done.astype(jnp.int32)
-        fire = (stat <= ratio * peak) & (step + 1 >= min_steps) & (windows >= 2)
+        fire = (stat <= ratio * peak) & _reached(step, min_steps) & (windows >= 2)
         return GradNormPeakState(w, stat, peak, windows, state.value_and_grad_evals + evals), fire
 
     return Detector(init, update)
@@ -401,13 +413,20 @@ def norm_loss_slope(
 
     Returns:
       A :class:`Detector` (``needs_value`` unless ``"exact"``).
+
+    Raises:
+      ValueError: ``window`` or ``patience`` not an int ``>= 1``, ``history``
+        not an int ``>= 3``, ``min_steps`` not an int ``>= 0``, an unknown
+        ``estimator``, or ``z_score`` not a positive finite number.
+      TypeError: at trace time, ``update`` without ``value`` (other estimators
+        than ``"exact"``) or without ``value_fn`` (``"exact"``).
     """
-    _check_int("window", window, 1)
-    _check_int("patience", patience, 1)
-    _check_int("history", history, 3)
-    _check_int("min_steps", min_steps, 0)
-    _check_estimator(estimator)
-    _check_positive("z_score", z_score)
+    check_int("window", window, 1)
+    check_int("patience", patience, 1)
+    check_int("history", history, 3)
+    check_int("min_steps", min_steps, 0)
+    check_one_of("estimator", estimator, ESTIMATORS)
+    check_positive("z_score", z_score)
     needs_value = estimator != "exact"
 
     def init(params):
@@ -429,7 +448,7 @@ def norm_loss_slope(
 
     def update(state, *, grad, grad_norm, value=None, step, params=None, value_fn=None):
         if needs_value:
-            _require_value(value, "norm_loss_slope")
+            require_value(value, "norm_loss_slope")
         w = _window_add(state.window, grad, grad_norm, value)
         done, w, norm, loss, evals = _on_window_end(w, window, params, value_fn, estimator)
         norms = jnp.where(done, jnp.roll(state.norms, -1).at[-1].set(norm), state.norms)
@@ -439,7 +458,7 @@ def norm_loss_slope(
         falling = (losses[-1] < losses[0]) & (norms[-1] < norms[0])
         clear = (windows >= history) & falling & (slope > z_score * stderr)
         streak = jnp.where(done, jnp.where(clear, state.streak + 1, 0), state.streak)
-        fire = (streak >= patience) & (step + 1 >= min_steps)
+        fire = (streak >= patience) & _reached(step, min_steps)
         new_state = NormLossSlopeState(
             window=w,
             norms=norms,
@@ -541,12 +560,18 @@ def loss_plateau(
 
     Returns:
       A :class:`Detector` with ``needs_value=True``.
+
+    Raises:
+      ValueError: ``window`` or ``patience`` not an int ``>= 1``, ``history``
+        not an int ``>= 3``, ``min_steps`` not an int ``>= 0``, or ``z_score``
+        not a positive finite number.
+      TypeError: at trace time, ``update`` without ``value``.
     """
-    _check_int("window", window, 1)
-    _check_int("patience", patience, 1)
-    _check_int("history", history, 3)
-    _check_int("min_steps", min_steps, 0)
-    _check_positive("z_score", z_score)
+    check_int("window", window, 1)
+    check_int("patience", patience, 1)
+    check_int("history", history, 3)
+    check_int("min_steps", min_steps, 0)
+    check_positive("z_score", z_score)
     capacity = 2 * history
     positions = jnp.arange(history, dtype=jnp.float32)
 
@@ -570,8 +595,8 @@ def loss_plateau(
         )
 
     def close(state: LossPlateauState) -> LossPlateauState:
-        steps = state.count.astype(jnp.float32)
-        means = state.means.at[state.stored].set(state.value_sum / steps)
+        mean, norm = _window_means(state.value_sum, state.grad_sq_sum, state.count)
+        means = state.means.at[state.stored].set(mean)
         stored = state.stored + 1
         last = lax.dynamic_slice(means, (jnp.maximum(stored - history, 0),), (history,))
         slope, stderr = least_squares_slope(positions, last)
@@ -580,7 +605,6 @@ def loss_plateau(
         merged = jnp.concatenate(
             [means.reshape(history, 2).mean(axis=1), jnp.zeros([history], jnp.float32)]
         )
-        norm = jnp.sqrt(state.grad_sq_sum / steps)
         return state._replace(
             value_sum=jnp.zeros([], jnp.float32),
             grad_sq_sum=jnp.zeros([], jnp.float32),
@@ -598,16 +622,19 @@ def loss_plateau(
 
     def update(state, *, grad, grad_norm, value=None, step, params=None, value_fn=None):
         del grad, params, value_fn
-        _require_value(value, "loss_plateau")
+        require_value(value, "loss_plateau")
+        value_sum, grad_sq_sum, count = _add_step(
+            state.value_sum, state.grad_sq_sum, state.count, grad_norm, value
+        )
         state = state._replace(
-            value_sum=state.value_sum + jnp.reshape(jnp.asarray(value, jnp.float32), ()),
-            grad_sq_sum=state.grad_sq_sum + jnp.square(grad_norm.astype(jnp.float32)),
-            count=state.count + 1,
+            value_sum=value_sum,
+            grad_sq_sum=grad_sq_sum,
+            count=count,
             # From the `window` in effect now, so that an injected one takes effect.
             window_steps=jnp.left_shift(jnp.asarray(window, jnp.int32), state.merges),
         )
         state = lax.cond(state.count >= state.window_steps, close, lambda s: s, state)
-        fire = (state.streak >= patience) & (step + 1 >= min_steps)
+        fire = (state.streak >= patience) & _reached(step, min_steps)
         return state, fire
 
     return Detector(init, update, needs_value=True)
@@ -625,8 +652,18 @@ def switch_at(step: int) -> Detector:
     """A fixed switch, as in the paper's experiments: the first second-phase step
     is step number ``step`` (0-based), i.e. after ``step >= 1`` first-phase steps.
     (A detector decides after a first-phase step, so at least one is made; for
-    the second phase from the start use it directly, e.g. ``nonlinear_cg()``.)"""
-    _check_int("step", step, 1)
+    the second phase from the start use it directly, e.g. ``nonlinear_cg()``.)
+
+    Args:
+      step: the index of the first second-phase step, an int ``>= 1``.
+
+    Returns:
+      A :class:`Detector` with an empty state.
+
+    Raises:
+      ValueError: ``step`` not an int ``>= 1``.
+    """
+    check_int("step", step, 1)
     switch_step = step
 
     def init(params):
@@ -634,7 +671,7 @@ def switch_at(step: int) -> Detector:
         return SwitchAtState()
 
     def update(state, *, grad, grad_norm, value=None, step, params=None, value_fn=None):
-        return state, step + 1 >= switch_step
+        return state, _reached(step, switch_step)
 
     return Detector(init, update)
 
@@ -659,10 +696,19 @@ def _combine(detectors: tuple[Detector, ...], reduce, name: str) -> Detector:
 
 
 def any_of(*detectors: Detector) -> Detector:
-    """Fires when any of ``detectors`` fires (their states are kept in a tuple)."""
+    """Fires when any of ``detectors`` fires (their states are kept in a tuple).
+
+    Raises:
+      ValueError: no detector, or an argument that is not a :class:`Detector`.
+    """
     return _combine(detectors, jnp.any, "any_of")
 
 
 def all_of(*detectors: Detector) -> Detector:
-    """Fires when the conditions of all ``detectors`` hold at the same step."""
+    """Fires when the conditions of all ``detectors`` hold at the same step
+    (their states are kept in a tuple).
+
+    Raises:
+      ValueError: no detector, or an argument that is not a :class:`Detector`.
+    """
     return _combine(detectors, jnp.all, "all_of")

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from twophase._checks import concrete
+from twophase._checks import as_positive_finite, check_max_evaluations
 
 __all__ = [
     "LineSearch",
@@ -107,25 +107,6 @@ class LineSearch(NamedTuple):
 
     name: str
     search: LineSearchFn
-
-
-def _check_positive(name: str, value: float) -> None:
-    value = concrete(value)
-    if not (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    ):
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
-
-
-def _check_max_evaluations(max_evaluations: int) -> None:
-    max_evaluations = concrete(max_evaluations)
-    if not isinstance(max_evaluations, int) or isinstance(max_evaluations, bool):
-        raise ValueError(f"`max_evaluations` must be an int, got {max_evaluations!r}.")
-    if max_evaluations < 1:
-        raise ValueError(f"`max_evaluations` must be >= 1, got {max_evaluations}.")
 
 
 def cubic_minimizer(a, fa, sa, b, fb, sb):
@@ -229,20 +210,25 @@ def wolfe_linesearch(
 
     Returns:
       A :class:`LineSearch` named ``"wolfe"``.
+
+    Raises:
+      ValueError: ``c1`` or ``c2`` not positive finite numbers with
+        ``c1 < c2 < 1``; ``max_evaluations`` not an int ``>= 1``;
+        ``value_tolerance`` not a positive finite number; ``max_growth`` not a
+        finite number ``> 1``. The message names the argument.
     """
-    _check_positive("c1", c1)
-    _check_positive("c2", c2)
+    as_positive_finite("c1", c1)
+    as_positive_finite("c2", c2)
     if not c1 < c2 < 1.0:
         raise ValueError(f"`c1` and `c2` must satisfy 0 < c1 < c2 < 1, got c1={c1}, c2={c2}.")
-    _check_max_evaluations(max_evaluations)
-    _check_positive("value_tolerance", value_tolerance)
-    _check_positive("max_growth", max_growth)
+    check_max_evaluations(max_evaluations)
+    as_positive_finite("value_tolerance", value_tolerance)
+    as_positive_finite("max_growth", max_growth)
     if max_growth <= 1.0:
         raise ValueError(f"`max_growth` must be > 1, got {max_growth}.")
 
     def search(evaluate, value0, grad0, slope0, initial_step):
         dtype = jnp.result_type(value0)
-        zero = jnp.zeros([], dtype)
         # Rounding slack of the approximate Wolfe test.
         slack = value_tolerance * jnp.finfo(dtype).eps * jnp.abs(value0)
 
@@ -251,107 +237,143 @@ def wolfe_linesearch(
 
         def body(s: _WolfeLoop):
             step = s.trial
-            value, grad, slope = evaluate(step)
-            value = value.astype(dtype)
-            slope = slope.astype(dtype)
-            finite = jnp.isfinite(value) & jnp.isfinite(slope)
+            value, grad, slope, finite = _evaluate_trial(evaluate, step, dtype)
             decrease = value <= value0 + c1 * step * slope0
             acceptable_value = decrease | (approximate_wolfe & (value <= value0 + slack))
             flat = jnp.abs(slope) <= c2 * jnp.abs(slope0)
             accept = finite & flat & acceptable_value
-            # Bracket update of Hager & Zhang (2005), "update" step: `lo` always has an
-            # acceptable value and a negative slope, so a minimiser lies beyond it;
-            # a point with a non-negative slope, an unacceptable value or a
-            # non-finite value becomes `hi`. Slopes decide before values, which
-            # keeps the search working when values differ only by rounding.
             new_lo = finite & acceptable_value & (slope < 0)
-            new_hi = ~new_lo
-            hi = jnp.where(new_hi, step, s.hi)
-            value_hi = jnp.where(new_hi, value, s.value_hi)
-            slope_hi = jnp.where(new_hi, slope, s.slope_hi)
-            bracketed = s.bracketed | new_hi
-            lo = jnp.where(new_lo, step, s.lo)
-            value_lo = jnp.where(new_lo, value, s.value_lo)
-            slope_lo = jnp.where(new_lo, slope, s.slope_lo)
-            grad_lo = jax.tree.map(lambda g, gl: jnp.where(new_lo, g, gl), grad, s.grad_lo)
-
-            # Next trial when bracketed: safeguarded interpolation inside (lo, hi).
-            # Only 0.1% of the width is kept free at `lo`: after a large overshoot the
-            # minimiser legitimately lies very close to it, and the interpolant,
-            # exact on quadratics, says where.
-            width = hi - lo
-            hi_finite = jnp.isfinite(value_hi) & jnp.isfinite(slope_hi)
-            interpolated = jnp.where(
-                hi_finite,
-                jnp.clip(
-                    _interpolate(lo, value_lo, slope_lo, hi, value_hi, slope_hi, slack),
-                    lo + 1e-3 * width,
-                    hi - 0.1 * width,
-                ),
-                # Non-finite far end: shrink hard towards the known good point.
-                lo + 0.2 * width,
-            )
-            # Next trial when not bracketed: extrapolate beyond `step`.
-            reach = step - s.lo
-            extrap = _interpolate(s.lo, s.value_lo, s.slope_lo, step, value, slope, slack)
-            extrapolated = jnp.where(
-                jnp.isfinite(extrap),
-                jnp.clip(extrap, step + 1.1 * reach, max_growth * step),
-                max_growth * step,
-            )
-            trial = jnp.where(bracketed, interpolated, extrapolated)
+            bracket = _update_bracket(s, step, value, grad, slope, new_lo)
+            trial, width = _next_wolfe_trial(s, bracket, step, value, slope, slack, max_growth)
             # A bracket narrower than rounding cannot produce a new point.
-            degenerate = bracketed & (jnp.abs(width) <= 10 * jnp.finfo(dtype).eps * jnp.abs(lo))
+            degenerate = bracket.bracketed & (
+                jnp.abs(width) <= 10 * jnp.finfo(dtype).eps * jnp.abs(bracket.lo)
+            )
             done = accept | degenerate
-            return _WolfeLoop(
+            return bracket._replace(
                 trial=jnp.where(done, step, trial),
-                lo=jnp.where(accept, step, lo),
-                value_lo=jnp.where(accept, value, value_lo),
-                slope_lo=jnp.where(accept, slope, slope_lo),
-                grad_lo=jax.tree.map(lambda g, gl: jnp.where(accept, g, gl), grad, grad_lo),
-                hi=hi,
-                value_hi=value_hi,
-                slope_hi=slope_hi,
-                bracketed=bracketed,
+                lo=jnp.where(accept, step, bracket.lo),
+                value_lo=jnp.where(accept, value, bracket.value_lo),
+                slope_lo=jnp.where(accept, slope, bracket.slope_lo),
+                grad_lo=jax.tree.map(lambda g, gl: jnp.where(accept, g, gl), grad, bracket.grad_lo),
                 done=done,
                 accepted=accept,
                 evaluations=s.evaluations + 1,
             )
 
-        init = _WolfeLoop(
-            trial=initial_step.astype(dtype),
-            lo=zero,
-            value_lo=value0,
-            slope_lo=slope0.astype(dtype),
-            grad_lo=grad0,
-            hi=zero,
-            value_hi=value0,
-            slope_hi=slope0.astype(dtype),
-            bracketed=jnp.asarray(False),
-            done=jnp.asarray(False),
-            accepted=jnp.asarray(False),
-            evaluations=jnp.zeros([], jnp.int32),
-        )
-        final = lax.while_loop(cond, body, init)
-        accepted = final.accepted & (final.lo > 0)
-        # Without an accepted point, `lo` is kept if it strictly decreased the
-        # objective, or if it passed the same value test as an accepted point and
-        # flattened the slope tenfold (Wolfe with c2 = 0.1): near a minimiser,
-        # where rounding noise in the slopes exceeds a small c2 |f'(0)|, this is
-        # the best point on offer. A wrong gradient flattens nothing and fails.
-        flattened = jnp.abs(final.slope_lo) <= 0.1 * jnp.abs(slope0)
-        moved = accepted | ((final.lo > 0) & ((final.value_lo < value0) | flattened))
-        return LineSearchResult(
-            step=jnp.where(moved, final.lo, zero),
-            value=jnp.where(moved, final.value_lo, value0),
-            grad=jax.tree.map(lambda g, g0: jnp.where(moved, g, g0), final.grad_lo, grad0),
-            slope=jnp.where(moved, final.slope_lo, slope0.astype(dtype)),
-            evaluations=final.evaluations,
-            failed=~moved,
-            converged=accepted,
-        )
+        init = _wolfe_start(initial_step, value0, grad0, slope0, dtype)
+        return _wolfe_result(lax.while_loop(cond, body, init), value0, grad0, slope0)
 
     return LineSearch("wolfe", search)
+
+
+# Stages of the Wolfe search.
+
+
+def _evaluate_trial(evaluate, step, dtype):
+    """``(value, grad, slope, finite)`` at ``step``: value and slope in the
+    search's ``dtype``, ``finite`` whether both are finite."""
+    value, grad, slope = evaluate(step)
+    value = value.astype(dtype)
+    slope = slope.astype(dtype)
+    return value, grad, slope, jnp.isfinite(value) & jnp.isfinite(slope)
+
+
+def _wolfe_start(initial_step, value0, grad0, slope0, dtype) -> _WolfeLoop:
+    """The loop state before the first trial: both ends at 0, nothing bracketed."""
+    zero = jnp.zeros([], dtype)
+    return _WolfeLoop(
+        trial=initial_step.astype(dtype),
+        lo=zero,
+        value_lo=value0,
+        slope_lo=slope0.astype(dtype),
+        grad_lo=grad0,
+        hi=zero,
+        value_hi=value0,
+        slope_hi=slope0.astype(dtype),
+        bracketed=jnp.asarray(False),
+        done=jnp.asarray(False),
+        accepted=jnp.asarray(False),
+        evaluations=jnp.zeros([], jnp.int32),
+    )
+
+
+def _update_bracket(s: _WolfeLoop, step, value, grad, slope, new_lo) -> _WolfeLoop:
+    """Hager & Zhang (2005)'s bracket update: ``lo`` always has an acceptable
+    value and a negative slope, so a minimiser lies beyond it; a point with a
+    non-negative slope, an unacceptable value or a non-finite value becomes
+    ``hi``. Slopes decide before values, which keeps the search working when
+    values differ only by rounding."""
+    new_hi = ~new_lo
+    return s._replace(
+        hi=jnp.where(new_hi, step, s.hi),
+        value_hi=jnp.where(new_hi, value, s.value_hi),
+        slope_hi=jnp.where(new_hi, slope, s.slope_hi),
+        bracketed=s.bracketed | new_hi,
+        lo=jnp.where(new_lo, step, s.lo),
+        value_lo=jnp.where(new_lo, value, s.value_lo),
+        slope_lo=jnp.where(new_lo, slope, s.slope_lo),
+        grad_lo=jax.tree.map(lambda g, gl: jnp.where(new_lo, g, gl), grad, s.grad_lo),
+    )
+
+
+def _next_wolfe_trial(before: _WolfeLoop, bracket: _WolfeLoop, step, value, slope, slack, growth):
+    """``(next trial, bracket width)``: safeguarded interpolation inside
+    ``(lo, hi)`` when bracketed, else extrapolation beyond ``step`` from the low
+    end ``before`` the update (at most ``growth`` times ``step``)."""
+    # Only 0.1% of the width is kept free at `lo`: after a large overshoot the
+    # minimiser legitimately lies very close to it, and the interpolant, exact on
+    # quadratics, says where.
+    lo, hi = bracket.lo, bracket.hi
+    width = hi - lo
+    hi_finite = jnp.isfinite(bracket.value_hi) & jnp.isfinite(bracket.slope_hi)
+    interpolated = jnp.where(
+        hi_finite,
+        jnp.clip(
+            _interpolate(
+                lo,
+                bracket.value_lo,
+                bracket.slope_lo,
+                hi,
+                bracket.value_hi,
+                bracket.slope_hi,
+                slack,
+            ),
+            lo + 1e-3 * width,
+            hi - 0.1 * width,
+        ),
+        # Non-finite far end: shrink hard towards the known good point.
+        lo + 0.2 * width,
+    )
+    reach = step - before.lo
+    extrap = _interpolate(before.lo, before.value_lo, before.slope_lo, step, value, slope, slack)
+    extrapolated = jnp.where(
+        jnp.isfinite(extrap),
+        jnp.clip(extrap, step + 1.1 * reach, growth * step),
+        growth * step,
+    )
+    return jnp.where(bracket.bracketed, interpolated, extrapolated), width
+
+
+def _wolfe_result(final: _WolfeLoop, value0, grad0, slope0) -> LineSearchResult:
+    """The accepted point; without one, ``lo`` if it strictly decreased the
+    objective, or if it passed the same value test as an accepted point and
+    flattened the slope tenfold (Wolfe with c2 = 0.1): near a minimiser, where
+    rounding noise in the slopes exceeds a small c2 |f'(0)|, this is the best
+    point on offer. A wrong gradient flattens nothing and fails (step 0)."""
+    dtype = jnp.result_type(value0)
+    accepted = final.accepted & (final.lo > 0)
+    flattened = jnp.abs(final.slope_lo) <= 0.1 * jnp.abs(slope0)
+    moved = accepted | ((final.lo > 0) & ((final.value_lo < value0) | flattened))
+    return LineSearchResult(
+        step=jnp.where(moved, final.lo, jnp.zeros([], dtype)),
+        value=jnp.where(moved, final.value_lo, value0),
+        grad=jax.tree.map(lambda g, g0: jnp.where(moved, g, g0), final.grad_lo, grad0),
+        slope=jnp.where(moved, final.slope_lo, slope0.astype(dtype)),
+        evaluations=final.evaluations,
+        failed=~moved,
+        converged=accepted,
+    )
 
 
 class _GoldenLoop(NamedTuple):
@@ -392,115 +414,46 @@ def golden_section_linesearch(
 
     Returns:
       A :class:`LineSearch` named ``"golden"``.
+
+    Raises:
+      ValueError: ``tolerance`` not in ``(0, 1)``, or ``max_evaluations`` not an
+        int ``>= 1``. The message names the argument.
     """
-    _check_positive("tolerance", tolerance)
+    as_positive_finite("tolerance", tolerance)
     if tolerance >= 1.0:
         raise ValueError(f"`tolerance` must be < 1, got {tolerance}.")
-    _check_max_evaluations(max_evaluations)
+    check_max_evaluations(max_evaluations)
 
     def search(evaluate, value0, grad0, slope0, initial_step):
         dtype = jnp.result_type(value0)
-        zero = jnp.zeros([], dtype)
-        inf = jnp.asarray(jnp.inf, dtype)
 
         def cond(s: _GoldenLoop):
             return (~s.done) & (s.evaluations < max_evaluations)
 
         def body(s: _GoldenLoop):
             x = s.trial
-            value, grad, slope = evaluate(x)
-            value = value.astype(dtype)
-            slope = slope.astype(dtype)
-            value = jnp.where(jnp.isfinite(value) & jnp.isfinite(slope), value, inf)
-
-            # Case 1, no point below f(0) yet: x becomes the right end; shrink.
-            # Case 2, best point known, no right end: grow while decreasing.
-            # Case 3, full bracket: golden section update.
+            value, grad, slope, finite = _evaluate_trial(evaluate, x, dtype)
+            value = jnp.where(finite, value, jnp.asarray(jnp.inf, dtype))
             better = value < jnp.where(s.has_b, s.value_b, s.value_a)
-            sectioning = s.has_b & s.has_c
-            # Where the new point lands relative to b decides which end it replaces.
-            right_of_b = x > s.b
-            # Left end.
-            a = jnp.where(
-                sectioning,
-                jnp.where(better, jnp.where(right_of_b, s.b, s.a), jnp.where(right_of_b, s.a, x)),
-                jnp.where(s.has_b & better, s.b, s.a),
-            )
-            value_a = jnp.where(
-                sectioning,
-                jnp.where(
-                    better,
-                    jnp.where(right_of_b, s.value_b, s.value_a),
-                    jnp.where(right_of_b, s.value_a, value),
-                ),
-                jnp.where(s.has_b & better, s.value_b, s.value_a),
-            )
-            # Right end.
-            c = jnp.where(
-                sectioning,
-                jnp.where(better, jnp.where(right_of_b, s.c, s.b), jnp.where(right_of_b, x, s.c)),
-                jnp.where(better, s.c, x),
-            )
-            value_c = jnp.where(
-                sectioning,
-                jnp.where(
-                    better,
-                    jnp.where(right_of_b, s.value_c, s.value_b),
-                    jnp.where(right_of_b, value, s.value_c),
-                ),
-                jnp.where(better, s.value_c, value),
-            )
-            has_c = s.has_c | ~better
+            s = _golden_ends(s, x, value, better)
             # Best point.
-            b = jnp.where(better, x, s.b)
-            value_b = jnp.where(better, value, s.value_b)
-            slope_b = jnp.where(better, slope, s.slope_b)
-            grad_b = jax.tree.map(lambda g, gb: jnp.where(better, g, gb), grad, s.grad_b)
-            has_b = s.has_b | better
-
-            golden_point = jnp.where(
-                (c - b) > (b - a), b + _GOLDEN * (c - b), b - _GOLDEN * (b - a)
+            s = s._replace(
+                b=jnp.where(better, x, s.b),
+                value_b=jnp.where(better, value, s.value_b),
+                slope_b=jnp.where(better, slope, s.slope_b),
+                grad_b=jax.tree.map(lambda g, gb: jnp.where(better, g, gb), grad, s.grad_b),
+                has_b=s.has_b | better,
             )
-            trial = jnp.where(
-                has_b & has_c,
-                golden_point,
-                jnp.where(has_b, b + _GROW * (b - a), a + _GOLDEN * (c - a)),
-            )
-            done = has_b & has_c & ((c - a) <= tolerance * b)
-            return _GoldenLoop(
-                trial=trial,
-                a=a,
-                value_a=value_a,
-                b=b,
-                value_b=value_b,
-                slope_b=slope_b,
-                grad_b=grad_b,
-                c=c,
-                value_c=value_c,
-                has_b=has_b,
-                has_c=has_c,
-                done=done,
+            return s._replace(
+                trial=_golden_next_trial(s),
+                done=s.has_b & s.has_c & ((s.c - s.a) <= tolerance * s.b),
                 evaluations=s.evaluations + 1,
             )
 
-        init = _GoldenLoop(
-            trial=initial_step.astype(dtype),
-            a=zero,
-            value_a=value0,
-            b=zero,
-            value_b=value0,
-            slope_b=slope0.astype(dtype),
-            grad_b=grad0,
-            c=zero,
-            value_c=inf,
-            has_b=jnp.asarray(False),
-            has_c=jnp.asarray(False),
-            done=jnp.asarray(False),
-            evaluations=jnp.zeros([], jnp.int32),
-        )
+        init = _golden_start(initial_step, value0, grad0, slope0, dtype)
         final = lax.while_loop(cond, body, init)
         return LineSearchResult(
-            step=jnp.where(final.has_b, final.b, zero),
+            step=jnp.where(final.has_b, final.b, jnp.zeros([], dtype)),
             value=final.value_b,
             grad=final.grad_b,
             slope=final.slope_b,
@@ -510,3 +463,77 @@ def golden_section_linesearch(
         )
 
     return LineSearch("golden", search)
+
+
+# Stages of the golden-section search.
+
+
+def _golden_start(initial_step, value0, grad0, slope0, dtype) -> _GoldenLoop:
+    """The loop state before the first trial: ``a = 0``, no ``b`` nor ``c``."""
+    zero = jnp.zeros([], dtype)
+    return _GoldenLoop(
+        trial=initial_step.astype(dtype),
+        a=zero,
+        value_a=value0,
+        b=zero,
+        value_b=value0,
+        slope_b=slope0.astype(dtype),
+        grad_b=grad0,
+        c=zero,
+        value_c=jnp.asarray(jnp.inf, dtype),
+        has_b=jnp.asarray(False),
+        has_c=jnp.asarray(False),
+        done=jnp.asarray(False),
+        evaluations=jnp.zeros([], jnp.int32),
+    )
+
+
+def _golden_ends(s: _GoldenLoop, x, value, better) -> _GoldenLoop:
+    """The bracket's ends ``a`` and ``c`` after a trial at ``x`` (``better``:
+    below the best value so far). No point below f(0) yet: ``x`` becomes the
+    right end (the step shrinks). A best point but no right end: the search grows
+    while it decreases. A full bracket: the golden-section update, where ``x``
+    lands relative to ``b`` deciding which end it replaces."""
+    sectioning = s.has_b & s.has_c
+    right_of_b = x > s.b
+    a = jnp.where(
+        sectioning,
+        jnp.where(better, jnp.where(right_of_b, s.b, s.a), jnp.where(right_of_b, s.a, x)),
+        jnp.where(s.has_b & better, s.b, s.a),
+    )
+    value_a = jnp.where(
+        sectioning,
+        jnp.where(
+            better,
+            jnp.where(right_of_b, s.value_b, s.value_a),
+            jnp.where(right_of_b, s.value_a, value),
+        ),
+        jnp.where(s.has_b & better, s.value_b, s.value_a),
+    )
+    c = jnp.where(
+        sectioning,
+        jnp.where(better, jnp.where(right_of_b, s.c, s.b), jnp.where(right_of_b, x, s.c)),
+        jnp.where(better, s.c, x),
+    )
+    value_c = jnp.where(
+        sectioning,
+        jnp.where(
+            better,
+            jnp.where(right_of_b, s.value_c, s.value_b),
+            jnp.where(right_of_b, value, s.value_c),
+        ),
+        jnp.where(better, s.value_c, value),
+    )
+    return s._replace(a=a, value_a=value_a, c=c, value_c=value_c, has_c=s.has_c | ~better)
+
+
+def _golden_next_trial(s: _GoldenLoop):
+    """The golden point of the larger sub-interval of a full bracket; else a
+    golden growth beyond ``b``, or a golden shrink of ``[a, c]``."""
+    a, b, c = s.a, s.b, s.c
+    golden_point = jnp.where((c - b) > (b - a), b + _GOLDEN * (c - b), b - _GOLDEN * (b - a))
+    return jnp.where(
+        s.has_b & s.has_c,
+        golden_point,
+        jnp.where(s.has_b, b + _GROW * (b - a), a + _GOLDEN * (c - a)),
+    )

@@ -48,7 +48,7 @@ from jax import lax
 
 from twophase import auxiliary as _aux
 from twophase import linesearch as _ls
-from twophase._checks import concrete
+from twophase._checks import as_open_unit, as_positive_finite, concrete, require_update_args
 from twophase.cg import (
     _resolve_linesearch,
     _scalar_dtype,
@@ -491,24 +491,6 @@ _LINESEARCHES: dict[str, Callable[[], _ls.LineSearch]] = {
 _INITIAL_STEP_RULES = ("unit", "quadratic")
 
 
-def _positive_finite(name: str, value: Any) -> float:
-    checked = concrete(value)
-    if (
-        isinstance(checked, bool)
-        or not isinstance(checked, (int, float))
-        or not (0 < checked < math.inf)
-    ):
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
-    return float(checked)
-
-
-def _open_unit(name: str, value: Any) -> float:
-    checked = concrete(value)
-    if isinstance(checked, bool) or not isinstance(checked, (int, float)) or not 0 < checked < 1:
-        raise ValueError(f"`{name}` must be in (0, 1), got {value!r}.")
-    return float(checked)
-
-
 def newton_cg(
     linesearch: str | _ls.LineSearch = "wolfe",
     *,
@@ -580,17 +562,14 @@ def newton_cg(
       forcing: ``"sqrt"``, ``"eisenstat_walker"`` or a constant in ``(0, 1)``
         (see :func:`forcing_term`).
       eta_max: largest forcing term, in ``(0, 1)``.
-      max_inner_iterations: cap on products per inner solve, an int ``>= 1``.
-        100 by default: on ``benchmarks/cg_suite.py --newton-cg`` a cap of 50
-        cost 1.28x scipy's products on the 1000-dimensional quadratic of
-        condition 1e4 (every solve truncated), 100 and 250 0.97x and 0.92x, and
-        no other problem changed.
+      max_inner_iterations: cap on products per inner solve, an int ``>= 1``
+        (how the default was chosen: ``benchmarks/RESULTS.md``, section 6).
       damping: initial ``lambda > 0``. It is an absolute shift of the Hessian's
         eigenvalues, so its right size depends on the objective's scale; the
         adaptation corrects it within a few iterations (a factor 3 down per
-        good step). Measured on ``benchmarks/cg_suite.py --newton-cg``: 1e-6
-        made the MLP problem 1.7x cheaper and the trigonometric one 1.2x dearer
-        than the default 1e-3; 0.1 the reverse, worse.
+        good step). The default 1e-3 is a compromise between the problems of
+        ``benchmarks/cg_suite.py --newton-cg`` (``benchmarks/RESULTS.md``,
+        section 6).
       min_damping: lower bound of ``lambda``, ``0 < min_damping <= damping``.
       max_damping: upper bound, ``>= damping``.
       preconditioner: ``None``; a pytree of positive scales ``P`` (an
@@ -602,10 +581,10 @@ def newton_cg(
         is computed beyond the (cached) gradient.
       initial_step: first trial step of the line search. ``"unit"``: the
         Newton step ``1``; ``"quadratic"`` (default, as scipy's Newton-CG):
-        ``min(1, 1.01 * 2 (f_{k-1} - f_k) / -<g_k, p_k>)``, which on the
-        Rosenbrock functions of ``tests/test_newton_cg.py`` halved the
-        line-search evaluations (long Newton steps across a curved valley) and
-        still tries ``1`` near a minimiser, where the ratio tends to 2.
+        ``min(1, 1.01 * 2 (f_{k-1} - f_k) / -<g_k, p_k>)``, which saves
+        line-search evaluations on long Newton steps across a curved valley
+        (``benchmarks/RESULTS.md``, section 6) and still tries ``1`` near a
+        minimiser, where the ratio tends to 2.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -631,16 +610,16 @@ def newton_cg(
             )
         forcing_rule: str | float = forcing
     else:
-        forcing_rule = _open_unit("forcing", forcing)
-    eta_cap = _open_unit("eta_max", eta_max)
+        forcing_rule = as_open_unit("forcing", forcing)
+    eta_cap = as_open_unit("eta_max", eta_max)
     inner_cap = concrete(max_inner_iterations)
     if not isinstance(inner_cap, int) or isinstance(inner_cap, bool) or inner_cap < 1:
         raise ValueError(
             f"`max_inner_iterations` must be an int >= 1, got {max_inner_iterations!r}."
         )
-    lam0 = _positive_finite("damping", damping)
-    lam_min = _positive_finite("min_damping", min_damping)
-    lam_max = _positive_finite("max_damping", max_damping)
+    lam0 = as_positive_finite("damping", damping)
+    lam_min = as_positive_finite("min_damping", min_damping)
+    lam_max = as_positive_finite("max_damping", max_damping)
     if not lam_min <= lam0 <= lam_max:
         raise ValueError(
             "`damping` must lie in [`min_damping`, `max_damping`], got "
@@ -700,18 +679,12 @@ def newton_cg(
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del extra_args
-        if value_fn is None:
-            raise TypeError(
-                "newton_cg.update requires the keyword argument `value_fn` "
-                "(params -> full-batch objective, a scalar)."
-            )
+        require_update_args("newton_cg", updates, params, value_fn)
         if curvature == "gauss_newton" and not isinstance(value_fn, GaussNewtonObjective):
             raise TypeError(
                 "newton_cg(curvature='gauss_newton') requires `value_fn` built by "
                 f"twophase.gauss_newton_objective(residual_fn), got {value_fn!r}."
             )
-        if params is None and jax.tree.leaves(updates):
-            raise TypeError("newton_cg.update requires `params`.")
         del updates
         dtype = state.value.dtype
         state = _aux.prepare_aux(state, value_fn, params)

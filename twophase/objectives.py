@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from twophase import auxiliary as _aux
+from twophase._checks import num_examples
 from twophase.auxiliary import _holds_masked, _is_masked
 
 __all__ = ["as_value_and_grad", "fill_masked", "full_batch", "with_weight_decay"]
@@ -101,31 +102,6 @@ def with_weight_decay(
         return fn(params, *args, **kwargs) + 0.5 * weight_decay * penalty
 
     return regularized
-
-
-def _num_examples(data: PyTree) -> int:
-    """The common leading size of ``data``'s leaves; ``ValueError`` naming ``data`` otherwise."""
-    leaves = jax.tree.leaves(data)
-    if not leaves:
-        raise ValueError("`data` must contain at least one array leaf, got an empty pytree.")
-    sizes = set()
-    for leaf in leaves:
-        shape = jnp.shape(leaf)
-        if len(shape) == 0:
-            raise ValueError(
-                "`data` leaves need a leading example axis, got a scalar leaf "
-                f"(shapes: {[jnp.shape(x) for x in leaves]})."
-            )
-        sizes.add(shape[0])
-    if len(sizes) != 1:
-        raise ValueError(
-            "`data` leaves must share the leading (example) size, got leading sizes "
-            f"{sorted(sizes)} (shapes: {[jnp.shape(x) for x in leaves]})."
-        )
-    (n,) = sizes
-    if n == 0:
-        raise ValueError("`data` is empty: its leaves have 0 examples.")
-    return n
 
 
 def _global_leaves(data: PyTree) -> list[str]:
@@ -295,7 +271,7 @@ def full_batch(
     """
     if not isinstance(has_aux, bool):
         raise ValueError(f"`has_aux` must be a bool, got {has_aux!r}.")
-    n = _num_examples(data)
+    n = num_examples("data", data)
     b = _chunk_size(batch_size, n)
     global_leaves = _global_leaves(data)
     num_chunks, rest = divmod(n, b)

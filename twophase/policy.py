@@ -24,7 +24,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from twophase import detectors as _det
-from twophase._checks import concrete
+from twophase._checks import (
+    check_budget,
+    check_fraction,
+    check_int,
+    check_positive,
+    concrete,
+    require_value,
+)
 
 __all__ = ["Policy", "SafeResortState", "configure", "from_detector", "safe_resort"]
 
@@ -131,35 +138,6 @@ class SafeResortState(NamedTuple):
     trial_spent: jax.Array
 
 
-def _check_fraction(name: str, value: Any, *, closed: bool = False) -> None:
-    checked = concrete(value)
-    if checked is None:
-        return
-    high_ok = checked <= 1 if closed else checked < 1
-    if (
-        isinstance(checked, bool)
-        or not isinstance(checked, (int, float))
-        or not (0 < checked and high_ok)
-    ):
-        raise ValueError(f"`{name}` must be in (0, 1{']' if closed else ')'}, got {value!r}.")
-
-
-def check_budget(budget: Any) -> None:
-    """ValueError unless ``budget`` is None or a positive finite number."""
-    checked = concrete(budget)
-    if budget is None or checked is None:
-        return
-    if (
-        isinstance(checked, bool)
-        or not isinstance(checked, (int, float))
-        or not 0 < checked < math.inf
-    ):
-        raise ValueError(
-            f"`budget` must be a positive finite number of epoch-equivalents or None, "
-            f"got {budget!r}."
-        )
-
-
 def _pace(log_losses: jax.Array, epochs: jax.Array, points: jax.Array) -> jax.Array:
     """Least-squares decrease per epoch of the last ``min(epochs, points)``
     entries of the ring ``log_losses``; 0 with fewer than 3."""
@@ -255,15 +233,15 @@ def safe_resort(
     Raises:
       ValueError: an argument out of its range (named in the message).
     """
-    _det._check_int("window", window, 1)
-    _det._check_int("history", history, 3)
-    _det._check_int("max_failures", max_failures, 1)
-    _det._check_int("min_steps", min_steps, 0)
+    check_int("window", window, 1)
+    check_int("history", history, 3)
+    check_int("max_failures", max_failures, 1)
+    check_int("min_steps", min_steps, 0)
     check_budget(budget)
     for name, value in (("first_trial", first_trial), ("judge", judge), ("explore", explore)):
-        _check_fraction(name, value)
-    _check_fraction("polish", polish, closed=True)
-    _det._check_positive("min_judge", min_judge)
+        check_fraction(name, value)
+    check_fraction("polish", polish, closed=True)
+    check_positive("min_judge", min_judge)
     checked_growth = concrete(growth)
     if checked_growth is not None and (
         isinstance(checked_growth, bool)
@@ -326,7 +304,7 @@ def safe_resort(
 
     def first(state, *, grad, grad_norm, value=None, step, params=None, value_fn=None):
         del grad, grad_norm, params, value_fn
-        _det._require_value(value, "safe_resort")
+        require_value(value, "safe_resort")
         # An injected `window` (an array under optax.inject_hyperparams) takes effect
         # at once; a static one was stored at init (or set by twophase.train).
         if isinstance(window, jax.Array):

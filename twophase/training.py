@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
-import operator
 import os
 import sys
 import time
@@ -35,6 +33,7 @@ import optax
 import optax.tree
 from jax import lax
 
+from twophase._checks import as_positive_int, as_positive_or_none, num_examples
 from twophase._control import run_if
 from twophase.info import Info
 from twophase.info import info as _info
@@ -87,51 +86,6 @@ def history_columns(history: list[Mapping[str, Any]]) -> dict[str, list[Any]]:
 
 # --------------------------------------------------------------------------- #
 # Argument checks.
-
-
-def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, bool):
-        try:
-            number = operator.index(value)
-        except TypeError:
-            number = None
-        if number is not None and number >= 1:
-            return number
-    expected = "a positive int" + (" or None" if allow_none else "")
-    raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
-
-
-def _positive_number(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"`{name}` must be a positive number or None, got {value!r}.")
-    return float(value)
-
-
-def _num_examples(name: str, data: PyTree) -> int:
-    leaves = jax.tree.leaves(data)
-    if not leaves:
-        raise ValueError(f"`{name}` must contain at least one array leaf, got {data!r}.")
-    shapes = [np.shape(x) for x in leaves]
-    if any(len(s) == 0 for s in shapes):
-        raise ValueError(f"`{name}` leaves need a leading example axis, got shapes {shapes}.")
-    sizes = {s[0] for s in shapes}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"`{name}` leaves must share the leading (example) size, got shapes {shapes}."
-        )
-    (n,) = sizes
-    if n == 0:
-        raise ValueError(f"`{name}` is empty: its leaves have 0 examples.")
-    return n
 
 
 def _with_extra_args(optimizer) -> optax.GradientTransformationExtraArgs:
@@ -438,158 +392,69 @@ def train(
         in the first phase only; the message says what to use instead);
         ``cost_budget`` different from the optimizer's own ``budget``.
     """
-    batch_size = _positive_int("batch_size", batch_size)
-    max_epochs = _positive_int("max_epochs", max_epochs)
-    cost_budget = _positive_number("cost_budget", cost_budget)
-    grad_tol = _positive_number("grad_tol", grad_tol)
-    full_batch_size = _positive_int("full_batch_size", full_batch_size, allow_none=True)
-    checkpoint_every = _positive_int("checkpoint_every", checkpoint_every, allow_none=True)
-    if checkpoint_every is not None and checkpoint_dir is None:
-        raise ValueError("`checkpoint_every` needs `checkpoint_dir`.")
-    if not isinstance(strict_budget, bool):
-        raise ValueError(f"`strict_budget` must be a bool, got {strict_budget!r}.")
-    if strict_budget and cost_budget is None:
-        raise ValueError("`strict_budget` needs `cost_budget`.")
-    n = _num_examples("data", data)
-    replicated = _replicated_sharding("data", data)
-    if val_data is not None:
-        _num_examples("val_data", val_data)
-        _replicated_sharding("val_data", val_data)
-    metrics = dict(metrics or {})
-    for name, fn in metrics.items():
-        if not isinstance(name, str) or not callable(fn):
-            raise ValueError(
-                f"`metrics` must map names to callables fn(params, batch), got {name!r}: {fn!r}."
-            )
-    if not callable(loss_fn):
-        raise ValueError(f"`loss_fn` must be callable, got {loss_fn!r}.")
-
-    batch = min(batch_size, n)
-    steps_per_epoch = n // batch
+    batch_size = as_positive_int("batch_size", batch_size)
+    max_epochs = as_positive_int("max_epochs", max_epochs)
+    cost_budget = as_positive_or_none("cost_budget", cost_budget)
+    grad_tol = as_positive_or_none("grad_tol", grad_tol)
+    full_batch_size = as_positive_int("full_batch_size", full_batch_size, allow_none=True)
+    checkpoint_every = as_positive_int("checkpoint_every", checkpoint_every, allow_none=True)
+    n, replicated = _check_other_arguments(
+        loss_fn,
+        data,
+        val_data,
+        metrics,
+        cost_budget,
+        strict_budget,
+        checkpoint_dir,
+        checkpoint_every,
+    )
     if replicated is None:  # global arrays (a multi-process run) are already placed
         data = jax.device_put(data)
         val_data = None if val_data is None else jax.device_put(val_data)
 
-    params = _place(params, replicated)
-    # Copies: the caller's buffers survive donation, and no two donated leaves share
-    # a buffer (an init may reuse one zeros array for several state fields).
-    opt_state = _with_extra_args(optimizer).init(params)
-    _check_not_chained(opt_state)
-    # The switching policy learns the budget and the epoch length from here.
-    opt_state = configure_policy(opt_state, budget=cost_budget, steps_per_epoch=steps_per_epoch)
-    opt_state = _place(opt_state, replicated)
-    mode = _optimizer_mode(opt_state)
-
+    batch = min(batch_size, n)
+    params, opt_state = _initial_state(optimizer, params, cost_budget, n // batch, replicated)
     config = _Config(
         loss_fn=loss_fn,
         optimizer=optimizer,
-        mode=mode,
+        mode=_optimizer_mode(opt_state),
         num_examples=n,
         batch=batch,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=n // batch,
         full_batch_size=full_batch_size,
-        metrics=tuple(metrics.items()),
+        metrics=tuple(dict(metrics or {}).items()),
     )
-    if donate and not strict_budget:
-        phase0_epoch_jit, phase1_step_jit = _phase0_epoch_donating, _phase1_step_donating
-    else:
-        phase0_epoch_jit, phase1_step_jit = _phase0_epoch, _phase1_step
-
-    # ---- state, possibly restored ------------------------------------------
+    donating = donate and not strict_budget
     key = _place(jax.random.PRNGKey(seed), replicated)
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if checkpoint_dir is not None:
-        from twophase import checkpoint as _checkpoint
-
-        if _checkpoint.latest_step(checkpoint_dir) is not None:
-            target = {
-                "params": params,
-                "opt_state": opt_state,
-                "key": key,
-                "epoch": _place(jnp.zeros([], jnp.int32), replicated),
-            }
-            _, restored = _checkpoint.restore_checkpoint(checkpoint_dir, target)
-            params, opt_state, key = restored["params"], restored["opt_state"], restored["key"]
-            start_epoch = int(restored["epoch"])
-            history = [r for r in _read_history(checkpoint_dir) if r["epoch"] <= start_epoch]
-
-    def diagnostics(opt_state):
-        if mode == _MINIBATCH:
-            return None
-        if mode == _SEVERAL:
-            return jax.device_get(_summed_info(opt_state))
-        return jax.device_get(_info(opt_state))
+    params, opt_state, key, start_epoch, history = _restore(
+        checkpoint_dir, params, opt_state, key, replicated
+    )
 
     cost = history[-1]["cost"] if history else 0.0
-    wall_offset = history[-1]["wall_seconds"] if history else 0.0
     saved_epoch = start_epoch if start_epoch else None
     # A resumed run that had already stopped does not continue.
     reason = _stop_reason(history[-1], cost_budget, grad_tol) if history else None
     stop_reason = reason or "max_epochs"
-
-    # With a budget the bar counts epoch-equivalents towards it (its real total).
-    bar = _progress_bar(
-        progress and jax.process_index() == 0,
-        max_epochs if cost_budget is None else cost_budget,
-        start_epoch if cost_budget is None else cost,
-        "epoch" if cost_budget is None else "epoch-equivalent",
-    )
-    started = time.perf_counter()
+    bar = _progress_bar(progress, max_epochs, cost_budget, start_epoch, cost)
+    # The wall clock goes on from the last restored record.
+    started = time.perf_counter() - (history[-1]["wall_seconds"] if history else 0.0)
     try:
         epoch = start_epoch
         while epoch < max_epochs and reason is None:
             epoch += 1
             kept = (params, opt_state, key)  # alive: not donated under strict_budget
-            before = diagnostics(opt_state)
-            phase = 1 if mode == _CG or (mode == _TWO_PHASE and int(before.phase) == 1) else 0
-            if phase == 0:
-                params, opt_state, key, done = phase0_epoch_jit(
-                    params, opt_state, key, data, config=config
-                )
-                steps = int(done)
-                epoch_cost = steps / steps_per_epoch
-            else:
-                params, opt_state = phase1_step_jit(params, opt_state, data, config=config)
-                steps, epoch_cost = 1, 0.0
-            after = diagnostics(opt_state)
-            if after is not None and after.cost is not None:
-                epoch_cost += float(after.cost) - float(before.cost)
-            if strict_budget and history and _exceeds(cost + epoch_cost, cost_budget):
+            params, opt_state, key, ran = _run_epoch(
+                params, opt_state, key, data, config=config, donating=donating
+            )
+            if strict_budget and history and _exceeds(cost + ran.cost, cost_budget):
                 params, opt_state, key = kept
                 epoch -= 1
                 stop_reason = reason = "cost_budget"
                 break
-            cost += epoch_cost
-            measured = jax.device_get(_evaluate(params, data, val_data, config=config))
-            measured = {k: float(v) for k, v in measured.items()}
-            record: dict[str, Any] = {
-                "epoch": epoch,
-                "phase": phase,
-                "steps": steps,
-                "train_loss": measured.pop("train_loss"),
-                "grad_norm": measured.pop("grad_norm"),
-                "grad_norm_stat": _maybe_float(after, "grad_norm_stat"),
-                "switch_step": _maybe_int(after, "switch_step"),
-                "epoch_cost": epoch_cost,
-                "cost": cost,
-                "wall_seconds": wall_offset + time.perf_counter() - started,
-                "skipped_steps": _maybe_int(after, "skipped_steps"),
-                "cg_iterations": _maybe_int(after, "cg_iterations"),
-                "linesearch_failures": _maybe_int(after, "linesearch_failures"),
-            }
-            record["nonfinite"] = not (
-                math.isfinite(record["train_loss"]) and math.isfinite(record["grad_norm"])
-            )
-            record.update(measured)
+            cost += ran.cost
+            record = _record(epoch, ran, cost, started, params, data, val_data, config)
             history.append(record)
-            bar.update(1 if cost_budget is None else epoch_cost)
-            bar.set_postfix(
-                phase=phase,
-                loss=f"{record['train_loss']:.4g}",
-                grad_norm=f"{record['grad_norm']:.3g}",
-                cost=f"{cost:.4g}",
-            )
+            _show(bar, record, 1 if cost_budget is None else ran.cost)
             reason = _stop_reason(record, cost_budget, grad_tol)
             stop_reason = reason or stop_reason
             if checkpoint_dir is not None and checkpoint_every and epoch % checkpoint_every == 0:
@@ -600,6 +465,146 @@ def train(
     finally:
         bar.close()
     return TrainResult(params, opt_state, history, stop_reason)
+
+
+# --------------------------------------------------------------------------- #
+# The stages of ``train``: checks, the initial (or restored) state, one epoch,
+# its history record.
+
+
+def _check_other_arguments(
+    loss_fn, data, val_data, metrics, cost_budget, strict_budget, checkpoint_dir, checkpoint_every
+):
+    """``(N, replicated sharding or None)`` of ``data``; ValueError naming the
+    first bad argument among the rest of :func:`train`'s (the numbers were
+    checked before)."""
+    if checkpoint_every is not None and checkpoint_dir is None:
+        raise ValueError("`checkpoint_every` needs `checkpoint_dir`.")
+    if not isinstance(strict_budget, bool):
+        raise ValueError(f"`strict_budget` must be a bool, got {strict_budget!r}.")
+    if strict_budget and cost_budget is None:
+        raise ValueError("`strict_budget` needs `cost_budget`.")
+    n = num_examples("data", data)
+    replicated = _replicated_sharding("data", data)
+    if val_data is not None:
+        num_examples("val_data", val_data)
+        _replicated_sharding("val_data", val_data)
+    for name, fn in dict(metrics or {}).items():
+        if not isinstance(name, str) or not callable(fn):
+            raise ValueError(
+                f"`metrics` must map names to callables fn(params, batch), got {name!r}: {fn!r}."
+            )
+    if not callable(loss_fn):
+        raise ValueError(f"`loss_fn` must be callable, got {loss_fn!r}.")
+    return n, replicated
+
+
+def _initial_state(optimizer, params, cost_budget, steps_per_epoch, replicated):
+    """Placed copies of ``params`` and of the optimizer's initial state (the
+    caller's buffers survive donation, and no two donated leaves share a buffer:
+    an init may reuse one zeros array for several state fields), with the
+    switching policy told the budget and the epoch length."""
+    params = _place(params, replicated)
+    opt_state = _with_extra_args(optimizer).init(params)
+    _check_not_chained(opt_state)
+    opt_state = configure_policy(opt_state, budget=cost_budget, steps_per_epoch=steps_per_epoch)
+    return params, _place(opt_state, replicated)
+
+
+def _restore(checkpoint_dir, params, opt_state, key, replicated):
+    """``(params, opt_state, key, start_epoch, history)``: as given with epoch 0
+    and no history, or from the latest checkpoint in ``checkpoint_dir``."""
+    if checkpoint_dir is None:
+        return params, opt_state, key, 0, []
+    from twophase import checkpoint as _checkpoint
+
+    if _checkpoint.latest_step(checkpoint_dir) is None:
+        return params, opt_state, key, 0, []
+    target = {
+        "params": params,
+        "opt_state": opt_state,
+        "key": key,
+        "epoch": _place(jnp.zeros([], jnp.int32), replicated),
+    }
+    _, restored = _checkpoint.restore_checkpoint(checkpoint_dir, target)
+    start_epoch = int(restored["epoch"])
+    history = [r for r in _read_history(checkpoint_dir) if r["epoch"] <= start_epoch]
+    return restored["params"], restored["opt_state"], restored["key"], start_epoch, history
+
+
+class _Epoch(NamedTuple):
+    """What one epoch did: its phase, ``update`` calls, cost in epoch-equivalents
+    and the optimizer's diagnostics after it (``None`` for a plain optimizer)."""
+
+    phase: int
+    steps: int
+    cost: float
+    diagnostics: Info | None
+
+
+def _diagnostics(mode: str, opt_state: PyTree) -> Info | None:
+    if mode == _MINIBATCH:
+        return None
+    if mode == _SEVERAL:
+        return jax.device_get(_summed_info(opt_state))
+    return jax.device_get(_info(opt_state))
+
+
+def _run_epoch(params, opt_state, key, data, *, config: _Config, donating: bool):
+    """One epoch in the phase the optimizer is in at its start."""
+    before = _diagnostics(config.mode, opt_state)
+    in_phase1 = config.mode == _CG or (config.mode == _TWO_PHASE and int(before.phase) == 1)
+    if in_phase1:
+        step = _phase1_step_donating if donating else _phase1_step
+        params, opt_state = step(params, opt_state, data, config=config)
+        steps, cost = 1, 0.0
+    else:
+        epoch = _phase0_epoch_donating if donating else _phase0_epoch
+        params, opt_state, key, done = epoch(params, opt_state, key, data, config=config)
+        steps = int(done)
+        cost = steps / config.steps_per_epoch
+    after = _diagnostics(config.mode, opt_state)
+    if after is not None and after.cost is not None:
+        cost += float(after.cost) - float(before.cost)
+    return params, opt_state, key, _Epoch(int(in_phase1), steps, cost, after)
+
+
+def _record(epoch, ran: _Epoch, cost, started, params, data, val_data, config):
+    """The history record of an epoch (see :func:`train`); its wall time runs
+    from ``started`` (a ``time.perf_counter`` reading) to after the monitoring."""
+    measured = jax.device_get(_evaluate(params, data, val_data, config=config))
+    measured = {k: float(v) for k, v in measured.items()}
+    after = ran.diagnostics
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "phase": ran.phase,
+        "steps": ran.steps,
+        "train_loss": measured.pop("train_loss"),
+        "grad_norm": measured.pop("grad_norm"),
+        "grad_norm_stat": _maybe_float(after, "grad_norm_stat"),
+        "switch_step": _maybe_int(after, "switch_step"),
+        "epoch_cost": ran.cost,
+        "cost": cost,
+        "wall_seconds": time.perf_counter() - started,
+        "skipped_steps": _maybe_int(after, "skipped_steps"),
+        "cg_iterations": _maybe_int(after, "cg_iterations"),
+        "linesearch_failures": _maybe_int(after, "linesearch_failures"),
+    }
+    record["nonfinite"] = not (
+        math.isfinite(record["train_loss"]) and math.isfinite(record["grad_norm"])
+    )
+    record.update(measured)
+    return record
+
+
+def _show(bar, record, advance: float) -> None:
+    bar.update(advance)
+    bar.set_postfix(
+        phase=record["phase"],
+        loss=f"{record['train_loss']:.4g}",
+        grad_norm=f"{record['grad_norm']:.3g}",
+        cost=f"{record['cost']:.4g}",
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -726,10 +731,11 @@ class _NoBar:
         pass
 
 
-def _progress_bar(progress: bool, total: float, initial: float, unit: str):
-    """A tqdm bar; in a log (stderr not a terminal) it redraws at most every 30 s,
-    so a long run writes a few lines, not thousands."""
-    if not progress:
+def _progress_bar(progress: bool, max_epochs, cost_budget, start_epoch, cost):
+    """A tqdm bar on process 0, counting epochs or, with a budget, epoch-equivalents
+    towards it (its real total); in a log (stderr not a terminal) it redraws at
+    most every 30 s, so a long run writes a few lines, not thousands."""
+    if not progress or jax.process_index() != 0:
         return _NoBar()
     try:
         from tqdm.auto import tqdm
@@ -737,10 +743,10 @@ def _progress_bar(progress: bool, total: float, initial: float, unit: str):
         return _NoBar()
     interactive = sys.stderr.isatty()
     return tqdm(
-        total=total,
-        initial=initial,
+        total=max_epochs if cost_budget is None else cost_budget,
+        initial=start_epoch if cost_budget is None else cost,
         desc="training",
-        unit=unit,
+        unit="epoch" if cost_budget is None else "epoch-equivalent",
         mininterval=0.1 if interactive else 30.0,
         bar_format=None if interactive else "{desc}: {n:.4g}/{total:.4g} {unit} {postfix}",
     )

@@ -39,38 +39,33 @@ class _CleanExit(Exception):
     """An expected error: printed as one line, exit code 2."""
 
 
+def _parsed(text: str, convert, ok, expected: str, *, echo_value: bool = True):
+    """``convert(text)`` if it converts and is ``ok``; else an argparse error
+    saying what was ``expected``."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        shown = value if echo_value else repr(text)
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {shown}")
+    return value
+
+
 def _switch(text: str) -> int | str:
     if text == "auto":
         return "auto"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected 'auto' or an epoch number >= 1, got {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or an epoch number >= 1, got {value}")
-    return value
+    return _parsed(text, int, lambda v: v >= 1, "'auto' or an epoch number >= 1")
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+    return _parsed(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    return _parsed(
+        text, float, lambda v: math.isfinite(v) and v > 0, "a positive number", echo_value=False
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

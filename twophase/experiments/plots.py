@@ -94,6 +94,45 @@ def _finish(fig, ax, title: str | None, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def _finite_loss_by_cost(history: History) -> tuple[list[float], list[float]]:
+    pairs = [
+        (r["cost"], r["train_loss"])
+        for r in history
+        if r["train_loss"] is not None and 0 < r["train_loss"] < float("inf")
+    ]
+    return [c for c, _ in pairs], [v for _, v in pairs]
+
+
+def _plot_runs(
+    histories, switch_epochs, points, switch_point, *, mark_start=False, cost_line=False
+):
+    """A figure with one curve per run, ``points(history) -> (xs, ys)`` (a run
+    with no point is left out), a star at each run's switch
+    (``switch_point(record) -> (x, y)``), and with ``mark_start`` a dot at the
+    first point, with ``cost_line`` a dotted vertical line at the switch."""
+    switch_epochs = dict(switch_epochs or {})
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    for i, (name, history) in enumerate(histories.items()):
+        style = _style(name, i)
+        x, y = points(history)
+        if not x:
+            continue
+        ax.plot(x, y, label=name, lw=1.6, marker="o", markersize=2.5, **style)
+        if mark_start:
+            ax.plot(
+                [x[0]], [y[0]], marker="o", markersize=6, color=style["color"], linestyle="none"
+            )
+        k = _switch_index(history, switch_epochs.get(name))
+        if k is not None:
+            record = history[k]
+            at = switch_point(record)
+            if cost_line:
+                ax.axvline(at[0], color=style["color"], lw=0.8, linestyle=":")
+            label = f"{name}: switch to CG\n(after epoch {record['epoch']})"
+            _mark_switch(ax, *at, label, style["color"])
+    return fig, ax
+
+
 def plot_grad_norm_vs_loss(
     histories: Mapping[str, History],
     path: str | os.PathLike,
@@ -109,25 +148,13 @@ def plot_grad_norm_vs_loss(
       switch_epochs: ``{run name: first CG epoch or None}``; marked with a star.
       title: optional title.
     """
-    switch_epochs = dict(switch_epochs or {})
-    fig, ax = plt.subplots(figsize=(7.5, 5.2))
-    for i, (name, history) in enumerate(histories.items()):
-        style = _style(name, i)
-        x, y = _positive([r["train_loss"] for r in history], [r["grad_norm"] for r in history])
-        if not x:
-            continue
-        ax.plot(x, y, label=name, lw=1.6, marker="o", markersize=2.5, **style)
-        ax.plot([x[0]], [y[0]], marker="o", markersize=6, color=style["color"], linestyle="none")
-        k = _switch_index(history, switch_epochs.get(name))
-        if k is not None:
-            record = history[k]
-            _mark_switch(
-                ax,
-                record["train_loss"],
-                record["grad_norm"],
-                f"{name}: switch to CG\n(after epoch {record['epoch']})",
-                style["color"],
-            )
+    fig, ax = _plot_runs(
+        histories,
+        switch_epochs,
+        lambda h: _positive([r["train_loss"] for r in h], [r["grad_norm"] for r in h]),
+        lambda record: (record["train_loss"], record["grad_norm"]),
+        mark_start=True,
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.invert_xaxis()
@@ -147,45 +174,16 @@ def plot_loss_vs_cost(
 
     The cost counts mini-batch epochs and every full-batch evaluation (line search included).
 
-    Args:
-      histories: ``{run name: train history}`` (records with ``cost``, ``train_loss``).
-      path: the PNG to write.
-      switch_epochs: ``{run name: first CG epoch or None}``; marked with a star.
-      title: optional title.
+    Args: as :func:`plot_grad_norm_vs_loss`'s, with records holding ``cost`` and
+    ``train_loss``.
     """
-    switch_epochs = dict(switch_epochs or {})
-    fig, ax = plt.subplots(figsize=(7.5, 5.2))
-    for i, (name, history) in enumerate(histories.items()):
-        style = _style(name, i)
-        cost = [r["cost"] for r in history]
-        loss = [r["train_loss"] for r in history]
-        pairs = [
-            (c, v)
-            for c, v in zip(cost, loss, strict=True)
-            if v is not None and 0 < v < float("inf")
-        ]
-        if not pairs:
-            continue
-        ax.plot(
-            [c for c, _ in pairs],
-            [v for _, v in pairs],
-            label=name,
-            lw=1.6,
-            marker="o",
-            markersize=2.5,
-            **style,
-        )
-        k = _switch_index(history, switch_epochs.get(name))
-        if k is not None:
-            record = history[k]
-            ax.axvline(record["cost"], color=style["color"], lw=0.8, linestyle=":")
-            _mark_switch(
-                ax,
-                record["cost"],
-                record["train_loss"],
-                f"{name}: switch to CG\n(after epoch {record['epoch']})",
-                style["color"],
-            )
+    fig, ax = _plot_runs(
+        histories,
+        switch_epochs,
+        _finite_loss_by_cost,
+        lambda record: (record["cost"], record["train_loss"]),
+        cost_line=True,
+    )
     ax.set_yscale("log")
     ax.set_xlabel("cost (epoch-equivalents: mini-batch epochs + full-batch evaluations)")
     ax.set_ylabel("training loss (full batch)")
