@@ -238,7 +238,7 @@ def tables(reports: list[dict]) -> tuple[str, str]:
                 _r(rep["results"]["new default (L-BFGS)"]["loss"] / adam["loss"])
                 if "new default (L-BFGS)" in rep["results"]
                 else "-",
-                f"{capture:.2f}",
+                "-" if math.isnan(capture) else f"{capture:.2f}",
             ]
         )
     header = [
