@@ -28,7 +28,8 @@ to capture), must be at least 0.5; no harm: every new-default ratio at most 1.03
 Usage::
 
     python benchmarks/policy.py [--budgets 100 300] [--problems NAME ...] [--splits N]
-        [--sweep-budget B] [--lbfgs] [--save FILE.jsonl] [--report FILE.jsonl ...]
+        [--sweep-budget B] [--lbfgs] [--default-only] [--save FILE.jsonl]
+        [--report FILE.jsonl ...]
 """
 
 from __future__ import annotations
@@ -131,14 +132,26 @@ def methods(
     return chosen
 
 
-def evaluate(problem, budget: int, n_splits: int, lr: float | None, lbfgs: bool) -> dict:
-    """All methods on one problem at one budget; ``lr=None`` sweeps the problem's rates."""
+def evaluate(
+    problem, budget: int, n_splits: int, lr: float | None, lbfgs: bool, default_only: bool = False
+) -> dict:
+    """All methods on one problem at one budget; ``lr=None`` sweeps the problem's rates;
+    ``default_only``: Adam and the new default only."""
     start = time.perf_counter()
     spe = problem.steps_per_epoch
     rates = problem.learning_rates if lr is None else (lr,)
     adam = {rate: run(problem, optax.adam(rate), budget) for rate in rates}
     lr = min(adam, key=lambda k: adam[k]["loss"])
     results = {"adam": adam[lr]}
+    if default_only:
+        results["new default"] = run(problem, tp.adam_cg(lr, window=spe), budget)
+        return {
+            "problem": problem.name,
+            "budget": budget,
+            "lr": lr,
+            "results": results,
+            "seconds": time.perf_counter() - start,
+        }
     splits = {
         k: run(problem, tp.adam_cg(lr, window=spe, detector=tp.switch_at(k * spe)), budget)
         for k in split_epochs(budget, n_splits)
@@ -176,11 +189,14 @@ def tables(reports: list[dict]) -> tuple[str, str]:
     for rep in reports:
         adam = rep["results"]["adam"]
         adam_wall = adam["walls"][-1]
-        best_key = next(k for k in rep["results"] if k.startswith("best split ("))
+        best_key = next((k for k in rep["results"] if k.startswith("best split (")), "-")
         best_ratio = min(
-            rep["results"][k]["loss"] / adam["loss"]
-            for k in rep["results"]
-            if k.startswith("best split")
+            (
+                rep["results"][k]["loss"] / adam["loss"]
+                for k in rep["results"]
+                if k.startswith("best split")
+            ),
+            default=math.nan,
         )
         for name, res in rep["results"].items():
             ratio = res["loss"] / adam["loss"]
@@ -200,9 +216,12 @@ def tables(reports: list[dict]) -> tuple[str, str]:
             )
         new = rep["results"]["new default"]["loss"] / adam["loss"]
         harms.append(new)
-        log_new.append(math.log(new))
-        log_best.append(math.log(min(best_ratio, 1.0)))
-        capture = 1.0 if best_ratio >= 1 else min(math.log(new) / math.log(best_ratio), 1.0)
+        if math.isnan(best_ratio):  # --default-only: no split to compare with
+            capture = math.nan
+        else:
+            log_new.append(math.log(new))
+            log_best.append(math.log(min(best_ratio, 1.0)))
+            capture = 1.0 if best_ratio >= 1 else min(math.log(new) / math.log(best_ratio), 1.0)
         # A default below the best split captures everything (clipped at 1); a loss gives < 0.
         captures.append(capture)
         summary.append(
@@ -210,14 +229,16 @@ def tables(reports: list[dict]) -> tuple[str, str]:
                 rep["problem"],
                 rep["budget"],
                 best_key,
-                _r(best_ratio),
-                _r(rep["results"]["paper rule"]["loss"] / adam["loss"]),
-                _r(rep["results"]["old default"]["loss"] / adam["loss"]),
+                _r(best_ratio) if not math.isnan(best_ratio) else "-",
+                *(
+                    _r(rep["results"][k]["loss"] / adam["loss"]) if k in rep["results"] else "-"
+                    for k in ("paper rule", "old default")
+                ),
                 _r(new),
                 _r(rep["results"]["new default (L-BFGS)"]["loss"] / adam["loss"])
                 if "new default (L-BFGS)" in rep["results"]
                 else "-",
-                f"{capture:.2f}",
+                "-" if math.isnan(capture) else f"{capture:.2f}",
             ]
         )
     header = [
@@ -243,15 +264,18 @@ def tables(reports: list[dict]) -> tuple[str, str]:
         "new default L-BFGS",
         "log-gain captured",
     ]
+    captures = [c for c in captures if not math.isnan(c)]
     mean_capture = float(np.mean(captures)) if captures else float("nan")
     # In geometric mean over the pairs: log(geomean new / Adam) / log(geomean best / Adam).
     pooled = sum(log_new) / sum(log_best) if sum(log_best) < 0 else float("nan")
+    geo_new = math.exp(np.mean(log_new)) if log_new else math.nan
+    geo_best = math.exp(np.mean(log_best)) if log_best else math.nan
     text = markdown_table(summary_header, summary)
     text += (
         f"\n\nNo harm (new default <= 1.03x Adam on every pair): "
         f"{'met' if max(harms) <= 1.03 else 'MISSED'} (worst {max(harms):.3f}). "
         f"Log-gain captured in geometric mean: {pooled:.2f} (target >= 0.5; geometric means "
-        f"{math.exp(np.mean(log_new)):.3f}x new default, {math.exp(np.mean(log_best)):.3f}x "
+        f"{geo_new:.3f}x new default, {geo_best:.3f}x "
         f"best split); mean of the per-pair captures {mean_capture:.2f}."
     )
     return text, full
@@ -270,6 +294,11 @@ def main(argv=None) -> None:
         "at every budget (default: sweep at every budget)",
     )
     parser.add_argument("--lbfgs", action="store_true", help="also adam_lbfgs's default")
+    parser.add_argument(
+        "--default-only",
+        action="store_true",
+        help="run Adam and the new default only (no splits, paper rule, old default)",
+    )
     parser.add_argument("--save", default=None, help="append each report as a JSON line here")
     parser.add_argument(
         "--report", nargs="+", default=None, help="only print the tables of saved JSON lines"
@@ -296,7 +325,14 @@ def main(argv=None) -> None:
     reports = []
     for budget in args.budgets:
         for problem in chosen:
-            rep = evaluate(problem, budget, args.splits, rates.get(problem.name), args.lbfgs)
+            rep = evaluate(
+                problem,
+                budget,
+                args.splits,
+                rates.get(problem.name),
+                args.lbfgs,
+                args.default_only,
+            )
             reports.append(rep)
             print(f"# {problem.name} budget {budget}: {rep['seconds']:.0f} s", flush=True)
             if args.save:

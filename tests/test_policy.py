@@ -255,3 +255,75 @@ def test_configure_leaves_other_states_alone():
     configured = configure(tp.adam_cg(1e-2).init(PARAMS), budget=None, steps_per_epoch=3)
     assert float(configured.detector_state.budget) == 0.0  # unknown
     assert float(configured.detector_state.epoch_steps) == 3.0
+
+
+def _judging(budget=1000.0, trial_start=200.0, adam_pace=0.01, epochs=40):
+    """safe_resort's state inside a trial: the switch at ``trial_start`` with the
+    switch point's loss 1 (log 0), Adam's pace frozen at ``adam_pace``."""
+    policy = safe_resort(STEPS, budget=budget)
+    state = policy.init(PARAMS)._replace(
+        cost=jnp.float32(trial_start),
+        epochs=jnp.int32(epochs),
+        adam_pace=jnp.float32(adam_pace),
+        trial_start=jnp.float32(trial_start),
+        segment_cost=jnp.float32(trial_start),
+        reference_cost=jnp.float32(trial_start),
+        reference_log_value=jnp.float32(0.0),
+        trials=jnp.int32(1),
+        wait=jnp.float32(8.0),
+    )
+    return policy, state
+
+
+def _trial(policy, state, log_values, cost=10.0):
+    """Feeds the trial steps of ``cost`` each with losses ``exp(log_values)``."""
+    backs = []
+    for v in log_values:
+        state, back = policy.second(
+            state,
+            value=jnp.exp(jnp.float32(v)),
+            cost=jnp.float32(cost),
+            failures=jnp.int32(0),
+            finite=jnp.bool_(True),
+            params=PARAMS,
+        )
+        backs.append(bool(back))
+    return state, backs
+
+
+def test_a_trial_is_judged_on_its_total_gain_since_the_switch():
+    # Segments of 0.05 * 200 = 10. At Adam's pace 0.01 per epoch-equivalent a slow
+    # second segment (0.05 against Adam's 0.1) stays while the total is ahead
+    # (0.55 in 20 against 0.2): early-basin trials pass such segments.
+    policy, state = _judging(adam_pace=0.01)
+    _, backs = _trial(policy, state, [-0.5, -0.55, -0.6])
+    assert backs == [False, False, False]
+    # At 0.03 the total falls behind at the second judgement (0.55 < 0.6).
+    policy, state = _judging(adam_pace=0.03)
+    _, backs = _trial(policy, state, [-0.5, -0.55])
+    assert backs == [False, True]
+
+
+def test_polish_is_judged_on_a_reliable_pace_and_the_final_polish_is_not():
+    # At 900 of 1000 a segment is 0.05 * 100 = 5. A polish slower than Adam returns
+    # when Adam's pace rests on >= 16 epochs, and the next polish is the final one.
+    policy, state = _judging(trial_start=900.0, adam_pace=0.01, epochs=40)
+    state, backs = _trial(policy, state, [-0.01], cost=6.0)
+    assert backs == [True]
+    rearmed = policy.rearm(state, PARAMS)
+    assert float(rearmed.polish_after) == 1000.0 - 5.0  # max(2 * min_judge, 0.5%) left
+    # On a pace of 5 epochs the polish stays (the late polish of small budgets).
+    policy, state = _judging(trial_start=900.0, adam_pace=0.01, epochs=5)
+    _, backs = _trial(policy, state, [-0.01], cost=6.0)
+    assert backs == [False]
+    # The final polish runs to the end whatever its pace.
+    policy, state = _judging(trial_start=995.0, adam_pace=0.01, epochs=40)
+    _, backs = _trial(policy, state, [-0.001, -0.002], cost=2.0)
+    assert backs == [False, False]
+
+
+def test_a_final_polish_that_fails_is_not_retried():
+    policy, state = _judging(trial_start=995.0, epochs=40)
+    state = state._replace(cost=jnp.float32(997.0))
+    rearmed = policy.rearm(state, PARAMS)
+    assert float(rearmed.polish_after) > 1000.0

@@ -167,7 +167,7 @@ def safe_resort(
     min_judge: float = 2.0,
     growth: float = 2.0,
     explore: float = 0.03,
-    history: int = 8,
+    history: int = 32,
     max_failures: int = 2,
     min_steps: int = 0,
 ) -> Policy:
@@ -180,26 +180,37 @@ def safe_resort(
     * **Adam's pace**: the least-squares decrease of the log of each epoch's
       mean mini-batch loss (``value``, required) per epoch, over the last
       ``min(history, 5% of the budget)`` epochs (at least 3) since Adam last
-      took over. No trial starts before it is defined (a trial compared with
-      an undefined pace is never returned from; ``SWITCHING.md``).
+      took over (over 8 epochs the noise of the epoch means swamped a slow
+      Adam's pace on mnist5k: it was measured negative at 90% of the budget).
+      No trial starts before it is defined (a trial compared with an
+      undefined pace is never returned from; ``SWITCHING.md``).
     * **Trials**: at the end of an epoch, once the cost reaches ``next_trial``.
       The first may start at ``first_trial`` of the budget (after 3 epochs
       without one); after each return the wait doubles (``growth``).
     * **Judging a trial**: every ``max(min_judge, judge * cost at the
-      switch)`` epoch-equivalents the trial's gain, the decrease of
+      switch)`` epoch-equivalents (``judge`` of the cost left, for a switch in
+      the last half of a known budget) the trial's gain, the decrease of
       ``log(value - floor)`` (``value`` at the accepted point, full batch)
       since the switch point (whose loss is estimated from Adam's last epoch),
       is compared with what Adam would have gained in the same cost at its
       pace frozen at the switch. A trial that is behind returns to Adam, whose
       moments were kept: a return costs nothing. A trial that is ahead goes on,
-      until its slowing pace lets the extrapolated Adam catch up.
+      until its slowing pace lets the extrapolated Adam catch up. (Judging the
+      last segment as well lost teacher-student-small's early basin: its
+      trial passes slow segments on the way down.)
     * **Failures**: a non-finite step ends a trial; so do ``max_failures``
       consecutive failed iterations while the trial is behind (ahead, they
       are taken as convergence to float resolution, and the phase stays).
     * **Late polish** (budget known): from ``polish`` of the budget the second
-      phase runs to the end (only failures return), because measured at equal
-      cost a final full-batch polish paid off wherever Adam had slowed
-      (``benchmarks/RESULTS.md``).
+      phase is tried whatever ``explore`` allows, and runs to the end (only
+      failures return), because measured at equal cost a final full-batch
+      polish paid off wherever Adam had slowed (``benchmarks/RESULTS.md``);
+      but where Adam's pace rests on at least ``history // 2`` epochs (budgets
+      of 320 and more at the default) the polish is judged like a trial, and
+      after a return the *final polish*, the last ``max(2 * min_judge, 0.5%
+      of the budget)``, runs unjudged (its first iterations remove the
+      mini-batch noise Adam leaves; on mnist5k the unjudged polish from 90%
+      lost 6% to Adam).
     * **Room**: no switch once less than ``min_judge`` of a known budget is
       left.
 
@@ -261,6 +272,16 @@ def safe_resort(
         excess = jnp.asarray(x, f32) - jnp.asarray(floor, f32)
         return jnp.log(jnp.maximum(excess, jnp.finfo(f32).tiny))
 
+    def pace_points(total):
+        # Epochs of Adam's pace: 5% of a known budget, within [3, history].
+        return jnp.where(total > 0, jnp.clip(jnp.floor(0.05 * total), 3, history), history).astype(
+            jnp.int32
+        )
+
+    def final_reserve(total):
+        # The final polish: the last `2 * min_judge` epoch-equivalents, at least 0.5%.
+        return jnp.maximum(2.0 * min_judge, 0.005 * total)
+
     def init(params):
         del params
         zero = jnp.zeros([], f32)
@@ -290,10 +311,7 @@ def safe_resort(
         mean_log = log_excess(state.loss_sum / state.loss_count)
         log_losses = state.log_losses.at[jnp.mod(state.epochs, history)].set(mean_log)
         epochs = state.epochs + 1
-        points = jnp.where(
-            state.budget > 0, jnp.clip(jnp.floor(0.05 * state.budget), 3, history), history
-        ).astype(jnp.int32)
-        pace = _pace(log_losses, epochs, points)
+        pace = _pace(log_losses, epochs, pace_points(state.budget))
         return state._replace(
             loss_sum=jnp.zeros([], f32),
             loss_count=jnp.zeros([], f32),
@@ -360,19 +378,32 @@ def safe_resort(
         del params
         cost_now = state.cost + jnp.asarray(cost, f32)
         log_value = log_excess(value)
+        known = state.budget > 0
         started = state.segment_cost >= 0
         # Until the reference point is known, this step's point becomes it.
         reference_cost = jnp.where(started, state.reference_cost, cost_now)
         reference_log = jnp.where(started, state.reference_log_value, log_value)
-        length = jnp.maximum(min_judge, judge * state.trial_start)
+        # A segment is `judge` of the cost at the start (of the cost left, for a trial
+        # that starts in the last half of a known budget: the late polish).
+        horizon = jnp.where(
+            known,
+            jnp.minimum(state.trial_start, state.budget - state.trial_start),
+            state.trial_start,
+        )
+        length = jnp.maximum(min_judge, judge * horizon)
         judged = started & (cost_now - state.segment_cost >= length)
         spent = cost_now - reference_cost
         pace = (reference_log - log_value) / jnp.maximum(spent, 1e-12)
         # Behind: the trial has gained less since its reference point than Adam
         # would have at its pace from the switch.
         behind = ~(reference_log - log_value >= state.adam_pace * spent)
-        polishing = (state.budget > 0) & (cost_now >= polish * state.budget)
-        loses = judged & behind & ~polishing
+        polishing = known & (cost_now >= polish * state.budget)
+        final = known & (state.trial_start >= state.budget - final_reserve(state.budget))
+        # A polish is judged only on a pace measured over at least half of `history`
+        # epochs: over fewer, the noise of the epoch means swamps a slow Adam's pace.
+        reliable = jnp.minimum(state.epochs, pace_points(state.budget)) >= history // 2
+        exempt = final | (polishing & ~reliable)
+        loses = judged & behind & ~exempt
         # Failures of a trial that is ahead are taken as convergence: it stays.
         failed = ~finite | ~jnp.isfinite(log_value) | ((failures >= max_failures) & behind)
         back = loses | failed
@@ -389,8 +420,12 @@ def safe_resort(
     def rearm(state, params):
         del params
         in_polish = (state.budget > 0) & (state.cost >= polish * state.budget)
+        # After a polish returned, the next one is the final polish (or none once
+        # that failed).
+        final_start = state.budget - final_reserve(state.budget)
+        after = jnp.where(state.cost < final_start, final_start, state.cost + state.wait)
         return state._replace(
-            polish_after=jnp.where(in_polish, state.cost + state.wait, state.polish_after),
+            polish_after=jnp.where(in_polish, after, state.polish_after),
             trial_spent=state.trial_spent + state.cost - state.trial_start,
             loss_sum=jnp.zeros([], f32),
             loss_count=jnp.zeros([], f32),
