@@ -26,10 +26,12 @@ separately); the loss terms logged along the way are not counted.
 
 Methods (``METHODS``: one ``(name, make, split)`` line each; ``make(hyperparams)`` returns
 the optimizer): Adam over a learning-rate grid (the best final loss is reported, and its
-learning rate is used by every two-phase method); L-BFGS alone; Adam->L-BFGS, Adam->CG
-(plain and preconditioned by Adam's second moments) and Adam->Newton-CG
-(``tp.adam_newton_cg``, ``tp.newton_cg`` defaults) with the anchor's fixed switch after 1/41,
-11/41 and 31/41 of the budget (its 1k, 11k, 31k of 41k iterations); Adam->L-BFGS->Newton-CG,
+learning rate is used by every two-phase method); L-BFGS alone; Adam->L-BFGS; Adam->CG and
+Adam->Newton-CG (``tp.adam_newton_cg``, ``tp.newton_cg`` defaults), plain and preconditioned
+by Adam's second moments (``precondition=True``), and Newton-CG on the Gauss-Newton matrix
+of the loss's residuals ("GN": ``curvature="gauss_newton"``, given
+``pinn.make_gauss_newton_loss`` as its objective); all with the anchor's fixed switch after
+1/41, 11/41 and 31/41 of the budget (its 1k, 11k, 31k of 41k iterations); Adam->L-BFGS->Newton-CG,
 switching to L-BFGS at the same points and to Newton-CG after L-BFGS has had half of the
 steps left (``LBFGS_SHARE``); and the default switching policy of ``tp.adam_cg(lr)`` /
 ``tp.adam_lbfgs(lr)`` / ``tp.adam_newton_cg(lr)`` told the budget (``window=1``: one Adam
@@ -95,6 +97,7 @@ class Method(NamedTuple):
     name: str
     make: Callable[[Hyperparams], optax.GradientTransformation]
     split: int | None = None
+    gauss_newton: bool = False  # give it pinn.make_gauss_newton_loss as value_fn
 
 
 SPLITS = (1, 11, 31)  # the anchor's switch after 1k, 11k, 31k of 41k iterations
@@ -131,6 +134,14 @@ def adam_newton_cg_at(h: Hyperparams) -> optax.GradientTransformation:
     return tp.adam_newton_cg(h["lr"], detector=tp.switch_at(h["switch"]))
 
 
+def adam_newton_cg_precond_at(h: Hyperparams) -> optax.GradientTransformation:
+    return tp.adam_newton_cg(h["lr"], detector=tp.switch_at(h["switch"]), precondition=True)
+
+
+def adam_newton_cg_gn_at(h: Hyperparams) -> optax.GradientTransformation:
+    return tp.adam_newton_cg(h["lr"], detector=tp.switch_at(h["switch"]), curvature="gauss_newton")
+
+
 def newton_cg_step(budget: float, j: int) -> int:
     """The first Newton-CG step of the Adam->L-BFGS->Newton-CG chain switching to L-BFGS
     after ``j / 41`` of the budget: L-BFGS gets half of the steps left (a step count: an
@@ -147,6 +158,14 @@ def adam_lbfgs_newton_cg_at(h: Hyperparams) -> optax.GradientTransformation:
         h["lr"], memory_size=LBFGS_MEMORY, detector=tp.switch_at(h["switch"])
     )
     return tp.two_phase(adam_then_lbfgs, tp.newton_cg(), tp.switch_at(h["switch2"]))
+
+
+def adam_lbfgs_newton_cg_gn_at(h: Hyperparams) -> optax.GradientTransformation:
+    adam_then_lbfgs = tp.adam_lbfgs(
+        h["lr"], memory_size=LBFGS_MEMORY, detector=tp.switch_at(h["switch"])
+    )
+    second = tp.newton_cg(curvature="gauss_newton")
+    return tp.two_phase(adam_then_lbfgs, second, tp.switch_at(h["switch2"]))
 
 
 def adam_lbfgs_default(h: Hyperparams) -> optax.GradientTransformation:
@@ -168,7 +187,18 @@ METHODS: list[Method] = [
     *[Method(f"Adam->CG {j}/41", adam_cg_at, j) for j in SPLITS],
     *[Method(f"Adam->CG precond {j}/41", adam_cg_precond_at, j) for j in SPLITS],
     *[Method(f"Adam->Newton-CG {j}/41", adam_newton_cg_at, j) for j in SPLITS],
+    *[Method(f"Adam->Newton-CG precond {j}/41", adam_newton_cg_precond_at, j) for j in SPLITS],
     *[Method(f"Adam->L-BFGS->Newton-CG {j}/41", adam_lbfgs_newton_cg_at, j) for j in SPLITS],
+    *[
+        Method(f"Adam->Newton-CG GN {j}/41", adam_newton_cg_gn_at, j, gauss_newton=True)
+        for j in SPLITS
+    ],
+    *[
+        Method(
+            f"Adam->L-BFGS->Newton-CG GN {j}/41", adam_lbfgs_newton_cg_gn_at, j, gauss_newton=True
+        )
+        for j in SPLITS
+    ],
     Method("tp.adam_lbfgs default", adam_lbfgs_default),
     Method("tp.adam_cg default", adam_cg_default),
     Method("tp.adam_newton_cg default", adam_newton_cg_default),
@@ -294,8 +324,18 @@ def grid_residual(params, problem, points, grid) -> float:
     return float(pinn.loss_terms(params, problem, dense)[1]["residual"])
 
 
-def run_one(problem, loss_fn, points, grid, params, make, h, budget, log_points) -> dict:
-    log = pinn.train(loss_fn, params, make, budget=budget, log_points=log_points, hyperparams=h)
+def run_one(
+    problem, loss_fn, points, grid, params, make, h, budget, log_points, value_fn=None
+) -> dict:
+    log = pinn.train(
+        loss_fn,
+        params,
+        make,
+        budget=budget,
+        log_points=log_points,
+        hyperparams=h,
+        value_fn=value_fn,
+    )
     return {
         "grid_residual": grid_residual(log.params, problem, points, grid),
         "loss": float(log.loss[-1]),
@@ -338,6 +378,7 @@ def main() -> None:
         )
         grid = pinn.evaluation_grid(problem, n_x, n_t, dtype=dtype)
         loss_fn = pinn.make_loss(problem, points)
+        gauss_newton_loss = pinn.make_gauss_newton_loss(problem, points)
         params = pinn.init_mlp(jax.random.PRNGKey(args.seed), widths, dtype=dtype)
         rows: dict[str, dict] = {}
         adam_runs = {}
@@ -370,6 +411,7 @@ def main() -> None:
                 },
                 s["budget"],
                 args.log_points,
+                gauss_newton_loss if method.gauss_newton else None,
             )
             r = rows[method.name]
             summary = (

@@ -60,11 +60,13 @@ __all__ = [
     "evaluation_grid",
     "init_mlp",
     "loss_terms",
+    "make_gauss_newton_loss",
     "make_loss",
     "make_problem",
     "mlp",
     "pde_residual",
     "relative_l2_error",
+    "residuals",
     "train",
 ]
 
@@ -342,6 +344,20 @@ def loss_terms(
     Raises:
       ValueError: collocation arrays of mismatched sizes (the message names them).
     """
+    terms = {
+        name: jnp.mean(jnp.square(r)) for name, r in residuals(params, problem, points).items()
+    }
+    return sum(terms.values()), terms
+
+
+def residuals(params: Params, problem: Problem, points: Collocation) -> dict[str, jax.Array]:
+    """The residual vectors whose mean squares are :func:`loss_terms`' terms: ``"residual"``
+    (the PDE at ``points.residual``), ``"initial"``, ``"boundary"`` (and
+    ``"initial_velocity"`` for wave), each a 1-d array.
+
+    Raises:
+      ValueError: collocation arrays of mismatched sizes (the message names them).
+    """
     _check_points(points)
     u = lambda x, t: mlp(params, x, t)
     residual = jax.vmap(lambda p: pde_residual(problem, u, p[0], p[1]))(points.residual)
@@ -349,15 +365,28 @@ def loss_terms(
     lower = _predict(params, points.boundary_lower)
     upper = _predict(params, points.boundary_upper)
     boundary = lower - upper if problem.periodic else jnp.concatenate([lower, upper])
-    terms = {
-        "residual": jnp.mean(jnp.square(residual)),
-        "initial": jnp.mean(jnp.square(initial)),
-        "boundary": jnp.mean(jnp.square(boundary)),
-    }
+    found = {"residual": residual, "initial": initial, "boundary": boundary}
     if problem.initial_velocity:
-        velocity = jax.vmap(lambda p: jax.grad(u, argnums=1)(p[0], p[1]))(points.initial)
-        terms["initial_velocity"] = jnp.mean(jnp.square(velocity))
-    return sum(terms.values()), terms
+        found["initial_velocity"] = jax.vmap(lambda p: jax.grad(u, argnums=1)(p[0], p[1]))(
+            points.initial
+        )
+    return found
+
+
+def make_gauss_newton_loss(problem: Problem, points: Collocation) -> tp.GaussNewtonObjective:
+    """The total loss of :func:`loss_terms` as a :func:`twophase.gauss_newton_objective`
+    (``0.5 * sum`` of the residuals scaled by ``sqrt(2 / n)`` for a term of ``n`` entries, so
+    that each term is its mean square), the ``value_fn`` for ``twophase.newton_cg(
+    curvature="gauss_newton")``: Gauss-Newton products ``J^T J v`` of these residuals."""
+    _check_points(points)
+
+    def scaled(params):
+        return {
+            name: r * math.sqrt(2.0 / r.shape[0])
+            for name, r in residuals(params, problem, points).items()
+        }
+
+    return tp.gauss_newton_objective(scaled, reduction="half_sum")
 
 
 def make_loss(
@@ -587,6 +616,7 @@ def train(
     budget: float,
     log_points: int = 50,
     hyperparams: Any = None,
+    value_fn: Callable[[Params], jax.Array] | None = None,
 ) -> TrainLog:
     """Full-batch training of ``params`` at a strict budget of ``budget`` evaluations.
 
@@ -626,6 +656,9 @@ def train(
       budget: evaluation-equivalents allowed, a finite number ``>= 1``.
       log_points: how many times to log along the way (plus the start).
       hyperparams: ``None``, or the arguments of ``optimizer``.
+      value_fn: the objective the optimizer is given (``params -> scalar``), the same
+        function as ``loss_fn``'s total in another form, e.g. :func:`make_gauss_newton_loss`
+        for ``newton_cg(curvature="gauss_newton")``; ``None``: ``loss_fn``'s total.
 
     Returns:
       A :class:`TrainLog`.
@@ -653,11 +686,14 @@ def train(
         params, state, zero, zero, zero, jnp.zeros([], bool), jnp.full([], -1.0, jnp.float32)
     )
     args = (carry, fzero, fzero, hyperparams)
-    key = (loss_fn, optimizer, kind, _signature(args))
+    if value_fn is not None and not callable(value_fn):
+        raise ValueError(f"`value_fn` must be callable or None, got {value_fn!r}.")
+    key = (loss_fn, value_fn, optimizer, kind, _signature(args))
     compile_seconds = 0.0
     if key not in _COMPILED:
         started = time.perf_counter()
-        _COMPILED[key] = jax.jit(_advance_fn(loss_fn, make, kind)).lower(*args).compile()
+        advance = _advance_fn(loss_fn, make, kind, value_fn)
+        _COMPILED[key] = jax.jit(advance).lower(*args).compile()
         compile_seconds = time.perf_counter() - started
     compiled = _COMPILED[key]
     measure = jax.jit(loss_fn)
@@ -735,10 +771,11 @@ def _signature(tree: Any) -> Any:
     return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
 
 
-def _advance_fn(loss_fn, make, kind: str):
+def _advance_fn(loss_fn, make, kind: str, value_fn=None):
     """``(carry, target, budget, hyperparams) -> carry``: steps until the cost reaches
     ``target``, a step would exceed ``budget`` (discarded; ``done``) or ``4 * budget`` steps."""
-    value_fn = lambda p: loss_fn(p)[0]
+    if value_fn is None:
+        value_fn = lambda p: loss_fn(p)[0]
 
     def advance(carry, target, budget, hyperparams):
         step = _step_fn(value_fn, make(hyperparams), kind)
