@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -324,3 +325,23 @@ def test_train_rejects_a_non_finite_budget():
     for bad in (float("nan"), float("inf"), 0.5, True):
         with pytest.raises(ValueError, match="budget"):
             pinn.train(pinn.make_loss(problem, points), params, optax.adam(1e-3), budget=bad)
+
+
+@pytest.mark.parametrize("name", pinn.PROBLEM_NAMES)
+def test_gauss_newton_loss_is_the_loss_and_its_products_are_jtj(name):
+    problem = pinn.make_problem(name)
+    points = pinn.collocation(problem, n_x=9, n_t=7, n_residual=12)
+    params = pinn.init_mlp(jax.random.PRNGKey(2), (3,))
+    objective = pinn.make_gauss_newton_loss(problem, points)
+    total, _ = pinn.loss_terms(params, problem, points)
+    np.testing.assert_allclose(float(objective(params)), float(total), rtol=1e-13)
+    # Oracle: the Gauss-Newton matrix sum_k (2 / n_k) J_k^T J_k from explicit Jacobians of
+    # the unscaled residual vectors.
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    jacobians = jax.jacfwd(lambda f: pinn.residuals(unravel(f), problem, points))(flat)
+    gn = sum((2.0 / j.shape[0]) * j.T @ j for j in jacobians.values())
+    v = jax.random.normal(jax.random.PRNGKey(3), flat.shape, flat.dtype)
+    product = objective.product(params)(unravel(v))
+    np.testing.assert_allclose(
+        np.asarray(jax.flatten_util.ravel_pytree(product)[0]), np.asarray(gn @ v), rtol=1e-10
+    )
