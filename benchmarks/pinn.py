@@ -1,4 +1,4 @@
-"""Physics-informed networks: Adam, L-BFGS, Adam->L-BFGS and Adam->CG side by side at equal cost.
+"""Physics-informed networks: Adam, L-BFGS, and Adam->L-BFGS / CG / Newton-CG at equal cost.
 
 The three failure-mode problems of Krishnapriyan et al. (NeurIPS 2021) as set up by Rathore et
 al., "Challenges in Training PINNs" (ICML 2024): convection (beta = 40), reaction (rho = 5),
