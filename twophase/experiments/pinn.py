@@ -507,9 +507,8 @@ def _stage(chain: list[tp.TwoPhaseState]) -> jax.Array:
     """int32 index of the active stage of a chain: the innermost first transformation is
     stage 0, the innermost second 1, the next outer second 2, and so on."""
     stage = jnp.zeros([], jnp.int32)
-    for depth, node in enumerate(reversed(chain)):  # innermost first
+    for depth, node in enumerate(reversed(chain)):  # innermost first; an outer phase 1 wins
         stage = jnp.where(node.phase == 1, depth + 1, stage)
-        # an outer phase 1 overrides whatever the inner stages say
     return stage
 
 
