@@ -1,4 +1,4 @@
-"""Physics-informed networks: Adam, L-BFGS, Adam->L-BFGS and Adam->CG side by side at equal cost.
+"""Physics-informed networks: Adam, L-BFGS, and Adam->L-BFGS / CG / Newton-CG at equal cost.
 
 The three failure-mode problems of Krishnapriyan et al. (NeurIPS 2021) as set up by Rathore et
 al., "Challenges in Training PINNs" (ICML 2024): convection (beta = 40), reaction (rho = 5),
@@ -10,21 +10,45 @@ the relative L2 error against the exact solution on the grid, the cost and the w
 the training ones): far above the training residual term, it flags a network that fits its
 residual points and nothing between them.
 
-Cost: every full-batch value-and-gradient evaluation counts one. An Adam step is a full-batch
-gradient step (one evaluation). L-BFGS (``optax.lbfgs(memory_size=100)``, zoom strong-Wolfe
-line search) is charged each line-search step, plus the evaluation at the current point when its
-state holds none (as ``TwoPhaseState.second_phase_evals`` counts); CG is charged
-``tp.info(state).value_and_grad_evals`` (line-search trials included). A step that would take
-the cost above the budget is discarded (strict equal cost): ``twophase.experiments.pinn.train``.
-Wall time is the training loop's, compilation excluded (shown separately); the loss terms logged
-along the way are not counted.
+Cost: every full-batch value-and-gradient evaluation counts one and every Hessian-vector
+product ``tp.HVP_COST`` (1.5) evaluations. An Adam step is a full-batch gradient step (one
+evaluation). L-BFGS (``optax.lbfgs(memory_size=100)``, zoom strong-Wolfe line search) is
+charged each line-search step, plus the evaluation at the current point when its state holds
+none (as ``TwoPhaseState.second_phase_evals`` counts); CG and Newton-CG are charged
+``tp.info(state).value_and_grad_evals`` (line-search trials included) and Newton-CG also its
+``hessian_vector_products``. A step that would take the cost above the budget is discarded
+(strict equal cost): ``twophase.experiments.pinn.train``. The table shows the cost, the
+evaluations and the HVPs separately, and "zero steps": each second phase's
+``tp.info(state).linesearch_failures`` (its steps that made no progress; ``"a+b"`` for
+L-BFGS then Newton-CG, ``"?"`` where the state keeps no such count), so a stalled second
+phase is visible. Wall time is the training loop's, compilation excluded (shown
+separately); the loss terms logged along the way are not counted.
 
-Methods (``METHODS``: one ``(name, factory)`` line each; ``factory(lr, budget)`` returns the
-optimizer): Adam over a learning-rate grid (the best final loss is reported, and its learning
-rate is used by every two-phase method); L-BFGS alone; Adam->L-BFGS and Adam->CG with the
-anchor's fixed switch after 1/41, 11/41 and 31/41 of the budget (its 1k, 11k, 31k of 41k
-iterations); Adam->CG preconditioned by Adam's second moments at the same splits; and the
-current default switching policy of ``tp.adam_cg(lr)`` / ``tp.adam_lbfgs(lr)``.
+Methods (``METHODS``: one ``(name, make, split)`` line each; ``make(hyperparams)`` returns
+the optimizer): Adam over a learning-rate grid (the best final loss is reported, and its
+learning rate is used by every two-phase method); L-BFGS alone; Adam->L-BFGS; Adam->CG and
+Adam->Newton-CG (``tp.adam_newton_cg``, ``tp.newton_cg`` defaults), plain and preconditioned
+by Adam's second moments (``precondition=True``), and Newton-CG on the Gauss-Newton matrix
+of the loss's residuals ("GN": ``curvature="gauss_newton"``, given
+``pinn.make_gauss_newton_loss`` as its objective); all with the anchor's fixed switch after
+1/41, 11/41 and 31/41 of the budget (its 1k, 11k, 31k of 41k iterations); Adam->L-BFGS->Newton-CG,
+switching to L-BFGS at the same points and to Newton-CG after L-BFGS has had half of the
+steps left (``LBFGS_SHARE``); and the default switching policy of ``tp.adam_cg(lr)`` /
+``tp.adam_lbfgs(lr)`` / ``tp.adam_newton_cg(lr)`` told the budget (``window=1``: one Adam
+step is one epoch).
+
+Three stages are a nested ``tp.two_phase``: the outer first transformation is
+``tp.adam_lbfgs(lr, detector=tp.switch_at(k1))``, the outer second ``tp.newton_cg()``, the
+outer detector ``tp.switch_at(k2)``, whose step count includes L-BFGS's steps. Why nesting:
+it needs nothing new in the core (two_phase takes any transformation as its first, and an
+inner two_phase ignores the incoming gradient in its own second phase), the whole chain is
+one state and one compiled step (``tests/experiments/test_pinn.py`` checks that it compiles
+once and enters Newton-CG at step ``k2``), and ``tp.info`` of each level reads that level's
+counts. The cost of that choice: the outer switch counts steps, not cost (an L-BFGS step
+costs one evaluation or more), the outer ``tp.info(state)`` reports only Newton-CG's counts
+(``train`` adds the inner level's), and a ``fallback`` of the outer level would return to
+L-BFGS, not Adam. The alternative, a "chain" transformation with a list of phases and
+switches, would be a new core API for one benchmark row.
 
 The anchor's numbers (``ANCHOR``; lowest loss / relative L2 over 5 seeds and a tuned grid, width
 up to 400, 10,000 residual points, 41k iterations, float64) are printed beside ours. Our default
@@ -61,6 +85,7 @@ import twophase as tp  # noqa: E402
 from twophase.experiments import pinn  # noqa: E402
 
 Hyperparams = dict  # {"lr": Adam's learning rate, "switch": the first second-phase step,
+#                      "switch2": the first third-stage step of a chain,
 #                      "budget": the run's budget, told to the default policy}
 
 
@@ -72,10 +97,12 @@ class Method(NamedTuple):
     name: str
     make: Callable[[Hyperparams], optax.GradientTransformation]
     split: int | None = None
+    gauss_newton: bool = False  # give it pinn.make_gauss_newton_loss as value_fn
 
 
 SPLITS = (1, 11, 31)  # the anchor's switch after 1k, 11k, 31k of 41k iterations
 LBFGS_MEMORY = 100
+LBFGS_SHARE = 0.5  # Adam->L-BFGS->Newton-CG: L-BFGS's share of the steps left after Adam
 
 
 def switch_step(budget: int, j: int) -> int:
@@ -103,6 +130,44 @@ def adam_cg_precond_at(h: Hyperparams) -> optax.GradientTransformation:
     return tp.adam_cg(h["lr"], detector=tp.switch_at(h["switch"]), precondition=True)
 
 
+def adam_newton_cg_at(h: Hyperparams) -> optax.GradientTransformation:
+    return tp.adam_newton_cg(h["lr"], detector=tp.switch_at(h["switch"]))
+
+
+def adam_newton_cg_precond_at(h: Hyperparams) -> optax.GradientTransformation:
+    return tp.adam_newton_cg(h["lr"], detector=tp.switch_at(h["switch"]), precondition=True)
+
+
+def adam_newton_cg_gn_at(h: Hyperparams) -> optax.GradientTransformation:
+    return tp.adam_newton_cg(h["lr"], detector=tp.switch_at(h["switch"]), curvature="gauss_newton")
+
+
+def newton_cg_step(budget: float, j: int) -> int:
+    """The first Newton-CG step of the Adam->L-BFGS->Newton-CG chain switching to L-BFGS
+    after ``j / 41`` of the budget: L-BFGS gets half of the steps left (a step count: an
+    L-BFGS step costs one evaluation or more, so it spends at least half the rest)."""
+    first = switch_step(budget, j)
+    return first + max(1, round(LBFGS_SHARE * (budget - first)))
+
+
+def adam_lbfgs_newton_cg_at(h: Hyperparams) -> optax.GradientTransformation:
+    # Three stages as a nested two_phase: the outer first transformation is Adam->L-BFGS
+    # (its own switch_at counts Adam's steps), the outer second is Newton-CG, and the outer
+    # switch_at counts every step of the inner chain (Adam's and L-BFGS's).
+    adam_then_lbfgs = tp.adam_lbfgs(
+        h["lr"], memory_size=LBFGS_MEMORY, detector=tp.switch_at(h["switch"])
+    )
+    return tp.two_phase(adam_then_lbfgs, tp.newton_cg(), tp.switch_at(h["switch2"]))
+
+
+def adam_lbfgs_newton_cg_gn_at(h: Hyperparams) -> optax.GradientTransformation:
+    adam_then_lbfgs = tp.adam_lbfgs(
+        h["lr"], memory_size=LBFGS_MEMORY, detector=tp.switch_at(h["switch"])
+    )
+    second = tp.newton_cg(curvature="gauss_newton")
+    return tp.two_phase(adam_then_lbfgs, second, tp.switch_at(h["switch2"]))
+
+
 def adam_lbfgs_default(h: Hyperparams) -> optax.GradientTransformation:
     # Full batch: one Adam step is one epoch; the default policy is told the budget.
     return tp.adam_lbfgs(h["lr"], memory_size=LBFGS_MEMORY, window=1, budget=h["budget"])
@@ -112,13 +177,31 @@ def adam_cg_default(h: Hyperparams) -> optax.GradientTransformation:
     return tp.adam_cg(h["lr"], window=1, budget=h["budget"])
 
 
+def adam_newton_cg_default(h: Hyperparams) -> optax.GradientTransformation:
+    return tp.adam_newton_cg(h["lr"], window=1, budget=h["budget"])
+
+
 METHODS: list[Method] = [
     Method("L-BFGS", lbfgs),
     *[Method(f"Adam->L-BFGS {j}/41", adam_lbfgs_at, j) for j in SPLITS],
     *[Method(f"Adam->CG {j}/41", adam_cg_at, j) for j in SPLITS],
     *[Method(f"Adam->CG precond {j}/41", adam_cg_precond_at, j) for j in SPLITS],
+    *[Method(f"Adam->Newton-CG {j}/41", adam_newton_cg_at, j) for j in SPLITS],
+    *[Method(f"Adam->Newton-CG precond {j}/41", adam_newton_cg_precond_at, j) for j in SPLITS],
+    *[Method(f"Adam->L-BFGS->Newton-CG {j}/41", adam_lbfgs_newton_cg_at, j) for j in SPLITS],
+    *[
+        Method(f"Adam->Newton-CG GN {j}/41", adam_newton_cg_gn_at, j, gauss_newton=True)
+        for j in SPLITS
+    ],
+    *[
+        Method(
+            f"Adam->L-BFGS->Newton-CG GN {j}/41", adam_lbfgs_newton_cg_gn_at, j, gauss_newton=True
+        )
+        for j in SPLITS
+    ],
     Method("tp.adam_lbfgs default", adam_lbfgs_default),
     Method("tp.adam_cg default", adam_cg_default),
+    Method("tp.adam_newton_cg default", adam_newton_cg_default),
 ]
 
 # Rathore et al. (ICML 2024), lowest loss / relative L2 error (/work/shared/PINN.md).
@@ -152,6 +235,8 @@ def anchor_for(method: str) -> str:
         return "Adam"
     if method == "L-BFGS":
         return "L-BFGS"
+    if method.startswith("Adam->L-BFGS->Newton-CG"):
+        return "Adam+L-BFGS+NNCG"
     if method.startswith("Adam->L-BFGS"):
         return "Adam+L-BFGS"
     return ""
@@ -163,6 +248,14 @@ def format_anchor(row: str, problem: str) -> str:
     loss, l2 = ANCHOR[row][problem]
     loss_text = "10x below Adam+L-BFGS" if loss is None else f"{loss:.3g}"
     return f"{loss_text} / {l2:.3g}"
+
+
+def format_zero_steps(zero_steps) -> str:
+    """``linesearch_failures`` per second phase (``"3+0"`` for L-BFGS then Newton-CG);
+    ``""`` where the state reports none (Adam, optax.lbfgs alone)."""
+    if not zero_steps:
+        return ""
+    return "+".join("?" if z is None else str(z) for z in zero_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,14 +324,27 @@ def grid_residual(params, problem, points, grid) -> float:
     return float(pinn.loss_terms(params, problem, dense)[1]["residual"])
 
 
-def run_one(problem, loss_fn, points, grid, params, make, h, budget, log_points) -> dict:
-    log = pinn.train(loss_fn, params, make, budget=budget, log_points=log_points, hyperparams=h)
+def run_one(
+    problem, loss_fn, points, grid, params, make, h, budget, log_points, value_fn=None
+) -> dict:
+    log = pinn.train(
+        loss_fn,
+        params,
+        make,
+        budget=budget,
+        log_points=log_points,
+        hyperparams=h,
+        value_fn=value_fn,
+    )
     return {
         "grid_residual": grid_residual(log.params, problem, points, grid),
         "loss": float(log.loss[-1]),
         "terms": {k: float(v[-1]) for k, v in log.terms.items()},
         "l2": float(pinn.relative_l2_error(log.params, problem, grid)),
-        "cost": int(log.cost[-1]),
+        "cost": float(log.cost[-1]),
+        "evaluations": log.evaluations,
+        "hvps": log.hessian_vector_products,
+        "zero_steps": log.zero_steps,
         "steps": log.steps,
         "switch_cost": log.switch_cost,
         "wall": log.wall_seconds,
@@ -272,6 +378,7 @@ def main() -> None:
         )
         grid = pinn.evaluation_grid(problem, n_x, n_t, dtype=dtype)
         loss_fn = pinn.make_loss(problem, points)
+        gauss_newton_loss = pinn.make_gauss_newton_loss(problem, points)
         params = pinn.init_mlp(jax.random.PRNGKey(args.seed), widths, dtype=dtype)
         rows: dict[str, dict] = {}
         adam_runs = {}
@@ -279,6 +386,7 @@ def main() -> None:
             h = {
                 "lr": np.asarray(lr, dtype),
                 "switch": np.int32(1),
+                "switch2": np.int32(2),
                 "budget": np.float32(s["budget"]),
             }
             adam_runs[lr] = run_one(
@@ -298,13 +406,19 @@ def main() -> None:
                 {
                     "lr": np.asarray(best_lr, dtype),
                     "switch": np.int32(switch_step(s["budget"], method.split or 1)),
+                    "switch2": np.int32(newton_cg_step(s["budget"], method.split or 1)),
                     "budget": np.float32(s["budget"]),
                 },
                 s["budget"],
                 args.log_points,
+                gauss_newton_loss if method.gauss_newton else None,
             )
             r = rows[method.name]
-            summary = f"loss {r['loss']:.3e}, cost {r['cost']}, {r['wall']:.1f} s"
+            summary = (
+                f"loss {r['loss']:.3e}, cost {r['cost']:g} ({r['evaluations']} evaluations, "
+                f"{r['hvps']} HVPs), zero steps {format_zero_steps(r['zero_steps'])}, "
+                f"{r['wall']:.1f} s"
+            )
             print(f"  {name}: {method.name}: {summary}", flush=True)
         results[name] = {
             "best_lr": best_lr,
@@ -332,6 +446,9 @@ def print_problem(name: str, result: dict, budget: int) -> None:
         "grid residual",
         "rel. L2",
         "cost",
+        "evals",
+        "HVPs",
+        "zero steps",
         "switch at",
         "wall s (compile s)",
         "anchor loss / L2",
@@ -347,8 +464,11 @@ def print_problem(name: str, result: dict, budget: int) -> None:
                 *[f"{r['terms'][t]:.2e}" for t in term_names],
                 f"{r['grid_residual']:.2e}",
                 f"{r['l2']:.3e}",
-                r["cost"],
-                "" if r["switch_cost"] is None else int(r["switch_cost"]),
+                f"{r['cost']:g}",
+                r["evaluations"],
+                r["hvps"],
+                format_zero_steps(r["zero_steps"]),
+                "" if r["switch_cost"] is None else f"{r['switch_cost']:g}",
                 f"{r['wall']:.1f} ({r['compile']:.1f})",
                 format_anchor(anchor_for(method), name),
             ]

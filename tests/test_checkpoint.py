@@ -43,6 +43,8 @@ def loss_fn(p, batch):
 def make_optimizer(kind):
     if kind == "adam_cg":
         return tp.adam_cg(1e-2, detector=tp.switch_at(SWITCH))
+    if kind == "adam_newton_cg":
+        return tp.adam_newton_cg(1e-2, detector=tp.switch_at(SWITCH))
     return tp.adam_lbfgs(1e-2, detector=tp.switch_at(SWITCH))
 
 
@@ -92,7 +94,13 @@ def avals(tree):
 
 
 @pytest.mark.parametrize(
-    "kind, dtype", [("adam_cg", jnp.float32), ("adam_cg", jnp.float64), ("adam_lbfgs", jnp.float32)]
+    "kind, dtype",
+    [
+        ("adam_cg", jnp.float32),
+        ("adam_cg", jnp.float64),
+        ("adam_lbfgs", jnp.float32),
+        ("adam_newton_cg", jnp.float64),
+    ],
 )
 @pytest.mark.parametrize("stop_at", [3, 8], ids=["phase0", "phase1"])
 def test_resume_is_bit_identical(tmp_path, kind, dtype, stop_at):
@@ -121,6 +129,10 @@ def test_resume_is_bit_identical(tmp_path, kind, dtype, stop_at):
     chex.assert_trees_all_equal(p, p_ref)
     chex.assert_trees_all_equal(s, s_ref)
     chex.assert_trees_all_equal(tp.info(s), tp.info(s_ref))
+    if kind == "adam_newton_cg" and stop_at > SWITCH:
+        # Interrupted mid Newton-CG: products made before and after the checkpoint.
+        hvps_at_stop = int(tp.info(reference[stop_at - 1][1]).hessian_vector_products)
+        assert 0 < hvps_at_stop < int(tp.info(s_ref).hessian_vector_products)
 
 
 def test_namedtuple_types_and_none_fields_preserved(tmp_path):

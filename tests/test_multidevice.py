@@ -2,10 +2,12 @@
 
 The script runs in a subprocess because ``XLA_FLAGS`` must be set before JAX
 initialises its backends. It trains the same MLP regression with
-``adam_cg(detector=switch_at(4))`` twice: (a) data sharded over an 8-device mesh
-along the example axis, parameters and optimizer state replicated, the
-full-batch objective ``tp.full_batch`` over the sharded data; (b) everything
-on one device. Both runs cross the switch and take several CG steps.
+``adam_cg(detector=switch_at(4))`` twice, and again with ``adam_newton_cg``
+(whose Hessian-vector products run over the sharded data through
+``tp.full_batch``): (a) data sharded over an 8-device mesh along the example
+axis, parameters and optimizer state replicated, the full-batch objective
+``tp.full_batch`` over the sharded data; (b) everything on one device. Both
+runs cross the switch and take several second-phase steps.
 """
 
 import json
@@ -48,7 +50,7 @@ def loss_fn(p, batch):
     return jnp.mean((jnp.tanh(x @ p["w"] + p["b"]) @ p["v"] - y) ** 2)
 
 
-def run(sharded, ckpt_dir=None):
+def run(sharded, ckpt_dir=None, newton=False):
     if sharded:
         mesh = Mesh(np.array(jax.devices()), ("data",))
         data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -59,7 +61,10 @@ def run(sharded, ckpt_dir=None):
     xs = jax.device_put(X.reshape(-1, BATCH, D), batches)
     ys = jax.device_put(Y.reshape(-1, BATCH, 1), batches)
     params = jax.device_put(PARAMS, replicated)
-    opt = tp.adam_cg(1e-2, detector=tp.switch_at(SWITCH))
+    if newton:
+        opt = tp.adam_newton_cg(1e-2, detector=tp.switch_at(SWITCH))
+    else:
+        opt = tp.adam_cg(1e-2, detector=tp.switch_at(SWITCH))
     full = tp.full_batch(loss_fn, (x, y), batch_size=CHUNK)
     traces = {{"n": 0}}
 
@@ -89,7 +94,9 @@ def run(sharded, ckpt_dir=None):
         "losses": losses,
         "phases": phases,
         "switch_step": int(tp.info(s).switch_step),
-        "cg_iterations": int(tp.info(s).cg_iterations),
+        "cg_iterations": None if newton else int(tp.info(s).cg_iterations),
+        "evals": int(tp.info(s).value_and_grad_evals),
+        "hvps": int(tp.info(s).hessian_vector_products),
         "traces": traces["n"],
         "executables": step._cache_size(),
         "params": jax.tree.map(lambda a: np.asarray(a).tolist(), p),
@@ -116,6 +123,8 @@ def run(sharded, ckpt_dir=None):
 
 assert jax.device_count() == 8, jax.devices()
 result = {{"sharded": run(True, sys.argv[2]), "single": run(False)}}
+result["sharded_newton"] = run(True, newton=True)
+result["single_newton"] = run(False, newton=True)
 result["seconds"] = time.time() - t0
 with open(sys.argv[1], "w") as f:
     json.dump(result, f)
@@ -185,3 +194,24 @@ def test_no_recompilation_across_the_switch(runs):
 
 def test_sharded_checkpoint_roundtrip(runs):
     assert runs["sharded"]["checkpoint_roundtrip"]
+
+
+def test_newton_cg_hvps_over_sharded_data_match_single_device(runs):
+    sharded, single = runs["sharded_newton"], runs["single_newton"]
+    for run in (sharded, single):
+        assert run["phases"] == [0] * (SWITCH - 1) + [1] * (STEPS - SWITCH + 1)
+        assert run["hvps"] > 0 and run["traces"] == 1 and run["executables"] == 1
+        assert run["losses"][-1] < 0.5 * run["losses"][SWITCH - 1]
+    assert sharded["params_replicated"] and sharded["state_replicated"]
+    # The same iterations: the same numbers of evaluations and products.
+    assert (sharded["evals"], sharded["hvps"]) == (single["evals"], single["hvps"])
+    np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-4)
+    scale = max(np.abs(np.asarray(p)).max() for p in single["params"].values())
+    for name in single["params"]:
+        np.testing.assert_allclose(
+            np.asarray(sharded["params"][name]),
+            np.asarray(single["params"][name]),
+            rtol=1e-4,
+            atol=1e-4 * scale,
+            err_msg=name,
+        )

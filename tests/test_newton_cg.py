@@ -600,3 +600,62 @@ def test_mixed_dtype_empty_and_none_pytrees():
     np.testing.assert_allclose(np.asarray(x["a"]), 2.0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(x["b"]), -1.0, atol=1e-6)
     assert x["c"].shape == (0,)
+
+
+# --------------------------------------------------------------------------- low precision
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_params_are_solved_in_float32(dtype):
+    # An ill-conditioned 256-dimensional quadratic; the objective computes in float32. The
+    # update for low-precision parameters must be the float32 run's update, rounded once to
+    # the parameters' dtype: an inner solve in bfloat16 (8-bit mantissa) would be far off.
+    n = 256
+    d = jnp.logspace(0.0, 2.0, n, dtype=jnp.float32)
+    c = jnp.linspace(-1.0, 1.0, n, dtype=jnp.float32)
+    f = lambda p: 0.5 * jnp.sum(d * (p.astype(jnp.float32) - c) ** 2)
+    x_low = jnp.zeros(n, dtype)
+    opt = tp.newton_cg(damping=1e-6, forcing=1e-4, max_inner_iterations=n)
+    u_low, state = jax.jit(lambda x, s: opt.update(x, s, x, value_fn=f))(x_low, opt.init(x_low))
+    u_32, _ = opt.update(
+        x_low.astype(jnp.float32),
+        opt.init(x_low.astype(jnp.float32)),
+        x_low.astype(jnp.float32),
+        value_fn=f,
+    )
+    assert u_low.dtype == dtype
+    assert state.value.dtype == jnp.float32 and state.grad.dtype == jnp.float32
+    assert state.damping.dtype == jnp.float32
+    # Within 1%: the line search evaluates f at trial points rounded to `dtype` (measured
+    # up to 3 ulps off), but a solve in bfloat16 could not reach the 1e-4 residual.
+    eps = 1e-2
+    np.testing.assert_allclose(np.asarray(u_low, np.float32), np.asarray(u_32), rtol=eps, atol=1e-6)
+    # ... which is the Newton step to the minimiser c (solved to a relative residual 1e-4).
+    assert float(jnp.max(jnp.abs(u_32 - c))) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_adam_newton_cg_keeps_nonfinite_values_out_of_low_precision_params(dtype):
+    # sum(sqrt(1 + w^2)): the Newton step from w overshoots to -w^3, here into a region
+    # where the objective is NaN; the line search must back off and nothing non-finite
+    # may reach the parameters.
+    def f(p):
+        w = p["w"].astype(jnp.float32)
+        return jnp.where(jnp.max(jnp.abs(w)) > 2.0, jnp.nan, jnp.sum(jnp.sqrt(1.0 + w**2)))
+
+    params = {"w": jnp.full((4,), 1.5, dtype)}
+    opt = tp.adam_newton_cg(1e-2, detector=tp.switch_at(3))
+
+    @jax.jit
+    def step(p, s):
+        value, grad = jax.value_and_grad(f)(p)
+        u, s = opt.update(grad, s, p, value=value, value_fn=f)
+        return optax.apply_updates(p, u), s, u
+
+    state, start = opt.init(params), float(f(params))
+    for _ in range(12):
+        params, state, u = step(params, state)
+        assert params["w"].dtype == dtype and u["w"].dtype == dtype
+        assert bool(jnp.all(jnp.isfinite(u["w"]))) and bool(jnp.all(jnp.isfinite(params["w"])))
+    assert int(tp.info(state).phase) == 1 and int(tp.info(state).hessian_vector_products) > 0
+    assert float(f(params)) < start - 1.0  # from 4 * 1.80 towards the minimum 4

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -228,3 +229,119 @@ def test_hyperparameter_sweeps_compile_once():
     assert runs[0].cost[-1] <= 12 and 10 < runs[1].cost[-1] <= 15
     with pytest.raises(ValueError, match="optimizer"):
         pinn.train(loss_fn, params, optax.adam(1e-3), budget=5, hyperparams={"lr": 1.0})
+
+
+def _chain(lr, k1, k2, memory_size=20):
+    """Adam -> L-BFGS -> Newton-CG as a nested two_phase (benchmarks/pinn.py's chain): the
+    first Newton-CG step is step ``k2``, the first L-BFGS step ``k1``."""
+    inner = tp.adam_lbfgs(lr, memory_size=memory_size, detector=tp.switch_at(k1))
+    return tp.two_phase(inner, tp.newton_cg(), tp.switch_at(k2))
+
+
+@pytest.mark.slow  # compiles a Newton-CG training loop: ~30-60 s on 2 shared cores
+@pytest.mark.parametrize(
+    "make, last_stage",
+    [
+        (lambda: tp.adam_newton_cg(1e-2, detector=tp.switch_at(10)), 1),
+        (lambda: _chain(1e-2, 10, 16), 2),
+        (lambda: tp.newton_cg(), 1),
+    ],
+    ids=["adam_newton_cg", "adam_lbfgs_newton_cg", "newton_cg"],
+)
+def test_newton_cg_cost_charges_hvps_and_keeps_a_strict_budget(make, last_stage):
+    problem = pinn.make_problem("reaction")
+    points = pinn.collocation(problem, **SMALL)
+    params = pinn.init_mlp(jax.random.PRNGKey(0), (10, 10))
+    counter = {"n": 0}
+    budget = 301  # Newton-CG steps cost half-integers: 1.5 per HVP
+    log = pinn.train(
+        _counting_loss(problem, points, counter), params, make(), budget=budget, log_points=4
+    )
+    jax.effects_barrier()
+    assert log.loss[-1] < 0.5 * log.loss[0]
+    assert log.hessian_vector_products > 0
+    assert log.cost[-1] == log.evaluations + tp.HVP_COST * log.hessian_vector_products
+    assert log.cost[0] == 0 and np.all(np.diff(log.cost) >= 0) and log.cost[-1] <= budget
+    # The host saw one call per counted evaluation and per HVP (the callback fires once in
+    # an HVP's forward-over-reverse pass), plus one per logged point, plus what the one step
+    # discarded at the budget made (at most 100 HVPs and a line search).
+    in_steps = counter["n"] - len(log.loss)
+    counted = log.evaluations + log.hessian_vector_products
+    assert counted <= in_steps <= counted + 130, (in_steps, counted)
+    assert log.zero_steps is not None and all(z is not None for z in log.zero_steps[-1:])
+    if isinstance(log.state, tp.TwoPhaseState):
+        assert log.switch_cost == 10
+    assert log.phase[-1] == last_stage
+
+
+@pytest.mark.slow  # ~60 s on 2 shared cores, mostly compilation
+def test_nested_chain_enters_newton_cg_at_its_step_and_compiles_once(count_traces):
+    problem = pinn.make_problem("reaction")
+    points = pinn.collocation(problem, **SMALL)
+    params = pinn.init_mlp(jax.random.PRNGKey(0), (6, 6))
+    value_fn = lambda p: pinn.loss_terms(p, problem, points)[0]
+    k1, k2, steps = 3, 7, 10
+    opt = _chain(1e-2, k1, k2, memory_size=5)
+
+    @jax.jit
+    @count_traces
+    def step(p, s):
+        value, grad = jax.value_and_grad(value_fn)(p)
+        u, s = opt.update(grad, s, p, value=value, value_fn=value_fn)
+        return optax.apply_updates(p, u), s
+
+    state = opt.init(params)
+    stages, counts = [], []
+    for _ in range(steps):
+        params, state = step(params, state)
+        outer, inner = state, state.first_state
+        assert isinstance(inner, tp.TwoPhaseState)
+        stages.append(int(inner.phase) + int(outer.phase))
+        counts.append(
+            (
+                int(tp.info(inner).value_and_grad_evals),  # L-BFGS's
+                int(tp.info(outer).value_and_grad_evals),  # Newton-CG's
+                int(tp.info(outer).hessian_vector_products),
+            )
+        )
+    assert count_traces.counter["n"] == 1 and step._cache_size() == 1
+    # The stage after step t: Adam decides at step k1 - 1 to switch, the outer switch
+    # counts every step (Adam's and L-BFGS's) and decides at step k2 - 1.
+    assert stages == [0] * (k1 - 1) + [1] * (k2 - k1) + [2] * (steps - k2 + 1)
+    assert int(tp.info(state.first_state).switch_step) == k1
+    assert int(tp.info(state).switch_step) == k2
+    lbfgs_evals = [c[0] for c in counts]
+    newton = [c[1:] for c in counts]
+    assert lbfgs_evals[k1 - 1] == 0 < lbfgs_evals[k1]  # L-BFGS starts at step k1
+    assert len(set(lbfgs_evals[k2 - 1 :])) == 1  # ... and stops at step k2
+    assert newton[k2 - 1] == (0, 0) and newton[k2][0] > 0 and newton[k2][1] > 0
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_train_rejects_a_non_finite_budget():
+    problem = pinn.make_problem("reaction")
+    points = pinn.collocation(problem, **SMALL)
+    params = pinn.init_mlp(jax.random.PRNGKey(0), (4,))
+    for bad in (float("nan"), float("inf"), 0.5, True):
+        with pytest.raises(ValueError, match="budget"):
+            pinn.train(pinn.make_loss(problem, points), params, optax.adam(1e-3), budget=bad)
+
+
+@pytest.mark.parametrize("name", pinn.PROBLEM_NAMES)
+def test_gauss_newton_loss_is_the_loss_and_its_products_are_jtj(name):
+    problem = pinn.make_problem(name)
+    points = pinn.collocation(problem, n_x=9, n_t=7, n_residual=12)
+    params = pinn.init_mlp(jax.random.PRNGKey(2), (3,))
+    objective = pinn.make_gauss_newton_loss(problem, points)
+    total, _ = pinn.loss_terms(params, problem, points)
+    np.testing.assert_allclose(float(objective(params)), float(total), rtol=1e-13)
+    # Oracle: the Gauss-Newton matrix sum_k (2 / n_k) J_k^T J_k from explicit Jacobians of
+    # the unscaled residual vectors.
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    jacobians = jax.jacfwd(lambda f: pinn.residuals(unravel(f), problem, points))(flat)
+    gn = sum((2.0 / j.shape[0]) * j.T @ j for j in jacobians.values())
+    v = jax.random.normal(jax.random.PRNGKey(3), flat.shape, flat.dtype)
+    product = objective.product(params)(unravel(v))
+    np.testing.assert_allclose(
+        np.asarray(jax.flatten_util.ravel_pytree(product)[0]), np.asarray(gn @ v), rtol=1e-10
+    )

@@ -27,7 +27,8 @@ sets itself.
 
 :func:`train` runs any optax transformation on the full loss, counting cost in full-batch
 value-and-gradient evaluations: a first-order step (Adam's, or a two-phase optimizer's phase 0)
-costs one; a second phase costs what ``twophase.info(state).value_and_grad_evals`` says;
+costs one; a second phase costs what ``twophase.info(state).value_and_grad_evals`` says plus
+``twophase.HVP_COST`` (1.5) per Hessian-vector product (``hessian_vector_products``);
 ``optax.lbfgs`` alone costs its evaluation at the current point when not cached plus its zoom
 line search's steps, counted as :func:`twophase.two_phase` does.
 
@@ -59,11 +60,13 @@ __all__ = [
     "evaluation_grid",
     "init_mlp",
     "loss_terms",
+    "make_gauss_newton_loss",
     "make_loss",
     "make_problem",
     "mlp",
     "pde_residual",
     "relative_l2_error",
+    "residuals",
     "train",
 ]
 
@@ -341,6 +344,20 @@ def loss_terms(
     Raises:
       ValueError: collocation arrays of mismatched sizes (the message names them).
     """
+    terms = {
+        name: jnp.mean(jnp.square(r)) for name, r in residuals(params, problem, points).items()
+    }
+    return sum(terms.values()), terms
+
+
+def residuals(params: Params, problem: Problem, points: Collocation) -> dict[str, jax.Array]:
+    """The residual vectors whose mean squares are :func:`loss_terms`' terms: ``"residual"``
+    (the PDE at ``points.residual``), ``"initial"``, ``"boundary"`` (and
+    ``"initial_velocity"`` for wave), each a 1-d array.
+
+    Raises:
+      ValueError: collocation arrays of mismatched sizes (the message names them).
+    """
     _check_points(points)
     u = lambda x, t: mlp(params, x, t)
     residual = jax.vmap(lambda p: pde_residual(problem, u, p[0], p[1]))(points.residual)
@@ -348,15 +365,28 @@ def loss_terms(
     lower = _predict(params, points.boundary_lower)
     upper = _predict(params, points.boundary_upper)
     boundary = lower - upper if problem.periodic else jnp.concatenate([lower, upper])
-    terms = {
-        "residual": jnp.mean(jnp.square(residual)),
-        "initial": jnp.mean(jnp.square(initial)),
-        "boundary": jnp.mean(jnp.square(boundary)),
-    }
+    found = {"residual": residual, "initial": initial, "boundary": boundary}
     if problem.initial_velocity:
-        velocity = jax.vmap(lambda p: jax.grad(u, argnums=1)(p[0], p[1]))(points.initial)
-        terms["initial_velocity"] = jnp.mean(jnp.square(velocity))
-    return sum(terms.values()), terms
+        found["initial_velocity"] = jax.vmap(lambda p: jax.grad(u, argnums=1)(p[0], p[1]))(
+            points.initial
+        )
+    return found
+
+
+def make_gauss_newton_loss(problem: Problem, points: Collocation) -> tp.GaussNewtonObjective:
+    """The total loss of :func:`loss_terms` as a :func:`twophase.gauss_newton_objective`
+    (``0.5 * sum`` of the residuals scaled by ``sqrt(2 / n)`` for a term of ``n`` entries, so
+    that each term is its mean square), the ``value_fn`` for ``twophase.newton_cg(
+    curvature="gauss_newton")``: Gauss-Newton products ``J^T J v`` of these residuals."""
+    _check_points(points)
+
+    def scaled(params):
+        return {
+            name: r * math.sqrt(2.0 / r.shape[0])
+            for name, r in residuals(params, problem, points).items()
+        }
+
+    return tp.gauss_newton_objective(scaled, reduction="half_sum")
 
 
 def make_loss(
@@ -385,14 +415,27 @@ class TrainLog(NamedTuple):
     Attributes:
       params: the final parameters.
       state: the final optimizer state.
-      cost: ``(m,)`` cost (full-batch evaluations) at each logged point, 0 first.
+      cost: ``(m,)`` float cost (evaluation-equivalents: evaluations plus
+        ``twophase.second_phase.HVP_COST`` per Hessian-vector product) at each logged point,
+        0 first.
       loss: ``(m,)`` total loss at the logged points.
       terms: ``{name: (m,)}`` the loss terms at the logged points.
-      phase: ``(m,)`` 0 or 1 (a two-phase optimizer's phase; 0 for anything else).
-      switch_cost: cost spent when a two-phase optimizer switched (``None`` if it did not).
+      phase: ``(m,)`` the stage at the logged points: 0 for a single transformation (1 for
+        a bare second phase such as ``nonlinear_cg``), a two-phase optimizer's phase (0, 1),
+        and for a chain of nested two-phase optimizers the index of the active stage
+        (Adam 0, L-BFGS 1, Newton-CG 2).
+      switch_cost: cost spent when a two-phase optimizer first left its first stage (``None``
+        if it did not).
       steps: optimizer ``update`` calls made.
       wall_seconds: training time, compilation excluded.
       compile_seconds: compilation time of the training loop.
+      evaluations: full-batch value-and-gradient evaluations counted in ``cost[-1]``.
+      hessian_vector_products: Hessian-vector products counted in ``cost[-1]`` (each
+        ``HVP_COST`` evaluations).
+      zero_steps: per stage after the first (e.g. ``(l_bfgs, newton_cg)`` for a chain), the
+        second phase's steps that made no progress as ``twophase.info(state)
+        .linesearch_failures`` reports them; ``None`` where the state holds no such count
+        (a single transformation, or a second phase that does not report one).
     """
 
     params: Params
@@ -405,6 +448,9 @@ class TrainLog(NamedTuple):
     steps: int
     wall_seconds: float
     compile_seconds: float
+    evaluations: int = 0
+    hessian_vector_products: int = 0
+    zero_steps: tuple[int | None, ...] | None = None
 
 
 def _kind(state: Any) -> str:
@@ -436,13 +482,81 @@ def _zoom_evals(state: Any) -> jax.Array:
     return sum((jnp.asarray(n, jnp.int32) for n in found), jnp.zeros([], jnp.int32))
 
 
+def _outer_two_phase(state: Any) -> tp.TwoPhaseState | None:
+    """The outermost :class:`twophase.TwoPhaseState` in ``state`` (``None`` if none)."""
+    found = [
+        n
+        for n in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, tp.TwoPhaseState))
+        if isinstance(n, tp.TwoPhaseState)
+    ]
+    return found[0] if found else None
+
+
+def _two_phase_chain(state: Any) -> list[tp.TwoPhaseState]:
+    """The two-phase states of a chain, outermost first: ``two_phase(two_phase(a, b), c)``
+    gives the outer state, then the inner one (found in the outer's ``first_state``)."""
+    chain = []
+    node = _outer_two_phase(state)
+    while node is not None:
+        chain.append(node)
+        node = _outer_two_phase(node.first_state)
+    return chain
+
+
+def _stage(chain: list[tp.TwoPhaseState]) -> jax.Array:
+    """int32 index of the active stage of a chain: the innermost first transformation is
+    stage 0, the innermost second 1, the next outer second 2, and so on."""
+    stage = jnp.zeros([], jnp.int32)
+    for depth, node in enumerate(reversed(chain)):  # innermost first; an outer phase 1 wins
+        stage = jnp.where(node.phase == 1, depth + 1, stage)
+    return stage
+
+
+def _chain_counts(chain: list[tp.TwoPhaseState]) -> tuple[jax.Array, jax.Array]:
+    """int32 (evaluations, Hessian-vector products) of every second phase (and exact-norm
+    detector) of a chain, as ``twophase.info`` reports them for each two-phase state."""
+    evals, hvps = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)
+    for node in chain:
+        diagnostics = tp.info(node)
+        evals = evals + jnp.asarray(diagnostics.value_and_grad_evals, jnp.int32)
+        if diagnostics.hessian_vector_products is not None:
+            hvps = hvps + jnp.asarray(diagnostics.hessian_vector_products, jnp.int32)
+    return evals, hvps
+
+
+def _counts(state: Any, kind: str) -> tuple[jax.Array, jax.Array]:
+    """int32 (evaluations, HVPs) that a second phase's state has made so far."""
+    if kind == "two_phase":
+        return _chain_counts(_two_phase_chain(state))
+    diagnostics = tp.info(state)
+    hvps = diagnostics.hessian_vector_products
+    return (
+        jnp.asarray(diagnostics.value_and_grad_evals, jnp.int32),
+        jnp.zeros([], jnp.int32) if hvps is None else jnp.asarray(hvps, jnp.int32),
+    )
+
+
+def _zero_steps(state: Any, kind: str) -> tuple[int | None, ...] | None:
+    """``linesearch_failures`` of each second phase of a chain, innermost first."""
+    if kind == "two_phase":
+        chain = _two_phase_chain(state)[::-1]
+    elif kind == "cg":
+        chain = [state]
+    else:
+        return None
+    found = []
+    for node in chain:
+        value = tp.info(node).linesearch_failures
+        found.append(None if value is None else int(value))
+    return tuple(found)
+
+
 def _step_fn(value_fn: Callable[[Params], jax.Array], optimizer, kind: str):
-    """``(params, state) -> (params, state, cost, phase_after)`` for one optimizer step."""
+    """``(params, state) -> (params, state, evals, hvps, stage_after)`` for one optimizer
+    step: the evaluations and Hessian-vector products it made (int32)."""
     optimizer = optax.with_extra_args_support(optimizer)
     value_and_grad = jax.value_and_grad(value_fn)
-
-    def evals(state):
-        return tp.info(state).value_and_grad_evals.astype(jnp.int32)
+    izero, ione = jnp.zeros([], jnp.int32), jnp.ones([], jnp.int32)
 
     def step(params, state):
         if kind == "first_order":
@@ -450,7 +564,7 @@ def _step_fn(value_fn: Callable[[Params], jax.Array], optimizer, kind: str):
             updates, new_state = optimizer.update(
                 grad, state, params, value=value, value_fn=value_fn
             )
-            cost, phase = jnp.ones([], jnp.int32), jnp.zeros([], jnp.int32)
+            evals, hvps, stage = ione, izero, izero
         elif kind == "lbfgs":
             stored = optax.tree.get(state, "value")
             cached = jnp.isfinite(stored)
@@ -458,12 +572,16 @@ def _step_fn(value_fn: Callable[[Params], jax.Array], optimizer, kind: str):
             updates, new_state = optimizer.update(
                 grad, state, params, value=value, grad=grad, value_fn=value_fn
             )
-            cost = (~cached).astype(jnp.int32) + _zoom_evals(new_state)
-            phase = jnp.zeros([], jnp.int32)
+            evals, hvps, stage = (~cached).astype(jnp.int32) + _zoom_evals(new_state), izero, izero
         else:
-            in_first = tp.info(state).phase == 0 if kind == "two_phase" else jnp.zeros([], bool)
+            # The incoming gradient is needed only while the innermost first stage runs
+            # (a two-phase chain's stage 0); later stages evaluate value_fn themselves.
+            if kind == "two_phase":
+                needs_grad = _stage(_two_phase_chain(state)) == 0
+            else:
+                needs_grad = jnp.zeros([], bool)
             value, grad = lax.cond(
-                in_first,
+                needs_grad,
                 value_and_grad,
                 lambda p: (
                     jnp.zeros([], jnp.result_type(*jax.tree.leaves(p))),
@@ -474,9 +592,17 @@ def _step_fn(value_fn: Callable[[Params], jax.Array], optimizer, kind: str):
             updates, new_state = optimizer.update(
                 grad, state, params, value=value, value_fn=value_fn
             )
-            cost = in_first.astype(jnp.int32) + evals(new_state) - evals(state)
-            phase = tp.info(new_state).phase if kind == "two_phase" else jnp.ones([], jnp.int32)
-        return optax.apply_updates(params, updates), new_state, cost, phase
+            (evals_before, hvps_before), (evals_after, hvps_after) = (
+                _counts(state, kind),
+                _counts(new_state, kind),
+            )
+            evals = needs_grad.astype(jnp.int32) + evals_after - evals_before
+            hvps = hvps_after - hvps_before
+            if kind == "two_phase":
+                stage = _stage(_two_phase_chain(new_state))
+            else:
+                stage = ione
+        return optax.apply_updates(params, updates), new_state, evals, hvps, stage
 
     return step
 
@@ -486,22 +612,30 @@ def train(
     params: Params,
     optimizer: optax.GradientTransformation | Callable[[Any], optax.GradientTransformation],
     *,
-    budget: int,
+    budget: float,
     log_points: int = 50,
     hyperparams: Any = None,
+    value_fn: Callable[[Params], jax.Array] | None = None,
 ) -> TrainLog:
     """Full-batch training of ``params`` at a strict budget of ``budget`` evaluations.
 
-    Every step gets the full-batch gradient: a first-order transformation (``optax.adam``)
-    ``update(grad, state, params, value=, value_fn=)`` at one evaluation per step; a
-    :func:`twophase.two_phase` optimizer (``adam_cg``, ``adam_lbfgs``) the same in phase 0 and
-    zero updates in phase 1, where it evaluates ``value_fn`` itself and its count
-    (``twophase.info(state).value_and_grad_evals``) is charged; ``optax.lbfgs`` gets
+    Cost is counted in evaluation-equivalents: one full-batch value-and-gradient evaluation
+    counts 1, one Hessian-vector product ``twophase.HVP_COST`` (1.5). Every step gets the
+    full-batch gradient: a first-order transformation (``optax.adam``) ``update(grad, state,
+    params, value=, value_fn=)`` at one evaluation per step; a :func:`twophase.two_phase`
+    optimizer (``adam_cg``, ``adam_lbfgs``, ``adam_newton_cg``) the same in phase 0 and zero
+    updates in phase 1, where it evaluates ``value_fn`` itself and the increase of its counts
+    (``twophase.info(state).value_and_grad_evals`` and ``.hessian_vector_products``) is
+    charged; a bare second phase (``nonlinear_cg``, ``newton_cg``) likewise. A chain of
+    two-phase optimizers nested through their first transformation (``two_phase(two_phase(
+    adam, lbfgs, d1), newton_cg(), d2)``) is charged the counts of every level and gets the
+    incoming gradient only while its innermost first stage runs. ``optax.lbfgs`` gets
     ``value``/``grad`` from ``optax.value_and_grad_from_state`` and is charged one evaluation
     when that is not cached plus its line-search steps. A step that would take the cost above
-    ``budget`` is discarded and training stops, so the final cost never exceeds it. The run
-    also stops after ``4 * budget`` steps (steps that evaluate nothing, e.g. at a stationary
-    point).
+    ``budget`` is discarded and training stops, so the final cost never exceeds it (a
+    Newton-CG step of 100 products costs 150 or more: near the end of the budget it is the
+    one discarded). The run also stops after ``4 * budget`` steps (steps that evaluate
+    nothing, e.g. at a stationary point).
 
     The loop runs in a compiled ``lax.while_loop`` in ``log_points`` chunks of about equal
     cost; after each, the loss terms are measured (not counted).
@@ -518,15 +652,23 @@ def train(
       params: initial parameters.
       optimizer: an optax transformation (see above), or with ``hyperparams`` a function
         returning one.
-      budget: evaluations allowed, a positive int.
+      budget: evaluation-equivalents allowed, a finite number ``>= 1``.
       log_points: how many times to log along the way (plus the start).
       hyperparams: ``None``, or the arguments of ``optimizer``.
+      value_fn: the objective the optimizer is given (``params -> scalar``), the same
+        function as ``loss_fn``'s total in another form, e.g. :func:`make_gauss_newton_loss`
+        for ``newton_cg(curvature="gauss_newton")``; ``None``: ``loss_fn``'s total.
 
     Returns:
       A :class:`TrainLog`.
     """
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
-        raise ValueError(f"`budget` must be a positive int, got {budget!r}.")
+    if (
+        isinstance(budget, bool)
+        or not isinstance(budget, (int, float, np.integer, np.floating))
+        or not math.isfinite(budget)
+        or budget < 1
+    ):
+        raise ValueError(f"`budget` must be a finite number >= 1, got {budget!r}.")
     if isinstance(log_points, bool) or not isinstance(log_points, int) or log_points < 1:
         raise ValueError(f"`log_points` must be a positive int, got {log_points!r}.")
     if hyperparams is None:
@@ -538,19 +680,24 @@ def train(
     hyperparams = jax.tree.map(jnp.asarray, hyperparams)
     state = optax.with_extra_args_support(make(hyperparams)).init(params)
     kind = _kind(state)
-    zero = jnp.zeros([], jnp.int32)
-    carry = (params, state, zero, zero, jnp.zeros([], bool), jnp.full([], -1, jnp.int32))
-    args = (carry, zero, zero, hyperparams)
-    key = (loss_fn, optimizer, kind, _signature(args))
+    zero, fzero = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32)
+    carry = _Carry(
+        params, state, zero, zero, zero, jnp.zeros([], bool), jnp.full([], -1.0, jnp.float32)
+    )
+    args = (carry, fzero, fzero, hyperparams)
+    if value_fn is not None and not callable(value_fn):
+        raise ValueError(f"`value_fn` must be callable or None, got {value_fn!r}.")
+    key = (loss_fn, value_fn, optimizer, kind, _signature(args))
     compile_seconds = 0.0
     if key not in _COMPILED:
         started = time.perf_counter()
-        _COMPILED[key] = jax.jit(_advance_fn(loss_fn, make, kind)).lower(*args).compile()
+        advance = _advance_fn(loss_fn, make, kind, value_fn)
+        _COMPILED[key] = jax.jit(advance).lower(*args).compile()
         compile_seconds = time.perf_counter() - started
     compiled = _COMPILED[key]
     measure = jax.jit(loss_fn)
 
-    log: dict[str, Any] = {"cost": [0], "loss": [], "terms": {}, "phase": []}
+    log: dict[str, Any] = {"cost": [0.0], "loss": [], "terms": {}, "phase": []}
 
     def record(params, phase):
         total, terms = jax.device_get(measure(params))
@@ -561,33 +708,57 @@ def train(
 
     record(params, 0)
     wall = 0.0
-    budget_arg = jnp.asarray(budget, jnp.int32)
-    targets = np.unique(np.linspace(0, budget, log_points + 1).round().astype(int)[1:])
+    budget_arg = jnp.asarray(budget, jnp.float32)
+    targets = np.unique(np.linspace(0, float(budget), log_points + 1)[1:])
     for target in targets:
         started = time.perf_counter()
-        carry = compiled(carry, jnp.asarray(target, jnp.int32), budget_arg, hyperparams)
+        carry = compiled(carry, jnp.asarray(target, jnp.float32), budget_arg, hyperparams)
         jax.block_until_ready(carry)
         wall += time.perf_counter() - started
-        params, state, cost, steps, done, _ = carry
-        phase = int(tp.info(state).phase) if kind == "two_phase" else int(kind == "cg")
-        log["cost"].append(int(cost))
-        record(params, phase)
-        if bool(done) or int(steps) >= 4 * budget:
+        if kind == "two_phase":
+            phase = int(_stage(_two_phase_chain(carry.state)))
+        else:
+            phase = int(kind == "cg")
+        log["cost"].append(float(_cost(carry.evals, carry.hvps)))
+        record(carry.params, phase)
+        if bool(carry.done) or int(carry.steps) >= 4 * budget:
             break
-    params, state, _, steps, _, switch_cost = carry
-    switch = int(switch_cost)
+    switch = float(carry.switch_cost)
     return TrainLog(
-        params=params,
-        state=state,
+        params=carry.params,
+        state=carry.state,
         cost=np.asarray(log["cost"]),
         loss=np.asarray(log["loss"]),
         terms={k: np.asarray(v) for k, v in log["terms"].items()},
         phase=np.asarray(log["phase"]),
-        switch_cost=None if switch < 0 else float(switch),
-        steps=int(steps),
+        switch_cost=None if switch < 0 else switch,
+        steps=int(carry.steps),
         wall_seconds=wall,
         compile_seconds=compile_seconds,
+        evaluations=int(carry.evals),
+        hessian_vector_products=int(carry.hvps),
+        zero_steps=_zero_steps(carry.state, kind),
     )
+
+
+class _Carry(NamedTuple):
+    """The training loop's carry: ``evals`` and ``hvps`` (int32) are the cost so far,
+    ``done`` says a step was discarded at the budget, ``switch_cost`` (float32) is the cost
+    when the first stage was left (-1 before)."""
+
+    params: Params
+    state: Any
+    evals: jax.Array
+    hvps: jax.Array
+    steps: jax.Array
+    done: jax.Array
+    switch_cost: jax.Array
+
+
+def _cost(evals: jax.Array, hvps: jax.Array) -> jax.Array:
+    """float32 evaluation-equivalents; exact (``HVP_COST`` = 1.5 is a binary fraction) up to
+    2**23 evaluations."""
+    return jnp.asarray(evals, jnp.float32) + tp.HVP_COST * jnp.asarray(hvps, jnp.float32)
 
 
 _COMPILED: dict[Any, Any] = {}
@@ -599,32 +770,33 @@ def _signature(tree: Any) -> Any:
     return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
 
 
-def _advance_fn(loss_fn, make, kind: str):
+def _advance_fn(loss_fn, make, kind: str, value_fn=None):
     """``(carry, target, budget, hyperparams) -> carry``: steps until the cost reaches
     ``target``, a step would exceed ``budget`` (discarded; ``done``) or ``4 * budget`` steps."""
-    value_fn = lambda p: loss_fn(p)[0]
+    if value_fn is None:
+        value_fn = lambda p: loss_fn(p)[0]
 
     def advance(carry, target, budget, hyperparams):
         step = _step_fn(value_fn, make(hyperparams), kind)
 
-        def cond(carry):
-            _, _, cost, steps, done, _ = carry
-            return (cost < target) & ~done & (steps < 4 * budget)
+        def cond(c):
+            return (_cost(c.evals, c.hvps) < target) & ~c.done & (c.steps < 4 * budget)
 
-        def body(carry):
-            params, state, cost, steps, _, switch_cost = carry
-            new_params, new_state, step_cost, phase = step(params, state)
-            new_cost = cost + step_cost
+        def body(c):
+            new_params, new_state, step_evals, step_hvps, stage = step(c.params, c.state)
+            evals, hvps = c.evals + step_evals, c.hvps + step_hvps
+            new_cost = _cost(evals, hvps)
             keep = new_cost <= budget
-            switched = keep & (phase == 1) & (switch_cost < 0) & (kind == "two_phase")
-            params, state = optax.tree.where(keep, (new_params, new_state), (params, state))
-            return (
+            switched = keep & (stage >= 1) & (c.switch_cost < 0) & (kind == "two_phase")
+            params, state = optax.tree.where(keep, (new_params, new_state), (c.params, c.state))
+            return _Carry(
                 params,
                 state,
-                jnp.where(keep, new_cost, cost),
-                steps + keep.astype(jnp.int32),
+                jnp.where(keep, evals, c.evals),
+                jnp.where(keep, hvps, c.hvps),
+                c.steps + keep.astype(jnp.int32),
                 ~keep,
-                jnp.where(switched, new_cost, switch_cost),
+                jnp.where(switched, new_cost, c.switch_cost),
             )
 
         return lax.while_loop(cond, body, carry)
