@@ -130,12 +130,25 @@ def adam_cg_precond_at(h: Hyperparams) -> optax.GradientTransformation:
     return tp.adam_cg(h["lr"], detector=tp.switch_at(h["switch"]), precondition=True)
 
 
+SHORT_INNER = 10
+
+
 def adam_newton_cg_at(h: Hyperparams) -> optax.GradientTransformation:
     return tp.adam_newton_cg(h["lr"], detector=tp.switch_at(h["switch"]))
 
 
 def adam_newton_cg_precond_at(h: Hyperparams) -> optax.GradientTransformation:
     return tp.adam_newton_cg(h["lr"], detector=tp.switch_at(h["switch"]), precondition=True)
+
+
+def adam_newton_cg_short_at(h: Hyperparams) -> optax.GradientTransformation:
+    # Cheaper outer iterations: at most SHORT_INNER products per inner solve (default 100).
+    return tp.adam_newton_cg(
+        h["lr"],
+        detector=tp.switch_at(h["switch"]),
+        precondition=True,
+        max_inner_iterations=SHORT_INNER,
+    )
 
 
 def adam_newton_cg_gn_at(h: Hyperparams) -> optax.GradientTransformation:
@@ -188,6 +201,7 @@ METHODS: list[Method] = [
     *[Method(f"Adam->CG precond {j}/41", adam_cg_precond_at, j) for j in SPLITS],
     *[Method(f"Adam->Newton-CG {j}/41", adam_newton_cg_at, j) for j in SPLITS],
     *[Method(f"Adam->Newton-CG precond {j}/41", adam_newton_cg_precond_at, j) for j in SPLITS],
+    *[Method(f"Adam->Newton-CG precond short {j}/41", adam_newton_cg_short_at, j) for j in SPLITS],
     *[Method(f"Adam->L-BFGS->Newton-CG {j}/41", adam_lbfgs_newton_cg_at, j) for j in SPLITS],
     *[
         Method(f"Adam->Newton-CG GN {j}/41", adam_newton_cg_gn_at, j, gauss_newton=True)

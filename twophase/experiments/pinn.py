@@ -434,7 +434,7 @@ class TrainLog(NamedTuple):
         ``HVP_COST`` evaluations).
       zero_steps: per stage after the first (e.g. ``(l_bfgs, newton_cg)`` for a chain), the
         second phase's steps that made no progress as ``twophase.info(state)
-        .linesearch_failures`` reports them; ``None`` where the state holds no such count
+        .zero_steps`` reports them; ``None`` where the state holds no such count
         (a single transformation, or a second phase that does not report one).
     """
 
@@ -537,7 +537,9 @@ def _counts(state: Any, kind: str) -> tuple[jax.Array, jax.Array]:
 
 
 def _zero_steps(state: Any, kind: str) -> tuple[int | None, ...] | None:
-    """``linesearch_failures`` of each second phase of a chain, innermost first."""
+    """Zero steps (line searches that found no decrease, ``tp.info(...).zero_steps``:
+    over all trials of a two-phase state) of each second phase of a chain,
+    innermost first."""
     if kind == "two_phase":
         chain = _two_phase_chain(state)[::-1]
     elif kind == "cg":
@@ -546,7 +548,7 @@ def _zero_steps(state: Any, kind: str) -> tuple[int | None, ...] | None:
         return None
     found = []
     for node in chain:
-        value = tp.info(node).linesearch_failures
+        value = tp.info(node).zero_steps
         found.append(None if value is None else int(value))
     return tuple(found)
 
