@@ -1,8 +1,9 @@
 """Shared helpers of the ``benchmarks/`` scripts.
 
 Small tanh MLPs written as plain pytrees (a list of ``(w, b)`` pairs), the mean-squared-error
-loss the paper uses, the benchmark problems of ``switching.py`` and a deterministic mini-batch
-schedule. Everything is float32 and seeded.
+loss the paper uses, the benchmark problems of ``switching.py``, a deterministic mini-batch
+schedule (for the scripts' own Adam loops) and ``train_run``: one optimizer on one problem
+through ``tp.train(..., strict_budget=True)``. Everything is float32 and seeded.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 import optax
 import optax.tree
 from jax import lax
+
+import twophase as tp
 
 Params = list  # [(w, b), ...]
 
@@ -199,3 +202,64 @@ def run_adam(problem: Problem, lr: float, schedule: np.ndarray, data) -> tuple[f
         est, rms, cos = np.asarray(stats)
         diag[epoch] = (float(est), float(norm), float(rms), float(cos), float(loss))
     return diag[len(schedule)][4], diag
+
+
+# --------------------------------------------------------------------------- through tp.train
+
+
+class Run(NamedTuple):
+    """One ``tp.train`` run at a strict budget, summarised from its history."""
+
+    loss: float  # full-batch training loss after the last kept epoch
+    switch_epoch: int | None  # Adam epochs before the first switch; None: never switched
+    adam_epochs: int  # phase-0 (mini-batch) epochs kept
+    evals: int  # full-batch value+grad evaluations made by the optimizer (tp.info)
+    iterations: int  # phase-1 iterations kept (one per phase-1 epoch)
+    cost: float  # epoch-equivalents, tp.train's accounting
+    stats: dict[int, float]  # epoch -> detector grad_norm_stat, before the first switch
+    params: object  # the final parameters
+
+
+def loss_fn(params: Params, batch) -> jax.Array:
+    """``mse`` as ``tp.train``'s ``loss_fn(params, (x, y))``."""
+    return mse(params, *batch)
+
+
+def train_run(problem: Problem, optimizer, budget: float, seed: int = 0) -> Run:
+    """``optimizer`` on ``problem`` from ``problem.init()`` through ``tp.train(...,
+    cost_budget=budget, strict_budget=True, seed=seed)``: every run with the same ``seed`` sees
+    the same mini-batch shuffles, so two-phase runs share Adam's trajectory up to their switch.
+    An epoch that would take the cost above ``budget`` is discarded (the run stops there)."""
+    result = tp.train(
+        loss_fn,
+        problem.init(),
+        (problem.x, problem.y),
+        optimizer,
+        batch_size=problem.batch_size,
+        max_epochs=10 * int(budget),
+        cost_budget=budget,
+        strict_budget=True,
+        progress=False,
+        seed=seed,
+    )
+    history = result.history
+    switches = [r["switch_step"] for r in history if r["switch_step"] not in (None, -1)]
+    stats = {
+        r["epoch"]: r["grad_norm_stat"]
+        for r in history
+        if r["phase"] == 0 and r["switch_step"] in (None, -1) and r["grad_norm_stat"] is not None
+    }
+    try:
+        evals = int(tp.info(result.opt_state).value_and_grad_evals)
+    except ValueError:  # no twophase state (optax.adam): no full-batch evaluation
+        evals = 0
+    return Run(
+        loss=history[-1]["train_loss"],
+        switch_epoch=switches[0] // problem.steps_per_epoch if switches else None,
+        adam_epochs=sum(r["phase"] == 0 for r in history),
+        evals=evals,
+        iterations=sum(r["phase"] == 1 for r in history),
+        cost=history[-1]["cost"],
+        stats=stats,
+        params=result.params,
+    )

@@ -3,8 +3,10 @@
 On ``teacher-student-small`` (49 parameters, ``_problems.py``) at a budget of 1000
 epoch-equivalents, ``benchmarks/switching.py`` found that CG started from Adam's point after
 some epochs drives the loss to ~1e-8 (four orders of magnitude below Adam), and from others
-ends just below Adam. This script reruns those fixed splits (the same trainer, Adam learning
-rate and mini-batch schedule as ``switching.py``; a last row never switches) and, at each run's
+ends just below Adam. This script reruns those fixed splits (``tp.adam_cg(lr,
+detector=tp.switch_at(k epochs))`` through ``tp.train(..., strict_budget=True)`` with
+``_problems.train_run``, as ``switching.py`` does: the same Adam learning rate and mini-batch
+shuffles for every row; a last row never switches) and, at each run's
 final point, computes the full-batch loss, gradient norm and the eigenvalues of the full-batch
 Hessian (float32 ``jax.hessian`` of the 49-parameter MSE, eigenvalues in float64 by NumPy): the
 smallest, the largest, their ratio where positive, and how many are negative (below ``-1e-6``
@@ -23,16 +25,11 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-import switching
-from _problems import (
-    batch_schedule,
-    command_line,
-    markdown_table,
-    mse,
-    run_adam,
-    small_teacher_student,
-)
+import optax
+from _problems import command_line, markdown_table, mse, small_teacher_student, train_run
 from jax.flatten_util import ravel_pytree
+
+import twophase as tp
 
 
 def end_point_spectrum(params, data) -> tuple[float, float, np.ndarray]:
@@ -55,15 +52,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     problem = small_teacher_student()
     data = (jnp.asarray(problem.x), jnp.asarray(problem.y))
-    schedule = batch_schedule(problem.x.shape[0], problem.batch_size, args.budget)
     spe = problem.steps_per_epoch
 
-    trainer = switching.Trainer(problem, switching.methods(args.lr, spe)["split"])
-    adam_loss, _ = run_adam(problem, args.lr, schedule, data)
+    adam_loss = train_run(problem, optax.adam(args.lr), args.budget).loss
     rows = []
     never = args.budget + 1
     for split in [*args.splits, never]:
-        run = trainer.run(schedule, data, split=split * spe)
+        optimizer = tp.adam_cg(args.lr, window=spe, detector=tp.switch_at(split * spe))
+        run = train_run(problem, optimizer, args.budget)
         loss, grad_norm, eig = end_point_spectrum(run.params, data)
         negative = int(np.sum(eig < -1e-6 * eig[-1]))
         rows.append(

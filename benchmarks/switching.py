@@ -7,7 +7,8 @@ mini-batch schedule until a budget of ``--budget`` epoch-equivalents is spent, a
 the full-batch TRAINING loss reached (and its ratio to Adam alone). Methods:
 
 * Adam alone (``optax.adam``), learning rate chosen per problem by a sweep (best final loss);
-* ``tp.adam_cg`` with its default detector (``loss_plateau``, window = steps per epoch, free),
+* ``tp.adam_cg`` with its default policy (``tp.safe_resort``, window = steps per epoch, told the
+  budget by ``tp.train``),
   with ``norm_loss_slope(estimator="exact")`` (window ``DETECTOR_EPOCHS`` epochs, one full-batch
   evaluation each), with ``grad_norm_peak(0.9, window=steps per epoch)`` (the paper's rule) on
   the window estimate and on the exact norm (Algorithm 1);
@@ -21,28 +22,33 @@ the full-batch TRAINING loss reached (and its ratio to Adam alone). Methods:
 Every method uses the same Adam learning rate, so all two-phase runs share Adam's trajectory up to
 their switch.
 
-How cost is counted (epoch-equivalents). One mini-batch epoch (all mini-batch gradients of an
-epoch) costs 1. One full-batch evaluation of the loss with its gradient costs 1. For CG this is
-the increase of ``tp.info(state).value_and_grad_evals`` (line-search trials included), which also
-holds the exact detector's one full-batch gradient per window. For L-BFGS the count is
-``1 + sum(num_linesearch_steps)`` over phase-1 steps: ``two_phase`` evaluates value and gradient
-once at the switch (the zoom state's ``value`` is ``inf``), afterwards the zoom line search
-stores the value and gradient at its accepted point and each zoom step is one evaluation; a host
-counter (``jax.debug.callback`` inside the objective) checks this and any mismatch is printed.
-Phase 0 is run a whole epoch at a time (a jitted ``lax.scan``); detectors decide at the end of a
-window = epoch, so switches fall on epoch boundaries. Phase 1 is one jitted CG (or L-BFGS)
-iteration per call, with no mini-batch gradient computed (zeros are passed). A step that would
-exceed the budget is discarded: the run stops at the last iteration that fits. The loss measuring
-the result is not counted.
+How the runs are made and cost is counted. Every run, Adam alone included, goes through
+``tp.train(loss_fn, params, data, optimizer, batch_size=..., cost_budget=--budget,
+strict_budget=True, seed=0)`` (``_problems.train_run``): the same seed gives every run the same
+mini-batch shuffles, so all two-phase runs share Adam's trajectory up to their switch. The cost is
+``tp.train``'s, in epoch-equivalents: one mini-batch epoch (all mini-batch gradients of an epoch)
+costs 1 (a part of an epoch, its share), one full-batch evaluation of the loss with its gradient
+costs 1 (``tp.info(state).cost``: CG's evaluations with its line-search trials, L-BFGS's zoom
+evaluations as counted by ``two_phase``, an exact detector's one evaluation per window). A phase-0
+epoch is one jitted pass over a fresh shuffle; a phase-1 epoch is one CG (or L-BFGS) iteration,
+with no mini-batch gradient computed. An epoch that would take the cost above the budget is
+discarded: the run stops at the last epoch that fits. The monitoring loss is not counted. The
+``evals`` column is ``tp.info(state).value_and_grad_evals`` at the end. (Until 2026-11-29 this
+script ran its own trainer on a NumPy-seeded schedule and cross-checked the L-BFGS count against
+a host counter inside the objective; ``tp.train``'s count replaces both, so the ``count
+mismatch`` lines are gone.)
 
 Diagnostics. The ``"window"`` estimator estimates the full-batch gradient norm from a window's
 mini-batch gradients ``g_i`` as ``sqrt((||sum g||^2 - sum ||g||^2) / (m (m - 1)))``, unbiased for
 i.i.d. batches at a fixed point. Along Adam's own path the window sum measures the net
 displacement instead, which drives the estimate to 0. The diagnostic table shows, for Adam alone
-at a few epochs, that estimate (a replica computed in the Adam run), ``norm_loss_slope``'s
-``grad_norm_stat`` (the exact full-batch norm, every ``DETECTOR_EPOCHS`` epochs), the true
-full-batch norm at the epoch's end, the RMS mini-batch norm and the mean cosine between successive
-mini-batch gradients.
+at a few epochs, that estimate, ``norm_loss_slope``'s ``grad_norm_stat`` (the exact full-batch
+norm, every ``DETECTOR_EPOCHS`` epochs), the true full-batch norm at the epoch's end, the RMS
+mini-batch norm and the mean cosine between successive mini-batch gradients. ``tp.train`` does not
+expose the mini-batch gradients, so these columns come from a replica Adam run
+(``_problems.run_adam``, same initialisation and learning rate) on the script's own seeded
+schedule (``batch_schedule``), not on ``tp.train``'s shuffles; only the ``norm_loss_slope`` column
+comes from the ``tp.train`` run of that detector (on Adam's ``tp.train`` trajectory).
 
 Usage::
 
@@ -60,171 +66,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import optax.tree
 from _problems import (
     Problem,
+    Run,
     batch_schedule,
     command_line,
     count_params,
-    full_loss_and_norm,
     markdown_table,
-    mse,
     problems,
     run_adam,
+    train_run,
 )
-from jax import lax
 
 import twophase as tp
 
-MakeOpt = Callable[[jax.Array], optax.GradientTransformationExtraArgs]
-
 
 class Method(NamedTuple):
-    """``make(split)`` builds the optimizer inside the jitted step; ``split`` is a traced int32
-    (the fixed switch step, used only by ``switch_at`` methods) so that a sweep compiles once."""
+    """``make(split)`` builds the optimizer; ``split`` is the fixed switch step (used only by
+    ``switch_at`` methods)."""
 
     name: str
-    make: MakeOpt
-    lbfgs: bool = False
-
-
-class Run(NamedTuple):
-    loss: float
-    switch_epoch: int | None  # Adam epochs before the switch; None: never switched
-    adam_epochs: int
-    evals: int  # full-batch value+grad evaluations counted (phase 1 + exact detector)
-    iterations: int  # phase-1 iterations kept
-    cost: float
-    stats: dict[int, float]  # epoch -> detector grad_norm_stat (phase 0 only)
-    count_mismatch: str = ""
-    params: object = None  # the final parameters
-
-
-# --------------------------------------------------------------------------- two-phase runs
-
-
-def _counted(fn, counter: list[int]):
-    """``fn`` with a host-side evaluation counter (counts executed evaluations only)."""
-
-    def bump():
-        counter[0] += 1
-
-    def counted(*args):
-        jax.debug.callback(bump)
-        return fn(*args)
-
-    return counted
-
-
-def _detector_evals(state) -> int:
-    """Full-batch evaluations made by an exact detector (0 for the others)."""
-    return int(getattr(state.detector_state, "value_and_grad_evals", 0))
-
-
-def _zoom_steps(state) -> int:
-    """``num_linesearch_steps`` of the last L-BFGS zoom line search."""
-    kind = optax.ScaleByZoomLinesearchState
-    leaves = jax.tree.leaves(state.second_state, is_leaf=lambda x: isinstance(x, kind))
-    return int(next(n for n in leaves if isinstance(n, kind)).info.num_linesearch_steps)
-
-
-class Trainer:
-    """Jitted phase-0 epoch and phase-1 iteration for one method on one problem."""
-
-    def __init__(self, problem: Problem, method: Method):
-        self.problem = problem
-        self.method = method
-        self.host_evals = [0]
-        objective = _counted(mse, self.host_evals) if method.lbfgs else mse
-
-        def epoch(params, state, split, idx, data):
-            x, y = data
-            opt = method.make(split)
-
-            def step(carry, batch):
-                params, state = carry
-                loss, grad = jax.value_and_grad(mse)(params, x[batch], y[batch])
-                updates, state = opt.update(
-                    grad, state, params, value=loss, value_fn=lambda p: objective(p, x, y)
-                )
-                return (optax.apply_updates(params, updates), state), None
-
-            (params, state), _ = lax.scan(step, (params, state), idx)
-            return params, state
-
-        def iteration(params, state, split, data):
-            zeros = optax.tree.zeros_like(params)
-            updates, state = method.make(split).update(
-                zeros,
-                state,
-                params,
-                value=jnp.zeros([]),
-                value_fn=lambda p: objective(p, *data),
-            )
-            return optax.apply_updates(params, updates), state
-
-        self.epoch = jax.jit(epoch)
-        self.iteration = jax.jit(iteration)
-
-    def evals(self, state, lbfgs_evals: int) -> int:
-        """Counted full-batch evaluations: CG's own plus an exact detector's (``tp.info``), or
-        the L-BFGS count plus the detector's."""
-        if self.method.lbfgs:
-            return _detector_evals(state) + lbfgs_evals
-        return int(tp.info(state).value_and_grad_evals)
-
-    def run(self, schedule: np.ndarray, data, split: int = 0) -> Run:
-        """Train within ``len(schedule)`` epoch-equivalents."""
-        budget = len(schedule)
-        params = self.problem.init()
-        split_arr = jnp.int32(split)
-        state = self.method.make(split_arr).init(params)
-        epochs, stats = 0, {}
-        while epochs < budget and int(state.phase) == 0:
-            new_params, new_state = self.epoch(params, state, split_arr, schedule[epochs], data)
-            if epochs + 1 + self.evals(new_state, 0) > budget:
-                break
-            params, state, epochs = new_params, new_state, epochs + 1
-            stat = tp.info(state).grad_norm_stat
-            if int(state.phase) == 0 and stat is not None:
-                stats[epochs] = float(stat)
-        if int(state.phase) == 0:
-            evals = self.evals(state, 0)
-            loss, _ = full_loss_and_norm(params, data)
-            return Run(float(loss), None, epochs, evals, 0, epochs + evals, stats, params=params)
-        return self._phase1(params, state, split_arr, data, epochs, stats, budget)
-
-    def _phase1(self, params, state, split_arr, data, epochs, stats, budget) -> Run:
-        lbfgs_evals, iterations, host_kept = 0, 0, 0
-        jax.effects_barrier()
-        self.host_evals[0] = 0
-        while True:
-            new_params, new_state = self.iteration(params, state, split_arr, data)
-            step = _zoom_steps(new_state) + (iterations == 0) if self.method.lbfgs else 0
-            new_evals = self.evals(new_state, lbfgs_evals + step)
-            if epochs + new_evals > budget or new_evals == self.evals(state, lbfgs_evals):
-                break  # over budget, or no evaluation made (converged / stuck)
-            params, state, iterations = new_params, new_state, iterations + 1
-            lbfgs_evals += step
-            jax.effects_barrier()
-            host_kept = self.host_evals[0]
-        evals = self.evals(state, lbfgs_evals)
-        mismatch = ""
-        if self.method.lbfgs and host_kept != lbfgs_evals:
-            mismatch = f"L-BFGS count {lbfgs_evals} != host count {host_kept}"
-        loss, _ = full_loss_and_norm(params, data)
-        switch_epoch = int(state.switch_step) // self.problem.steps_per_epoch
-        return Run(
-            float(loss),
-            switch_epoch,
-            epochs,
-            evals,
-            iterations,
-            epochs + evals,
-            stats,
-            mismatch,
-            params,
-        )
+    make: Callable[[int], optax.GradientTransformationExtraArgs]
 
 
 # --------------------------------------------------------------------------- methods
@@ -241,7 +103,7 @@ def methods(lr: float, spe: int) -> dict[str, Method]:
     slope_exact = tp.norm_loss_slope(window=window, patience=5, estimator="exact")
     return {
         "default": Method(
-            "Adam->CG, default (loss_plateau, first window 1 epoch)",
+            "Adam->CG, default (safe_resort, window 1 epoch)",
             lambda s: tp.adam_cg(lr, window=spe),
         ),
         "slope_exact": Method(
@@ -271,12 +133,10 @@ def methods(lr: float, spe: int) -> dict[str, Method]:
         "lbfgs_default": Method(
             "Adam->L-BFGS, default detector",
             lambda s: tp.adam_lbfgs(lr, window=spe),
-            lbfgs=True,
         ),
         "lbfgs_split": Method(
             "Adam->L-BFGS, best fixed split",
             lambda s: tp.adam_lbfgs(lr, window=spe, detector=tp.switch_at(s)),
-            lbfgs=True,
         ),
     }
 
@@ -292,7 +152,7 @@ class ProblemReport(NamedTuple):
     lr: float
     lr_losses: dict[float, float]
     lr_diags: dict[float, dict]
-    adam_loss: float
+    adam: Run
     diag: dict
     runs: dict[str, Run]
     sweep: dict[int, Run]
@@ -301,29 +161,38 @@ class ProblemReport(NamedTuple):
 
 def evaluate(problem: Problem, budget: int, n_splits: int, lrs) -> ProblemReport:
     start = time.perf_counter()
+    adam = {lr: train_run(problem, optax.adam(lr), budget) for lr in lrs}
+    lr = min(adam, key=lambda k: adam[k].loss)
+    # the diagnostics' replica Adam runs (mini-batch statistics tp.train does not expose)
     data = (jnp.asarray(problem.x), jnp.asarray(problem.y))
     schedule = batch_schedule(problem.x.shape[0], problem.batch_size, budget)
-    adam = {lr: run_adam(problem, lr, schedule, data) for lr in lrs}
-    lr = min(adam, key=lambda k: adam[k][0])
-    adam_loss, diag = adam[lr]
+    lr_diags = {k: run_adam(problem, k, schedule, data)[1] for k in lrs}
     spe = problem.steps_per_epoch
     table = methods(lr, spe)
+
+    def run(key: str, split: int = 0) -> Run:
+        return train_run(problem, table[key].make(split), budget)
+
     runs = {
-        key: Trainer(problem, table[key]).run(schedule, data)
+        key: run(key)
         for key in ("default", "slope_exact", "peak", "peak_exact", "pre_default", "lbfgs_default")
     }
-    trainer = Trainer(problem, table["split"])
-    sweep = {k: trainer.run(schedule, data, split=k * spe) for k in split_epochs(budget, n_splits)}
+    sweep = {k: run("split", k * spe) for k in split_epochs(budget, n_splits)}
     best = min(sweep, key=lambda k: sweep[k].loss)
     runs["split"] = sweep[best]
-    runs["pre_split"] = Trainer(problem, table["pre_split"]).run(schedule, data, split=best * spe)
-    runs["lbfgs_split"] = Trainer(problem, table["lbfgs_split"]).run(
-        schedule, data, split=best * spe
-    )
-    lr_losses = {k: v[0] for k, v in adam.items()}
-    lr_diags = {k: v[1] for k, v in adam.items()}
+    runs["pre_split"] = run("pre_split", best * spe)
+    runs["lbfgs_split"] = run("lbfgs_split", best * spe)
+    lr_losses = {k: v.loss for k, v in adam.items()}
     return ProblemReport(
-        problem, lr, lr_losses, lr_diags, adam_loss, diag, runs, sweep, time.perf_counter() - start
+        problem,
+        lr,
+        lr_losses,
+        lr_diags,
+        adam[lr],
+        lr_diags[lr],
+        runs,
+        sweep,
+        time.perf_counter() - start,
     )
 
 
@@ -372,11 +241,11 @@ def results_table(reports: list[ProblemReport]) -> str:
                 name,
                 f"Adam alone (lr {rep.lr:g})",
                 "-",
-                len(rep.diag),
+                rep.adam.adam_epochs,
                 0,
                 0,
-                len(rep.diag),
-                _fmt(rep.adam_loss),
+                f"{rep.adam.cost:g}",
+                _fmt(rep.adam.loss),
                 "1.000",
             ]
         )
@@ -392,9 +261,9 @@ def results_table(reports: list[ProblemReport]) -> str:
                     run.adam_epochs,
                     run.iterations,
                     run.evals,
-                    run.cost,
+                    f"{run.cost:g}",
                     _fmt(run.loss),
-                    _ratio(run.loss / rep.adam_loss),
+                    _ratio(run.loss / rep.adam.loss),
                 ]
             )
     return markdown_table(header, rows)
@@ -403,7 +272,7 @@ def results_table(reports: list[ProblemReport]) -> str:
 def sweep_table(reports: list[ProblemReport]) -> str:
     rows = []
     for rep in reports:
-        cells = [f"{k}: {_ratio(r.loss / rep.adam_loss)}" for k, r in rep.sweep.items()]
+        cells = [f"{k}: {_ratio(r.loss / rep.adam.loss)}" for k, r in rep.sweep.items()]
         rows.append([rep.problem.name, "; ".join(cells)])
     return markdown_table(["problem", "switch epoch: loss ratio to Adam"], rows)
 
@@ -500,7 +369,7 @@ def targets_table(reports: list[ProblemReport]) -> str:
 
     for rep in reports:
         default = rep.runs["default"]
-        ratio = default.loss / rep.adam_loss
+        ratio = default.loss / rep.adam.loss
         to_best = default.loss / rep.runs["split"].loss
         rows.append(
             [rep.problem.name, "default <= 1.05x Adam", _ratio(ratio), status(ratio <= 1.05)]
@@ -553,10 +422,6 @@ def main(argv=None) -> None:
     print(ratio_table(reports))
     print("\n### Targets\n")
     print(targets_table(reports))
-    for rep in reports:
-        for key, run in rep.runs.items():
-            if run.count_mismatch:
-                print(f"count mismatch ({rep.problem.name}, {key}): {run.count_mismatch}")
 
 
 if __name__ == "__main__":
