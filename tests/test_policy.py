@@ -327,3 +327,21 @@ def test_a_final_polish_that_fails_is_not_retried():
     state = state._replace(cost=jnp.float32(997.0))
     rearmed = policy.rearm(state, PARAMS)
     assert float(rearmed.polish_after) > 1000.0
+
+
+def test_adam_is_extrapolated_linearly_only_as_long_as_the_run_before_the_trial():
+    # Switch at cost 20 with Adam's pace 0.05 per epoch. A trial fast at first and
+    # slowing down (gain G log(1 + s / 20) / log(11) after s) is ahead of Adam at every
+    # judgement for G = 5: after 200 it has gained 5, where linear extrapolation
+    # would credit Adam 10 (and return it, like the PINN trial of RESULTS section 7),
+    # but beyond the run's age (20) Adam's pace decays as 1 / cost:
+    # 0.05 * 20 * (1 + log(200 / 20)) = 3.30.
+    spent = 10.0 * np.arange(1, 21)
+    shape = np.log1p(spent / 20.0) / np.log(11.0)
+    policy, state = _judging(budget=1000.0, trial_start=20.0, adam_pace=0.05, epochs=10)
+    _, backs = _trial(policy, state, list(-5.0 * shape), cost=10.0)
+    assert not any(backs)
+    # For G = 3 it falls behind within the run's age (0.87 < 0.05 * 20 after 20).
+    policy, state = _judging(budget=1000.0, trial_start=20.0, adam_pace=0.05, epochs=10)
+    _, backs = _trial(policy, state, list(-3.0 * shape[:2]), cost=10.0)
+    assert backs == [False, True]

@@ -193,7 +193,10 @@ def safe_resort(
       ``log(value - floor)`` (``value`` at the accepted point, full batch)
       since the switch point (whose loss is estimated from Adam's last epoch),
       is compared with what Adam would have gained in the same cost at its
-      pace frozen at the switch. A trial that is behind returns to Adam, whose
+      pace frozen at the switch, extrapolated linearly for as long as the run
+      before the switch (its cost ``c0``) and as a power law beyond (the pace
+      decaying as ``1 / cost``: ``c0 * (1 + log(spent / c0))`` epochs of
+      pace for ``spent > c0``). A trial that is behind returns to Adam, whose
       moments were kept: a return costs nothing. A trial that is ahead goes on,
       until its slowing pace lets the extrapolated Adam catch up. (Judging the
       last segment as well lost teacher-student-small's early basin: its
@@ -277,6 +280,16 @@ def safe_resort(
         return jnp.where(total > 0, jnp.clip(jnp.floor(0.05 * total), 3, history), history).astype(
             jnp.int32
         )
+
+    def adam_horizon(spent, age):
+        # Epochs of Adam's pace that `spent` epoch-equivalents of a trial are worth.
+        # Linear up to the run's age at the reference point; beyond, Adam's pace is
+        # taken to decay as 1 / cost (a power law in the loss), since a pace measured
+        # over at most `history` epochs says nothing of a stretch longer than the
+        # whole run before it (on a PINN the linear extrapolation returned an L-BFGS
+        # trial 5.6x below Adam's final loss; benchmarks/RESULTS.md section 7).
+        age = jnp.maximum(age, 1.0)
+        return jnp.where(spent <= age, spent, age * (1.0 + jnp.log(jnp.maximum(spent, age) / age)))
 
     def final_reserve(total):
         # The final polish: the last `2 * min_judge` epoch-equivalents, at least 0.5%.
@@ -396,7 +409,9 @@ def safe_resort(
         pace = (reference_log - log_value) / jnp.maximum(spent, 1e-12)
         # Behind: the trial has gained less since its reference point than Adam
         # would have at its pace from the switch.
-        behind = ~(reference_log - log_value >= state.adam_pace * spent)
+        behind = ~(
+            reference_log - log_value >= state.adam_pace * adam_horizon(spent, reference_cost)
+        )
         polishing = known & (cost_now >= polish * state.budget)
         final = known & (state.trial_start >= state.budget - final_reserve(state.budget))
         # A polish is judged only on a pace measured over at least half of `history`
