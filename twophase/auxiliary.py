@@ -182,8 +182,10 @@ def prepare_aux(state: PyTree, value_fn: Callable[[PyTree], Any], params: PyTree
     Found by field name: every NamedTuple with an ``aux`` field, at any depth
     (inside :func:`twophase.two_phase`, ``optax.chain``, ...). Call it once after
     ``init`` when the step runs inside ``lax.scan`` / ``lax.while_loop`` (whose
-    carry must keep its structure); a plain jitted step works without it and
-    retraces once after its first call. Trace-time only: no evaluation of
+    carry must keep its structure), and on the fresh state a checkpoint is
+    restored into (:func:`twophase.restore_checkpoint` needs the saved
+    structure); a plain jitted step works without it and retraces once after
+    its first call. Trace-time only: no evaluation of
     ``value_fn`` (``jax.eval_shape``).
 
     Args:
