@@ -145,13 +145,7 @@ def evaluate(
     results = {"adam": adam[lr]}
     if default_only:
         results["new default"] = run(problem, tp.adam_cg(lr, window=spe), budget)
-        return {
-            "problem": problem.name,
-            "budget": budget,
-            "lr": lr,
-            "results": results,
-            "seconds": time.perf_counter() - start,
-        }
+        return _report(problem, budget, lr, results, start)
     splits = {
         k: run(problem, tp.adam_cg(lr, window=spe, detector=tp.switch_at(k * spe)), budget)
         for k in split_epochs(budget, n_splits)
@@ -170,6 +164,10 @@ def evaluate(
     results[f"best split precond ({best_pre})"] = pre[best_pre]
     for name, make in methods(lr, spe, lbfgs).items():
         results[name] = run(problem, make(), budget)
+    return _report(problem, budget, lr, results, start)
+
+
+def _report(problem, budget, lr, results, start) -> dict:
     return {
         "problem": problem.name,
         "budget": budget,

@@ -30,3 +30,13 @@ def count_traces():
 
     wrap.counter = counter
     return wrap
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module. A long-lived xdist
+    worker otherwise accumulates thousands of executables, each holding memory
+    mappings of its JIT-compiled code, until the kernel's per-process mapping
+    limit (vm.max_map_count, 65530 by default) makes LLVM abort mid-compile."""
+    yield
+    jax.clear_caches()
