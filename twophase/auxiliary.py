@@ -148,7 +148,7 @@ def value_grad_and_aux(value_fn: Callable[[PyTree], Any], params: PyTree):
 
     def paired(p):
         loss, aux = value_fn(p)
-        return jnp.reshape(loss, ()), _as_template(aux, shape)
+        return jnp.reshape(loss, ()), as_template(aux, shape)
 
     value_and_grad = jax.value_and_grad(paired, has_aux=True)
 
@@ -159,7 +159,9 @@ def value_grad_and_aux(value_fn: Callable[[PyTree], Any], params: PyTree):
     return with_aux
 
 
-def _as_template(aux: PyTree, shape: PyTree) -> PyTree:
+def as_template(aux: PyTree, shape: PyTree) -> PyTree:
+    """``aux`` reshaped and cast leafwise like ``shape`` (arrays or
+    ``jax.ShapeDtypeStruct``s): one structure for every evaluation."""
     return jax.tree.map(lambda x, s: jnp.reshape(jnp.asarray(x, s.dtype), s.shape), aux, shape)
 
 

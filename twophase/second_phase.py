@@ -255,8 +255,10 @@ def evaluating(inner: optax.GradientTransformation) -> optax.GradientTransformat
         state = _aux.prepare_aux(state, value_fn, params)
         with_aux = state.aux is not None
 
+        scalar_fn = _aux.scalar_objective(value_fn)
+
         def objective(wide_params):
-            return _aux.scalar_objective(value_fn)(optax.tree.cast_like(wide_params, params))
+            return scalar_fn(optax.tree.cast_like(wide_params, params))
 
         wide = _compute(params)
         dtype = state.value.dtype
@@ -277,7 +279,9 @@ def evaluating(inner: optax.GradientTransformation) -> optax.GradientTransformat
         aux = state.aux
         if with_aux:
             new_params = optax.apply_updates(params, optax.tree.cast_like(new_updates, params))
-            aux = run_if(progressed, lambda old: _aux_at(value_fn, new_params, old), state.aux)
+            aux = run_if(
+                progressed, lambda old: _aux.as_template(value_fn(new_params)[1], old), state.aux
+            )
             evals = evals + progressed.astype(jnp.int32)
         return (
             optax.tree.cast_like(
@@ -297,12 +301,6 @@ def evaluating(inner: optax.GradientTransformation) -> optax.GradientTransformat
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _aux_at(value_fn, params: PyTree, like: PyTree) -> PyTree:
-    """``value_fn``'s ``aux`` at ``params`` (one forward evaluation), cast like ``like``."""
-    _, aux = value_fn(params)
-    return jax.tree.map(lambda x, ref: jnp.reshape(x, ref.shape).astype(ref.dtype), aux, like)
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
