@@ -141,6 +141,12 @@ def adam_newton_cg_precond_at(h: Hyperparams) -> optax.GradientTransformation:
     return tp.adam_newton_cg(h["lr"], detector=tp.switch_at(h["switch"]), precondition=True)
 
 
+def adam_newton_cg_nystrom_at(h: Hyperparams) -> optax.GradientTransformation:
+    # Rathore et al.'s NNCG preconditioner: a rank-60 Nystrom sketch of the Hessian, taken
+    # every 20 outer iterations (60 products each, counted), applied with the damping.
+    return tp.adam_newton_cg(h["lr"], detector=tp.switch_at(h["switch"]), precondition="nystrom")
+
+
 def adam_newton_cg_short_at(h: Hyperparams) -> optax.GradientTransformation:
     # Cheaper outer iterations: at most SHORT_INNER products per inner solve (default 100).
     return tp.adam_newton_cg(
@@ -181,6 +187,15 @@ def adam_lbfgs_newton_cg_gn_at(h: Hyperparams) -> optax.GradientTransformation:
     return tp.two_phase(adam_then_lbfgs, second, tp.switch_at(h["switch2"]))
 
 
+def adam_lbfgs_newton_cg_nystrom_at(h: Hyperparams) -> optax.GradientTransformation:
+    # The anchor's Adam+L-BFGS+NNCG at our equal cost.
+    adam_then_lbfgs = tp.adam_lbfgs(
+        h["lr"], memory_size=LBFGS_MEMORY, detector=tp.switch_at(h["switch"])
+    )
+    second = tp.newton_cg(preconditioner="nystrom")
+    return tp.two_phase(adam_then_lbfgs, second, tp.switch_at(h["switch2"]))
+
+
 def adam_lbfgs_default(h: Hyperparams) -> optax.GradientTransformation:
     # Full batch: one Adam step is one epoch; the default policy is told the budget.
     return tp.adam_lbfgs(h["lr"], memory_size=LBFGS_MEMORY, window=1, budget=h["budget"])
@@ -202,6 +217,11 @@ METHODS: list[Method] = [
     *[Method(f"Adam->Newton-CG {j}/41", adam_newton_cg_at, j) for j in SPLITS],
     *[Method(f"Adam->Newton-CG precond {j}/41", adam_newton_cg_precond_at, j) for j in SPLITS],
     *[Method(f"Adam->Newton-CG precond short {j}/41", adam_newton_cg_short_at, j) for j in SPLITS],
+    *[Method(f"Adam->Newton-CG nystrom {j}/41", adam_newton_cg_nystrom_at, j) for j in SPLITS],
+    *[
+        Method(f"Adam->L-BFGS->Newton-CG nystrom {j}/41", adam_lbfgs_newton_cg_nystrom_at, j)
+        for j in SPLITS
+    ],
     *[Method(f"Adam->L-BFGS->Newton-CG {j}/41", adam_lbfgs_newton_cg_at, j) for j in SPLITS],
     *[
         Method(f"Adam->Newton-CG GN {j}/41", adam_newton_cg_gn_at, j, gauss_newton=True)

@@ -40,6 +40,7 @@ from twophase.newton_cg import (
     gauss_newton_objective,
     newton_cg,
 )
+from twophase.nystrom import NystromSketch
 from twophase.objectives import as_value_and_grad, fill_masked, full_batch, with_weight_decay
 from twophase.policy import Policy, SafeResortState, safe_resort
 from twophase.presets import (
@@ -66,6 +67,7 @@ __all__ = [
     "LineSearchResult",
     "NewtonCGState",
     "NonlinearCGState",
+    "NystromSketch",
     "Policy",
     "SafeResortState",
     "TrainResult",

@@ -45,10 +45,19 @@ import jax.numpy as jnp
 import optax
 import optax.tree
 from jax import lax
+from jax.flatten_util import ravel_pytree
 
 from twophase import auxiliary as _aux
 from twophase import linesearch as _ls
-from twophase._checks import as_open_unit, as_positive_finite, concrete, require_update_args
+from twophase import nystrom as _nys
+from twophase._checks import (
+    as_non_negative_int,
+    as_open_unit,
+    as_positive_finite,
+    as_positive_int,
+    concrete,
+    require_update_args,
+)
 from twophase.cg import (
     _resolve_linesearch,
     _scalar_dtype,
@@ -69,6 +78,7 @@ __all__ = [
     "CURVATURES",
     "FORCING_RULES",
     "HVP_COST",
+    "PRECONDITIONERS",
     "GaussNewtonObjective",
     "InnerSolve",
     "NewtonCGState",
@@ -85,6 +95,8 @@ PyTree = Any
 CURVATURES = ("hessian", "gauss_newton")
 
 FORCING_RULES = ("sqrt", "eisenstat_walker")
+
+PRECONDITIONERS = ("state", "nystrom")
 
 # Levenberg-Marquardt adaptation (Nocedal & Wright 2006, Algorithm 4.1's
 # thresholds; Martens 2010 uses factors 2/3 and 3/2).
@@ -103,7 +115,8 @@ class NewtonCGState(NamedTuple):
     """State of :func:`newton_cg`.
 
     Parameter-sized buffers: one, ``grad`` (plus ``preconditioner`` when a
-    diagonal preconditioner is stored: two). The inner solve holds five more
+    diagonal preconditioner is stored: two; plus ``sketch_size`` columns of the
+    Nystrom sketch with ``preconditioner="nystrom"``). The inner solve holds five more
     while an ``update`` runs (the step ``p``, the residual ``r``, the direction
     ``d``, the product ``(H + lambda I) d`` and the preconditioned residual
     ``z = P r``), and the line search its own (trial point and gradients); none
@@ -154,6 +167,9 @@ class NewtonCGState(NamedTuple):
         taken).
       aux: as :class:`twophase.NonlinearCGState`'s ``aux`` (the auxiliary
         output at the current parameters, or ``None``).
+      sketch: the :class:`twophase.nystrom.NystromSketch` of
+        ``preconditioner="nystrom"`` (``sketch_size`` parameter-sized columns),
+        else ``None``.
     """
 
     value: jax.Array
@@ -174,6 +190,7 @@ class NewtonCGState(NamedTuple):
     consecutive_failures: jax.Array
     nonfinite_events: jax.Array
     aux: PyTree = None
+    sketch: _nys.NystromSketch | None = None
 
 
 # --------------------------------------------------------------------------- Gauss-Newton
@@ -504,6 +521,9 @@ def newton_cg(
     preconditioner: PyTree | Callable[[PyTree, NewtonCGState], PyTree] | str | None = None,
     grad_tol: float = 0.0,
     initial_step: str = "quadratic",
+    sketch_size: int = 60,
+    sketch_refresh: int = 20,
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Full-batch Hessian-free Newton-CG with damping and a line search.
 
@@ -550,8 +570,11 @@ def newton_cg(
     is accepted).
 
     Memory: one parameter-sized buffer in the state (two with a stored
-    preconditioner), five more transiently in the inner solve; see
-    :class:`NewtonCGState`.
+    diagonal preconditioner), five more transiently in the inner solve; see
+    :class:`NewtonCGState`. The Nystrom preconditioner adds ``sketch_size``
+    parameter-sized columns to the state, and its sketch holds three
+    ``(n, sketch_size)`` matrices transiently (the test matrix, the products,
+    the SVD's factor).
 
     Args:
       linesearch: ``"wolfe"`` (:func:`twophase.wolfe_linesearch` with ``c2=0.9``,
@@ -575,8 +598,16 @@ def newton_cg(
       preconditioner: ``None``; a pytree of positive scales ``P`` (an
         approximate inverse Hessian diagonal) stored in the state; ``"state"``
         to store ones, to be replaced with :func:`twophase.set_preconditioner`
-        (the handover of Adam's second moments, as for ``nonlinear_cg``); or a
-        callable ``(params, state) -> P`` evaluated every iteration.
+        (the handover of Adam's second moments, as for ``nonlinear_cg``); a
+        callable ``(params, state) -> P`` evaluated every iteration; or
+        ``"nystrom"``: the randomized Nystrom preconditioner of the curvature
+        (:mod:`twophase.nystrom`; Frangella, Tropp & Udell 2023, as in Rathore
+        et al.'s NNCG, ICML 2024), a rank-``sketch_size`` sketch taken with
+        ``sketch_size`` curvature products (batched with ``jax.vmap``, counted in
+        ``hessian_vector_products``) at the first iteration and every
+        ``sketch_refresh`` iterations, kept in the state's ``sketch`` field
+        (``sketch_size`` parameter-sized columns) and applied with the current
+        damping.
       grad_tol: while ``||g||_2 <= grad_tol`` the update is zero and nothing
         is computed beyond the (cached) gradient.
       initial_step: first trial step of the line search. ``"unit"``: the
@@ -585,6 +616,11 @@ def newton_cg(
         line-search evaluations on long Newton steps across a curved valley
         (``benchmarks/RESULTS.md``, section 6) and still tries ``1`` near a
         minimiser, where the ratio tends to 2.
+      sketch_size: rank of the Nystrom sketch (``preconditioner="nystrom"``
+        only), an int ``>= 1``; capped at the number of parameters.
+      sketch_refresh: outer iterations between sketches, an int ``>= 1``.
+      seed: seed of the sketches' Gaussian test matrices (the ``k``-th sketch
+        uses ``jax.random.fold_in(jax.random.key(seed), k)``), an int ``>= 0``.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -592,7 +628,8 @@ def newton_cg(
     Raises:
       ValueError: an unknown ``linesearch``, ``curvature``, ``forcing`` rule or
         ``preconditioner`` string; ``forcing`` or ``eta_max`` outside
-        ``(0, 1)``; ``max_inner_iterations < 1``; a ``damping``,
+        ``(0, 1)``; ``max_inner_iterations``, ``sketch_size`` or
+        ``sketch_refresh`` not an int ``>= 1``; a negative ``seed``; a ``damping``,
         ``min_damping`` or ``max_damping`` that is not positive and finite or
         out of order; a negative ``grad_tol``; an unknown ``initial_step`` (at
         construction).
@@ -628,19 +665,32 @@ def newton_cg(
     tol = concrete(grad_tol)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
         raise ValueError(f"`grad_tol` must be a finite number >= 0, got {grad_tol!r}.")
-    if isinstance(preconditioner, str) and preconditioner != "state":
+    if isinstance(preconditioner, str) and preconditioner not in PRECONDITIONERS:
         raise ValueError(
-            "`preconditioner` must be None, 'state', a pytree or a callable, "
+            "`preconditioner` must be None, 'state', 'nystrom', a pytree or a callable, "
             f"got {preconditioner!r}."
         )
+    nystrom = isinstance(preconditioner, str) and preconditioner == "nystrom"
+    rank_cap = as_positive_int("sketch_size", sketch_size)
+    refresh = as_positive_int("sketch_refresh", sketch_refresh)
+    sketch_seed = as_non_negative_int("seed", seed)
     if initial_step not in _INITIAL_STEP_RULES:
         raise ValueError(
             f"`initial_step` must be one of {list(_INITIAL_STEP_RULES)}, got {initial_step!r}."
         )
 
+    def flat_shape(params):
+        """Number of parameters, sketch rank and dtype of the flat arithmetic vector."""
+        flat = jax.eval_shape(lambda p: ravel_pytree(_to_compute(p))[0], params)
+        size = flat.shape[0]
+        return size, max(min(rank_cap, size), 1), flat.dtype
+
     def init_fn(params):
         dtype = _scalar_dtype(params)
-        stored = initial_preconditioner(preconditioner, params)
+        stored = None if nystrom else initial_preconditioner(preconditioner, params)
+        sketch = None
+        if nystrom:
+            sketch = _nys.empty_sketch(*flat_shape(params), age=refresh)
         int_zero = jnp.zeros([], jnp.int32)
         return NewtonCGState(
             value=jnp.asarray(jnp.inf, dtype),
@@ -661,7 +711,35 @@ def newton_cg(
             consecutive_failures=int_zero,
             nonfinite_events=int_zero,
             aux=None,
+            sketch=sketch,
         )
+
+    def nystrom_stage(state, product, grad, lam):
+        """Stage 3a (``preconditioner="nystrom"``): refresh the sketch when due;
+        returns the sketch, its products this call and ``tree -> P^{-1} tree``."""
+        sketch = state.sketch
+        flat_grad, unravel = ravel_pytree(grad)
+        size, rank = sketch.basis.shape
+
+        def flat_product(v):
+            return ravel_pytree(product(unravel(v)))[0].astype(flat_grad.dtype)
+
+        def take(_):
+            key = jax.random.fold_in(jax.random.key(sketch_seed), sketch.sketches)
+            basis, eigenvalues = _nys.nystrom_sketch(flat_product, key, size, rank, flat_grad.dtype)
+            fresh = _nys.NystromSketch(
+                basis, eigenvalues, jnp.zeros([], jnp.int32), sketch.sketches + 1
+            )
+            return fresh, jnp.asarray(rank, jnp.int32)
+
+        def keep(_):
+            return sketch, jnp.zeros([], jnp.int32)
+
+        sketch, products = lax.cond(sketch.age >= refresh, take, keep, None)
+        inverse = _nys.nystrom_inverse(
+            sketch.basis, sketch.eigenvalues, lam.astype(flat_grad.dtype)
+        )
+        return sketch, products, lambda tree: unravel(inverse(ravel_pytree(tree)[0]))
 
     def curvature_product(value_fn, params):
         """``v -> H v`` (or ``G v``) in the arithmetic dtype, ``v`` cast to the
@@ -705,15 +783,13 @@ def newton_cg(
             lam = state.damping
             # Stage 2: forcing term.
             eta = forcing_term(forcing_rule, eta_cap, grad_norm, state.grad_norm_prev, state.eta)
+            product = curvature_product(value_fn, params)
+            sketch, sketch_products = state.sketch, jnp.zeros([], jnp.int32)
+            inverse = apply_scales
+            if nystrom:
+                sketch, sketch_products, inverse = nystrom_stage(state, product, grad, lam)
             # Stage 3: inner solve.
-            inner = truncated_cg(
-                curvature_product(value_fn, params),
-                grad,
-                lam,
-                eta * grad_norm,
-                inner_cap,
-                apply_scales,
-            )
+            inner = truncated_cg(product, grad, lam, eta * grad_norm, inner_cap, inverse)
             direction = inner.step
             slope = _vdot(grad, direction).astype(dtype)
             model_curvature = inner.curvature - lam * _vdot(direction, direction).astype(dtype)
@@ -783,7 +859,10 @@ def newton_cg(
                 ratio=ratio,
                 iterations=state.iterations + 1,
                 value_and_grad_evals=evals + result.evaluations,
-                hessian_vector_products=state.hessian_vector_products + inner.products,
+                hessian_vector_products=state.hessian_vector_products
+                + inner.products
+                + sketch_products,
+                sketch=None if sketch is None else sketch._replace(age=sketch.age + 1),
                 negative_curvature=state.negative_curvature
                 + inner.negative_curvature.astype(jnp.int32),
                 linesearch_failures=state.linesearch_failures

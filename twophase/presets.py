@@ -288,10 +288,12 @@ def adam_newton_cg(
     budget: float | None = None,
     detector: _det.Detector | _policy.Policy | None = None,
     fallback: int | None = None,
-    precondition: bool = False,
+    precondition: bool | str = False,
     curvature: str = "hessian",
     max_inner_iterations: int = 100,
     damping: float = 1e-3,
+    sketch_size: int = 60,
+    sketch_refresh: int = 20,
 ) -> optax.GradientTransformationExtraArgs:
     """Adam, then full-batch Hessian-free Newton-CG (:func:`twophase.newton_cg`):
     :func:`adam_cg`'s switch with a truncated Newton second phase.
@@ -304,10 +306,13 @@ def adam_newton_cg(
     Args:
       learning_rate: Adam's learning rate or schedule.
       window, min_steps, budget, detector, fallback: as in :func:`adam_cg`.
-      precondition: precondition the inner CG with Adam's second moments at the
-        switch (as :func:`adam_cg`).
-      curvature, max_inner_iterations, damping: passed to
-        :func:`twophase.newton_cg`.
+      precondition: ``False`` (no preconditioner); ``True``: the inner CG
+        preconditioned with Adam's second moments at the switch (as
+        :func:`adam_cg`); ``"nystrom"``: the randomized Nystrom preconditioner
+        of the curvature (``newton_cg(preconditioner="nystrom")``, the NNCG of
+        Rathore et al., ICML 2024).
+      curvature, max_inner_iterations, damping, sketch_size, sketch_refresh:
+        passed to :func:`twophase.newton_cg`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with state
@@ -319,19 +324,22 @@ def adam_newton_cg(
       TypeError: at trace time, ``update`` without ``value_fn`` or ``value``.
     """
     _check_adam_constants(*_default_adam(learning_rate))
-    if not isinstance(precondition, bool):
-        raise ValueError(f"`precondition` must be a bool, got {precondition!r}.")
+    if not (isinstance(precondition, bool) or precondition == "nystrom"):
+        raise ValueError(f"`precondition` must be a bool or 'nystrom', got {precondition!r}.")
+    handover = precondition is True
     policy, fallback = _preset_policy(detector, window, min_steps, budget, fallback)
     second = _newton_cg(
         curvature=curvature,
         max_inner_iterations=max_inner_iterations,
         damping=damping,
-        preconditioner="state" if precondition else None,
+        preconditioner="state" if handover else (precondition or None),
+        sketch_size=sketch_size,
+        sketch_refresh=sketch_refresh,
     )
     return _adam_then(
         _default_adam(learning_rate),
         second,
         policy,
         fallback,
-        adam_second_moment_preconditioner if precondition else None,
+        adam_second_moment_preconditioner if handover else None,
     )
