@@ -103,6 +103,10 @@ def test_existing_out_dir_gets_suffix(tmp_path, capsys, monkeypatch, run_dir):
     (tmp_path / "run-1").mkdir()
     assert cli.main([*FAST, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
+    # Below the table: what Adam+CG did and where it ended against Adam.
+    adam, two_phase = (r.record for r in trained[:2])
+    ratio = two_phase["train_loss"] / adam["train_loss"]
+    assert f"adam+cg: {two_phase['explanation']}. Ends at {ratio:.3f}x Adam's" in printed
     assert str(tmp_path / "run-2") in printed
     assert (tmp_path / "run-2" / "results.json").is_file()
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # untouched

@@ -150,6 +150,42 @@ def test_markdown_table(comparison):
     assert table.splitlines()[-1].startswith("adam+cg: ")
 
 
+def _record(optimizer, train_loss, explanation=None):
+    return {
+        "optimizer": optimizer,
+        "train_loss": train_loss,
+        "train_acc": 1.0,
+        "val_loss": 0.02,
+        "val_acc": 0.9,
+        "switch_epoch": None,
+        "explanation": explanation,
+        "cost_epochs": 1000.0,
+        "wall_seconds": 1.0,
+        "params": 5,
+        "Q": 1.0,
+    }
+
+
+def test_markdown_table_explanation_ends_with_the_ratio_to_adam():
+    what = "CG tried 2x (epochs 7, 960), returned to Adam 1x; CG from epoch 960 to the end"
+    above = runner.markdown_table(
+        [_record("adam", 0.00078), _record("adam+cg", 0.000897, what), _record("cg", 0.0024)]
+    )
+    assert above.splitlines()[-1] == (
+        f"adam+cg: {what}. Ends at 1.150x Adam's training loss (0.000897 vs 0.000780): "
+        "not below Adam"
+    )
+    below = runner.markdown_table([_record("adam", 0.002), _record("adam+cg", 0.0018, what)])
+    assert below.splitlines()[-1].endswith(
+        "Ends at 0.900x Adam's training loss (0.001800 vs 0.002000): below Adam"
+    )
+    # Without an Adam run (the sweep's table) or a finite loss: the explanation alone.
+    alone = runner.markdown_table([_record("adam+cg", 0.0018, what)])
+    assert alone.splitlines()[-1] == f"adam+cg: {what}"
+    nan = runner.markdown_table([_record("adam", 0.002), _record("adam+cg", math.nan, what)])
+    assert nan.splitlines()[-1] == f"adam+cg: {what}"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

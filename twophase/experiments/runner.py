@@ -504,7 +504,9 @@ def explain(history: Sequence[Mapping[str, Any]]) -> str:
 
 
 def markdown_table(records: Sequence[Mapping[str, Any]]) -> str:
-    """A Table-1-style markdown table: one row per run."""
+    """A Table-1-style markdown table: one row per run, then one line per two-phase run saying
+    what it did (its ``explanation``) and its final training loss as a multiple of Adam's (when
+    ``records`` hold an ``adam`` run)."""
     header = (
         "| run | train loss | train acc | val loss | val acc | switch epoch | cost (epochs) "
         "| wall s | P | Q |"
@@ -524,5 +526,24 @@ def markdown_table(records: Sequence[Mapping[str, Any]]) -> str:
             _fmt(r["Q"], 2),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [f"\n{r['optimizer']}: {r['explanation']}" for r in records if r.get("explanation")]
+    adam_loss = next((r["train_loss"] for r in records if r["optimizer"] == "adam"), None)
+    lines += [
+        f"\n{r['optimizer']}: {r['explanation']}{_versus_adam(r['train_loss'], adam_loss)}"
+        for r in records
+        if r.get("explanation")
+    ]
     return "\n".join(lines)
+
+
+def _versus_adam(loss: float | None, adam_loss: float | None) -> str:
+    """``". Ends at 1.151x Adam's training loss (0.000898 vs 0.000780): not below Adam"``, or
+    ``""`` unless both losses are finite and Adam's is positive."""
+    if loss is None or adam_loss is None or not math.isfinite(loss) or not math.isfinite(adam_loss):
+        return ""
+    if adam_loss <= 0:
+        return ""
+    side = "below Adam" if loss < adam_loss else "not below Adam"
+    return (
+        f". Ends at {loss / adam_loss:.3f}x Adam's training loss "
+        f"({_fmt(loss, 6)} vs {_fmt(adam_loss, 6)}): {side}"
+    )
