@@ -45,6 +45,15 @@ def make_optimizer(kind):
         return tp.adam_cg(1e-2, detector=tp.switch_at(SWITCH))
     if kind == "adam_newton_cg":
         return tp.adam_newton_cg(1e-2, detector=tp.switch_at(SWITCH))
+    if kind == "adam_newton_cg_nystrom":
+        # A sketch every second Newton step: the resumed run refreshes it after the restore.
+        return tp.adam_newton_cg(
+            1e-2,
+            detector=tp.switch_at(SWITCH),
+            precondition="nystrom",
+            sketch_size=4,
+            sketch_refresh=2,
+        )
     return tp.adam_lbfgs(1e-2, detector=tp.switch_at(SWITCH))
 
 
@@ -100,6 +109,7 @@ def avals(tree):
         ("adam_cg", jnp.float64),
         ("adam_lbfgs", jnp.float32),
         ("adam_newton_cg", jnp.float64),
+        ("adam_newton_cg_nystrom", jnp.float64),
     ],
 )
 @pytest.mark.parametrize("stop_at", [3, 8], ids=["phase0", "phase1"])
@@ -129,7 +139,7 @@ def test_resume_is_bit_identical(tmp_path, kind, dtype, stop_at):
     chex.assert_trees_all_equal(p, p_ref)
     chex.assert_trees_all_equal(s, s_ref)
     chex.assert_trees_all_equal(tp.info(s), tp.info(s_ref))
-    if kind == "adam_newton_cg" and stop_at > SWITCH:
+    if kind.startswith("adam_newton_cg") and stop_at > SWITCH:
         # Interrupted mid Newton-CG: products made before and after the checkpoint.
         hvps_at_stop = int(tp.info(reference[stop_at - 1][1]).hessian_vector_products)
         assert 0 < hvps_at_stop < int(tp.info(s_ref).hessian_vector_products)
