@@ -61,7 +61,13 @@ def run(sharded, ckpt_dir=None, newton=False):
     xs = jax.device_put(X.reshape(-1, BATCH, D), batches)
     ys = jax.device_put(Y.reshape(-1, BATCH, 1), batches)
     params = jax.device_put(PARAMS, replicated)
-    if newton:
+    if newton == "nystrom":
+        # The sketch's vmapped products over the sharded objective, refreshed mid-run.
+        opt = tp.adam_newton_cg(
+            1e-2, detector=tp.switch_at(SWITCH), precondition="nystrom", sketch_size=8,
+            sketch_refresh=3,
+        )
+    elif newton:
         opt = tp.adam_newton_cg(1e-2, detector=tp.switch_at(SWITCH))
     else:
         opt = tp.adam_cg(1e-2, detector=tp.switch_at(SWITCH))
@@ -125,6 +131,8 @@ assert jax.device_count() == 8, jax.devices()
 result = {{"sharded": run(True, sys.argv[2]), "single": run(False)}}
 result["sharded_newton"] = run(True, newton=True)
 result["single_newton"] = run(False, newton=True)
+result["sharded_nystrom"] = run(True, newton="nystrom")
+result["single_nystrom"] = run(False, newton="nystrom")
 result["seconds"] = time.time() - t0
 with open(sys.argv[1], "w") as f:
     json.dump(result, f)
@@ -200,8 +208,9 @@ def test_sharded_checkpoint_roundtrip(runs):
     assert runs["sharded"]["checkpoint_roundtrip"]
 
 
-def test_newton_cg_hvps_over_sharded_data_match_single_device(runs):
-    sharded, single = runs["sharded_newton"], runs["single_newton"]
+@pytest.mark.parametrize("kind", ["newton", "nystrom"])
+def test_newton_cg_hvps_over_sharded_data_match_single_device(runs, kind):
+    sharded, single = runs[f"sharded_{kind}"], runs[f"single_{kind}"]
     for run in (sharded, single):
         assert run["phases"] == [0] * (SWITCH - 1) + [1] * (STEPS - SWITCH + 1)
         assert run["hvps"] > 0 and run["traces"] == 1 and run["executables"] == 1
