@@ -209,6 +209,10 @@ def adam_newton_cg_default(h: Hyperparams) -> optax.GradientTransformation:
     return tp.adam_newton_cg(h["lr"], window=1, budget=h["budget"])
 
 
+def adam_newton_cg_nystrom_default(h: Hyperparams) -> optax.GradientTransformation:
+    return tp.adam_newton_cg(h["lr"], window=1, budget=h["budget"], precondition="nystrom")
+
+
 METHODS: list[Method] = [
     Method("L-BFGS", lbfgs),
     *[Method(f"Adam->L-BFGS {j}/41", adam_lbfgs_at, j) for j in SPLITS],
@@ -236,6 +240,7 @@ METHODS: list[Method] = [
     Method("tp.adam_lbfgs default", adam_lbfgs_default),
     Method("tp.adam_cg default", adam_cg_default),
     Method("tp.adam_newton_cg default", adam_newton_cg_default),
+    Method("tp.adam_newton_cg nystrom default", adam_newton_cg_nystrom_default),
 ]
 
 # Rathore et al. (ICML 2024), lowest loss / relative L2 error (/work/shared/PINN.md).
