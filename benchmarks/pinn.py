@@ -34,10 +34,11 @@ of the loss's residuals ("GN": ``curvature="gauss_newton"``, given
 1/41, 11/41 and 31/41 of the budget (its 1k, 11k, 31k of 41k iterations), and Adam->L-BFGS and
 Adam->CG precond also after 2, 5, 8, 16 and 21 of 41 (``FINE_SPLITS``), Adam->L-BFGS also with
 memory 10, 30 and 300 ("m10" ...) and with optax's backtracking (Armijo) line search instead of
-zoom ("backtracking"); Adam->L-BFGS->Newton-CG, switching to L-BFGS at the same points and to
-Newton-CG after L-BFGS has had half of the steps left (``LBFGS_SHARE``); and the default
-switching policy of ``tp.adam_cg(lr)`` / ``tp.adam_lbfgs(lr)`` / ``tp.adam_newton_cg(lr)``
-told the budget (``window=1``: one Adam step is one epoch).
+zoom ("backtracking") after 5 and 11 of 41 (``VARIANT_SPLITS``); Adam->L-BFGS->Newton-CG,
+switching to L-BFGS at the same points and to Newton-CG after L-BFGS has had half of the steps
+left (``LBFGS_SHARE``); and the default switching policy of ``tp.adam_cg(lr)`` /
+``tp.adam_lbfgs(lr)`` / ``tp.adam_newton_cg(lr)`` told the budget (``window=1``: one Adam step
+is one epoch).
 
 Three stages are a nested ``tp.two_phase``: the outer first transformation is
 ``tp.adam_lbfgs(lr, detector=tp.switch_at(k1))``, the outer second ``tp.newton_cg()``, the
@@ -104,6 +105,7 @@ class Method(NamedTuple):
 
 SPLITS = (1, 11, 31)  # the anchor's switch after 1k, 11k, 31k of 41k iterations
 FINE_SPLITS = (2, 5, 8, 16, 21)  # a finer grid of switches (wave: issue 19's target)
+VARIANT_SPLITS = (5, 11)  # the L-BFGS memory and line-search variants' switches
 LBFGS_MEMORY = 100
 LBFGS_SHARE = 0.5  # Adam->L-BFGS->Newton-CG: L-BFGS's share of the steps left after Adam
 
@@ -227,11 +229,11 @@ METHODS: list[Method] = [
     *[
         Method(f"Adam->L-BFGS m{m} {j}/41", ADAM_LBFGS_MEMORY_AT[m], j)
         for m in LBFGS_MEMORIES
-        for j in sorted(SPLITS + FINE_SPLITS)
+        for j in VARIANT_SPLITS
     ],
     *[
         Method(f"Adam->L-BFGS backtracking {j}/41", adam_lbfgs_backtracking_at, j)
-        for j in sorted(SPLITS + FINE_SPLITS)
+        for j in VARIANT_SPLITS
     ],
     *[Method(f"Adam->CG {j}/41", adam_cg_at, j) for j in SPLITS],
     *[
