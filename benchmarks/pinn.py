@@ -31,11 +31,14 @@ Adam->Newton-CG (``tp.adam_newton_cg``, ``tp.newton_cg`` defaults), plain and pr
 by Adam's second moments (``precondition=True``), and Newton-CG on the Gauss-Newton matrix
 of the loss's residuals ("GN": ``curvature="gauss_newton"``, given
 ``pinn.make_gauss_newton_loss`` as its objective); all with the anchor's fixed switch after
-1/41, 11/41 and 31/41 of the budget (its 1k, 11k, 31k of 41k iterations); Adam->L-BFGS->Newton-CG,
-switching to L-BFGS at the same points and to Newton-CG after L-BFGS has had half of the
-steps left (``LBFGS_SHARE``); and the default switching policy of ``tp.adam_cg(lr)`` /
-``tp.adam_lbfgs(lr)`` / ``tp.adam_newton_cg(lr)`` told the budget (``window=1``: one Adam
-step is one epoch).
+1/41, 11/41 and 31/41 of the budget (its 1k, 11k, 31k of 41k iterations), and Adam->L-BFGS and
+Adam->CG precond also after 2, 5, 8, 16 and 21 of 41 (``FINE_SPLITS``), Adam->L-BFGS also with
+memory 10, 30 and 300 ("m10" ...) and with optax's backtracking (Armijo) line search instead of
+zoom ("backtracking") after 5 and 11 of 41 (``VARIANT_SPLITS``); Adam->L-BFGS->Newton-CG,
+switching to L-BFGS at the same points and to Newton-CG after L-BFGS has had half of the steps
+left (``LBFGS_SHARE``); and the default switching policy of ``tp.adam_cg(lr)`` /
+``tp.adam_lbfgs(lr)`` / ``tp.adam_newton_cg(lr)`` told the budget (``window=1``: one Adam step
+is one epoch).
 
 Three stages are a nested ``tp.two_phase``: the outer first transformation is
 ``tp.adam_lbfgs(lr, detector=tp.switch_at(k1))``, the outer second ``tp.newton_cg()``, the
@@ -101,6 +104,8 @@ class Method(NamedTuple):
 
 
 SPLITS = (1, 11, 31)  # the anchor's switch after 1k, 11k, 31k of 41k iterations
+FINE_SPLITS = (2, 5, 8, 16, 21)  # a finer grid of switches (wave: issue 19's target)
+VARIANT_SPLITS = (5, 11)  # the L-BFGS memory and line-search variants' switches
 LBFGS_MEMORY = 100
 LBFGS_SHARE = 0.5  # Adam->L-BFGS->Newton-CG: L-BFGS's share of the steps left after Adam
 
@@ -120,6 +125,30 @@ def lbfgs(h: Hyperparams) -> optax.GradientTransformation:
 
 def adam_lbfgs_at(h: Hyperparams) -> optax.GradientTransformation:
     return tp.adam_lbfgs(h["lr"], memory_size=LBFGS_MEMORY, detector=tp.switch_at(h["switch"]))
+
+
+def adam_lbfgs_memory_at(memory: int) -> Callable[[Hyperparams], optax.GradientTransformation]:
+    """Adam->L-BFGS with ``memory`` pairs (static, so one function per memory)."""
+
+    def make(h: Hyperparams) -> optax.GradientTransformation:
+        return tp.adam_lbfgs(h["lr"], memory_size=memory, detector=tp.switch_at(h["switch"]))
+
+    return make
+
+
+LBFGS_MEMORIES = (10, 30, 300)
+ADAM_LBFGS_MEMORY_AT = {m: adam_lbfgs_memory_at(m) for m in LBFGS_MEMORIES}
+BACKTRACKING_STEPS = 30
+
+
+def adam_lbfgs_backtracking_at(h: Hyperparams) -> optax.GradientTransformation:
+    # optax.lbfgs with a backtracking (Armijo) search instead of the zoom strong-Wolfe one;
+    # store_grad keeps the accepted point's gradient, so each trial counts one evaluation.
+    search = optax.scale_by_backtracking_linesearch(
+        max_backtracking_steps=BACKTRACKING_STEPS, store_grad=True
+    )
+    second = optax.lbfgs(memory_size=LBFGS_MEMORY, linesearch=search)
+    return tp.two_phase(optax.adam(h["lr"]), second, tp.switch_at(h["switch"]))
 
 
 def adam_cg_at(h: Hyperparams) -> optax.GradientTransformation:
@@ -215,9 +244,21 @@ def adam_newton_cg_nystrom_default(h: Hyperparams) -> optax.GradientTransformati
 
 METHODS: list[Method] = [
     Method("L-BFGS", lbfgs),
-    *[Method(f"Adam->L-BFGS {j}/41", adam_lbfgs_at, j) for j in SPLITS],
+    *[Method(f"Adam->L-BFGS {j}/41", adam_lbfgs_at, j) for j in sorted(SPLITS + FINE_SPLITS)],
+    *[
+        Method(f"Adam->L-BFGS m{m} {j}/41", ADAM_LBFGS_MEMORY_AT[m], j)
+        for m in LBFGS_MEMORIES
+        for j in VARIANT_SPLITS
+    ],
+    *[
+        Method(f"Adam->L-BFGS backtracking {j}/41", adam_lbfgs_backtracking_at, j)
+        for j in VARIANT_SPLITS
+    ],
     *[Method(f"Adam->CG {j}/41", adam_cg_at, j) for j in SPLITS],
-    *[Method(f"Adam->CG precond {j}/41", adam_cg_precond_at, j) for j in SPLITS],
+    *[
+        Method(f"Adam->CG precond {j}/41", adam_cg_precond_at, j)
+        for j in sorted(SPLITS + FINE_SPLITS)
+    ],
     *[Method(f"Adam->Newton-CG {j}/41", adam_newton_cg_at, j) for j in SPLITS],
     *[Method(f"Adam->Newton-CG precond {j}/41", adam_newton_cg_precond_at, j) for j in SPLITS],
     *[Method(f"Adam->Newton-CG precond short {j}/41", adam_newton_cg_short_at, j) for j in SPLITS],
