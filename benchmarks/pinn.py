@@ -64,7 +64,7 @@ Usage::
 
     python benchmarks/pinn.py [--problems convection reaction wave] [--budget N] [--full]
         [--width W] [--depth D] [--residual N] [--grid NX NT] [--adam-lrs LR ...]
-        [--methods NAME ...] [--seed S] [--float32] [--out results.json]
+        [--methods NAME ... | --all] [--seed S] [--float32] [--out results.json]
 """
 
 from __future__ import annotations
@@ -284,6 +284,24 @@ METHODS: list[Method] = [
     Method("tp.adam_newton_cg nystrom default", adam_newton_cg_nystrom_default),
 ]
 
+# The rows run without --methods / --all: the issues' comparison (L-BFGS alone, Adam->L-BFGS
+# and Adam->CG at the anchor's switches, Adam->CG preconditioned, Newton-CG with the anchor's
+# Nystrom preconditioner alone and after L-BFGS, each preset's default policy), about 20-30
+# minutes for the three problems on 2 cores. --all adds the variants measured once in
+# benchmarks/RESULTS.md (finer splits, L-BFGS memories and line searches, other Newton-CG
+# preconditioners and curvatures).
+DEFAULT_METHODS = (
+    "L-BFGS",
+    *(f"Adam->L-BFGS {j}/41" for j in SPLITS),
+    *(f"Adam->CG {j}/41" for j in SPLITS),
+    "Adam->CG precond 11/41",
+    "Adam->Newton-CG nystrom 1/41",
+    "Adam->L-BFGS->Newton-CG nystrom 11/41",
+    "tp.adam_lbfgs default",
+    "tp.adam_cg default",
+    "tp.adam_newton_cg default",
+)
+
 # Rathore et al. (ICML 2024), lowest loss / relative L2 error (/work/shared/PINN.md).
 ANCHOR = {
     "Adam": {
@@ -369,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="run only these METHODS rows (names as printed; Adam always runs)",
     )
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="run every METHODS row, not only DEFAULT_METHODS (hours on a CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--float32", action="store_true", help="float32 instead of float64")
     parser.add_argument("--log-points", type=int, default=20, help="loss-term logs per run")
@@ -436,7 +459,7 @@ def run_one(
 def main() -> None:
     args = build_parser().parse_args()
     s = settings(args)
-    methods = METHODS
+    methods = METHODS if args.all else [m for m in METHODS if m.name in DEFAULT_METHODS]
     if args.methods:
         known = {m.name for m in METHODS}
         unknown = set(args.methods) - known

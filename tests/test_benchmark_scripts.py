@@ -261,6 +261,17 @@ def test_gpu_repro_pinn_only_dry_run():
     assert done.returncode == 2 and "exclude" in done.stderr
 
 
+def test_pinn_default_rows_are_known_methods():
+    module = pinn_benchmark_module()
+    names = [m.name for m in module.METHODS]
+    assert len(set(names)) == len(names)
+    assert set(module.DEFAULT_METHODS) <= set(names), set(module.DEFAULT_METHODS) - set(names)
+    # Each second phase and each preset's default policy is in the default table.
+    for row in ("L-BFGS", "Adam->L-BFGS 11/41", "Adam->CG 11/41", "Adam->Newton-CG nystrom 1/41"):
+        assert row in module.DEFAULT_METHODS
+    assert sum(row.endswith(" default") for row in module.DEFAULT_METHODS) == 3
+
+
 @pytest.mark.slow  # every METHODS row compiles: minutes on 2 shared cores
 def test_pinn_rows_within_budget(tmp_path):
     budget = 24
@@ -269,7 +280,7 @@ def test_pinn_rows_within_budget(tmp_path):
         "pinn.py",
         *("--problems", "wave", "--budget", str(budget), "--width", "6", "--depth", "2"),
         *("--residual", "30", "--grid", "11", "7", "--adam-lrs", "1e-2", "3e-2"),
-        *("--log-points", "2", "--out", str(out_json)),
+        *("--log-points", "2", "--all", "--out", str(out_json)),
     )
     module = pinn_benchmark_module()
     rows = [r for r in table_rows(out, "wave") if len(r) == 17]
