@@ -221,6 +221,20 @@ def test_pytree_params_with_mixed_dtypes_and_low_precision():
     np.testing.assert_allclose(np.asarray(params["b"]), -1.0, atol=1e-5)
 
 
+def test_empty_and_none_params():
+    opt = tp.newton_cg(preconditioner="nystrom")
+    u, state = opt.update(None, opt.init(None), None, value_fn=lambda p: jnp.zeros([]))
+    assert u is None and int(state.sketch.sketches) == 0
+    params = {"a": jnp.ones(3), "c": jnp.zeros((0,))}
+    f = lambda p: jnp.sum((p["a"] - 2.0) ** 2) + jnp.sum(p["c"])
+    step = jax.jit(lambda x, s: opt.update(x, s, x, value_fn=f))
+    u, state = step(params, opt.init(params))
+    assert state.sketch.basis.shape == (3, 3) and int(state.sketch.sketches) == 1
+    # One damped Newton step (damping 1e-3 against curvature 2).
+    np.testing.assert_allclose(np.asarray(optax.apply_updates(params, u)["a"]), 2.0, atol=1e-3)
+    assert u["c"].shape == (0,)
+
+
 def test_adam_newton_cg_nystrom_switches_once_compiled(count_traces):
     f, a, b = problems.spd_quadratic(20, 1e4, seed=0)
     x_star = np.linalg.solve(a, b)

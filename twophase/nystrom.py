@@ -90,6 +90,8 @@ def nystrom_sketch(
       rank: ``r``, ``1 <= r <= n`` (Python int).
       dtype: the arithmetic dtype (float32 or float64).
     """
+    if size == 0:  # no parameters: nothing to sketch
+        return jnp.zeros((0, rank), dtype), jnp.zeros((rank,), dtype)
     test = jax.random.normal(key, (size, rank), dtype)
     q, _ = jnp.linalg.qr(test)
     y = jax.vmap(product, in_axes=1, out_axes=1)(q).astype(dtype)
