@@ -198,31 +198,27 @@ def newton_cg_step(budget: float, j: int) -> int:
     return first + max(1, round(LBFGS_SHARE * (budget - first)))
 
 
-def adam_lbfgs_newton_cg_at(h: Hyperparams) -> optax.GradientTransformation:
-    # Three stages as a nested two_phase: the outer first transformation is Adam->L-BFGS
-    # (its own switch_at counts Adam's steps), the outer second is Newton-CG, and the outer
-    # switch_at counts every step of the inner chain (Adam's and L-BFGS's).
+def adam_lbfgs_then(h: Hyperparams, third: optax.GradientTransformation):
+    """Three stages as a nested two_phase: the outer first transformation is Adam->L-BFGS
+    (its own switch_at counts Adam's steps), the outer second is ``third``, and the outer
+    switch_at counts every step of the inner chain (Adam's and L-BFGS's)."""
     adam_then_lbfgs = tp.adam_lbfgs(
         h["lr"], memory_size=LBFGS_MEMORY, detector=tp.switch_at(h["switch"])
     )
-    return tp.two_phase(adam_then_lbfgs, tp.newton_cg(), tp.switch_at(h["switch2"]))
+    return tp.two_phase(adam_then_lbfgs, third, tp.switch_at(h["switch2"]))
+
+
+def adam_lbfgs_newton_cg_at(h: Hyperparams) -> optax.GradientTransformation:
+    return adam_lbfgs_then(h, tp.newton_cg())
 
 
 def adam_lbfgs_newton_cg_gn_at(h: Hyperparams) -> optax.GradientTransformation:
-    adam_then_lbfgs = tp.adam_lbfgs(
-        h["lr"], memory_size=LBFGS_MEMORY, detector=tp.switch_at(h["switch"])
-    )
-    second = tp.newton_cg(curvature="gauss_newton")
-    return tp.two_phase(adam_then_lbfgs, second, tp.switch_at(h["switch2"]))
+    return adam_lbfgs_then(h, tp.newton_cg(curvature="gauss_newton"))
 
 
 def adam_lbfgs_newton_cg_nystrom_at(h: Hyperparams) -> optax.GradientTransformation:
     # The anchor's Adam+L-BFGS+NNCG at our equal cost.
-    adam_then_lbfgs = tp.adam_lbfgs(
-        h["lr"], memory_size=LBFGS_MEMORY, detector=tp.switch_at(h["switch"])
-    )
-    second = tp.newton_cg(preconditioner="nystrom")
-    return tp.two_phase(adam_then_lbfgs, second, tp.switch_at(h["switch2"]))
+    return adam_lbfgs_then(h, tp.newton_cg(preconditioner="nystrom"))
 
 
 def adam_lbfgs_default(h: Hyperparams) -> optax.GradientTransformation:

@@ -146,3 +146,20 @@ def jitted_loop(opt, f, x0, steps, wrap=lambda fn: fn):
         u, state = step(x, state)
         x = optax.apply_updates(x, u)
     return x, state
+
+
+def run_newton(opt, f, x0, *, max_iter=500, gtol=1e-5, jit=True):
+    """Calls a second phase's ``update`` on ``f`` from ``x0`` (jitted unless ``jit=False``)
+    until the gradient norm is at most ``gtol`` or ``max_iter`` calls. Returns the final
+    ``(x, state)``."""
+    state = opt.init(x0)
+    step = lambda x, s: opt.update(x, s, x, value_fn=f)
+    if jit:
+        step = jax.jit(step)
+    x = x0
+    for _ in range(max_iter):
+        u, state = step(x, state)
+        x = optax.apply_updates(x, u)
+        if bool(jnp.isfinite(state.value)) and float(optax.tree.norm(state.grad)) <= gtol:
+            break
+    return x, state

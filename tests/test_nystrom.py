@@ -152,13 +152,7 @@ def test_refresh_schedule_and_product_count():
 )
 def test_same_minimiser_as_scipy_newton_cg(name, f, x0):
     opt = tp.newton_cg(preconditioner="nystrom", sketch_size=8, sketch_refresh=5)
-    step = jax.jit(lambda x, s: opt.update(x, s, x, value_fn=f))
-    state, x = opt.init(x0), x0
-    for _ in range(300):
-        u, state = step(x, state)
-        x = optax.apply_updates(x, u)
-        if float(optax.tree.norm(state.grad)) <= 1e-7:
-            break
+    x, state = problems.run_newton(opt, f, x0, max_iter=300, gtol=1e-7)
     assert float(optax.tree.norm(state.grad)) <= 1e-7, name
     grad = jax.grad(f)
     hessp = lambda x, p: jax.jvp(grad, (jnp.asarray(x),), (jnp.asarray(p),))[1]
