@@ -25,7 +25,8 @@ wall time of a freshly built train step (median of 3, interleaved).
 
 Usage::
 
-    python benchmarks/overhead.py [--quick] [--rounds N] [--batch B] [--train-only]
+    python benchmarks/overhead.py [--quick] [--rounds N] [--batch B]
+        [--train-only | --state-only]
 """
 
 from __future__ import annotations
@@ -262,6 +263,16 @@ def compile_rows(data, repeats: int) -> list[list[str]]:
     ]
 
 
+def print_state_table(params) -> None:
+    print("\n### Optimizer state\n")
+    print(
+        markdown_table(
+            ["optimizer", "state bytes", "ratio to Adam", "parameter-sized buffers (+ rest)"],
+            state_rows(params),
+        )
+    )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -272,7 +283,12 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--train-only", action="store_true", help="only the train-step table (e.g. with --batch)"
     )
+    parser.add_argument(
+        "--state-only", action="store_true", help="only the optimizer-state table (no timing)"
+    )
     args = parser.parse_args(argv)
+    if args.train_only and args.state_only:
+        parser.error("--train-only and --state-only exclude each other")
     if not 1 <= args.batch <= FULL:
         parser.error(f"--batch must be in [1, {FULL}], got {args.batch}")
     rounds = args.rounds or (20 if args.quick else 200)
@@ -284,6 +300,9 @@ def main(argv=None) -> None:
         f"float32, jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0]}, "
         f"load average before: {os.getloadavg()[0]:.2f}\n"
     )
+    if args.state_only:
+        print_state_table(params)
+        return
     header = ["variant", "median ms", "ratio of medians", "median per-round ratio"]
     print(f"### Train step (gradient + update + apply), {rounds} interleaved rounds\n")
     print(
@@ -295,13 +314,7 @@ def main(argv=None) -> None:
     print(markdown_table(header, timing_rows(time_variants("update", 5 * rounds, data))))
     print(f"\n### Update alone, pieces of phase 0's extra work, {5 * rounds} interleaved rounds\n")
     print(markdown_table(header, timing_rows(time_variants("update", 5 * rounds, data, pieces()))))
-    print("\n### Optimizer state\n")
-    print(
-        markdown_table(
-            ["optimizer", "state bytes", "ratio to Adam", "parameter-sized buffers (+ rest)"],
-            state_rows(params),
-        )
-    )
+    print_state_table(params)
     print("\n### Compile time of the train step (lower + compile, median of 3)\n")
     print(
         markdown_table(

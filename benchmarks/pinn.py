@@ -36,7 +36,8 @@ Adam->CG precond also after 2, 5, 8, 16 and 21 of 41 (``FINE_SPLITS``), Adam->L-
 memory 10, 30 and 300 ("m10" ...) and with optax's backtracking (Armijo) line search instead of
 zoom ("backtracking") after 5 and 11 of 41 (``VARIANT_SPLITS``); Adam->L-BFGS->Newton-CG,
 switching to L-BFGS at the same points and to Newton-CG after L-BFGS has had half of the steps
-left (``LBFGS_SHARE``); and the default switching policy of ``tp.adam_cg(lr)`` /
+left (``LBFGS_SHARE``; ``--lbfgs-share``), also with the anchor's damping grid's 1e-2 ("damping
+1e-2"); and the default switching policy of ``tp.adam_cg(lr)`` /
 ``tp.adam_lbfgs(lr)`` / ``tp.adam_newton_cg(lr)`` told the budget (``window=1``: one Adam step
 is one epoch).
 
@@ -64,7 +65,8 @@ Usage::
 
     python benchmarks/pinn.py [--problems convection reaction wave] [--budget N] [--full]
         [--width W] [--depth D] [--residual N] [--grid NX NT] [--adam-lrs LR ...]
-        [--methods NAME ... | --all] [--seed S] [--float32] [--out results.json]
+        [--methods NAME ... | --all] [--lbfgs-share F] [--seed S] [--float32]
+        [--out results.json]
 """
 
 from __future__ import annotations
@@ -190,12 +192,13 @@ def adam_newton_cg_gn_at(h: Hyperparams) -> optax.GradientTransformation:
     return tp.adam_newton_cg(h["lr"], detector=tp.switch_at(h["switch"]), curvature="gauss_newton")
 
 
-def newton_cg_step(budget: float, j: int) -> int:
+def newton_cg_step(budget: float, j: int, share: float = LBFGS_SHARE) -> int:
     """The first Newton-CG step of the Adam->L-BFGS->Newton-CG chain switching to L-BFGS
-    after ``j / 41`` of the budget: L-BFGS gets half of the steps left (a step count: an
-    L-BFGS step costs one evaluation or more, so it spends at least half the rest)."""
+    after ``j / 41`` of the budget: L-BFGS gets ``share`` of the steps left (default half; a
+    step count: an L-BFGS step costs one evaluation or more, so it spends at least that share
+    of the rest)."""
     first = switch_step(budget, j)
-    return first + max(1, round(LBFGS_SHARE * (budget - first)))
+    return first + max(1, round(share * (budget - first)))
 
 
 def adam_lbfgs_then(h: Hyperparams, third: optax.GradientTransformation):
@@ -219,6 +222,11 @@ def adam_lbfgs_newton_cg_gn_at(h: Hyperparams) -> optax.GradientTransformation:
 def adam_lbfgs_newton_cg_nystrom_at(h: Hyperparams) -> optax.GradientTransformation:
     # The anchor's Adam+L-BFGS+NNCG at our equal cost.
     return adam_lbfgs_then(h, tp.newton_cg(preconditioner="nystrom"))
+
+
+def adam_lbfgs_newton_cg_nystrom_damped_at(h: Hyperparams) -> optax.GradientTransformation:
+    # The chain's NNCG starting from the damping of the anchor's grid (1e-2; default 1e-3).
+    return adam_lbfgs_then(h, tp.newton_cg(preconditioner="nystrom", damping=1e-2))
 
 
 def adam_lbfgs_default(h: Hyperparams) -> optax.GradientTransformation:
@@ -261,6 +269,14 @@ METHODS: list[Method] = [
     *[Method(f"Adam->Newton-CG nystrom {j}/41", adam_newton_cg_nystrom_at, j) for j in SPLITS],
     *[
         Method(f"Adam->L-BFGS->Newton-CG nystrom {j}/41", adam_lbfgs_newton_cg_nystrom_at, j)
+        for j in SPLITS
+    ],
+    *[
+        Method(
+            f"Adam->L-BFGS->Newton-CG nystrom damping 1e-2 {j}/41",
+            adam_lbfgs_newton_cg_nystrom_damped_at,
+            j,
+        )
         for j in SPLITS
     ],
     *[Method(f"Adam->L-BFGS->Newton-CG {j}/41", adam_lbfgs_newton_cg_at, j) for j in SPLITS],
@@ -388,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run every METHODS row, not only DEFAULT_METHODS (hours on a CPU)",
     )
+    parser.add_argument(
+        "--lbfgs-share",
+        type=float,
+        default=LBFGS_SHARE,
+        help="Adam->L-BFGS->Newton-CG rows: L-BFGS's share of the steps left after Adam, in "
+        f"(0, 1) (default {LBFGS_SHARE})",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--float32", action="store_true", help="float32 instead of float64")
     parser.add_argument("--log-points", type=int, default=20, help="loss-term logs per run")
@@ -411,6 +434,9 @@ def settings(args: argparse.Namespace) -> dict:
     for name in ("budget", "width", "depth", "residual"):
         if resolved[name] < 1:
             raise SystemExit(f"pinn.py: --{name} must be positive")
+    if not 0 < args.lbfgs_share < 1:
+        raise SystemExit(f"pinn.py: --lbfgs-share must be in (0, 1), got {args.lbfgs_share}")
+    resolved["lbfgs_share"] = args.lbfgs_share
     return resolved
 
 
@@ -505,7 +531,9 @@ def main() -> None:
                 {
                     "lr": np.asarray(best_lr, dtype),
                     "switch": np.int32(switch_step(s["budget"], method.split or 1)),
-                    "switch2": np.int32(newton_cg_step(s["budget"], method.split or 1)),
+                    "switch2": np.int32(
+                        newton_cg_step(s["budget"], method.split or 1, s["lbfgs_share"])
+                    ),
                     "budget": np.float32(s["budget"]),
                 },
                 s["budget"],

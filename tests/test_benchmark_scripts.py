@@ -44,6 +44,7 @@ def table_rows(text: str, first_cell: str) -> list[list[str]]:
     return rows
 
 
+@pytest.mark.slow  # 10 methods, each compiled: ~2 minutes on 2 shared cores
 def test_switching_costs_within_budget():
     budget = 6
     out = run_script(
@@ -60,6 +61,7 @@ def test_switching_costs_within_budget():
     assert float(rows[0][8]) == 1.0  # Adam's ratio to itself
 
 
+@pytest.mark.slow  # the basin study (RESULTS section 3): ~25 s of compilations
 def test_basin_rows_and_spectrum():
     out = run_script("basin.py", "--budget", "4", "--splits", "1", "2")
     rows = [r for r in (table_rows(out, "1") + table_rows(out, "2")) if len(r) == 10]
@@ -110,6 +112,7 @@ def test_experiment_grid_skip_auto(tmp_path):
     assert set(result["records"]) == {"adam"}
 
 
+@pytest.mark.slow  # a finished study (the polish is now safe_resort's): ~25 s
 def test_final_polish_rows():
     out = run_script("final_polish.py", "--budgets", "10", "--checks", "2")
     for name in ("teacher-student-small", "teacher-student", "digits", "friedman1"):
@@ -118,7 +121,8 @@ def test_final_polish_rows():
 
 
 def test_overhead_state_sizes():
-    out = run_script("overhead.py", "--quick", "--rounds", "2")
+    out = run_script("overhead.py", "--state-only")
+    assert "Train step" not in out  # no timing
     # the state table's rows end with "N (+B B)": parameter-sized buffers and the rest
     (adam,) = [row for row in table_rows(out, "optax.adam") if "(+" in row[-1]]
     assert adam[2] == "1.000" and adam[3].startswith("2 "), adam
@@ -154,6 +158,25 @@ def test_full_batch_memory_rows():
         assert float(row[2]) >= 0, row
 
 
+def test_second_phase_memory_rows():
+    out = run_script("second_phase_memory.py", "--n", "65536")
+    # State sizes follow from the states' documented fields: Newton-CG keeps `grad`, CG
+    # `grad` and `direction`, the Nystrom variant 60 sketch columns more, L-BFGS(10) 23.
+    expected_state = {
+        "tp.nonlinear_cg()": 2,
+        "tp.newton_cg()": 1,
+        "tp.newton_cg(preconditioner=diagonal)": 2,
+        "tp.newton_cg(preconditioner='nystrom'), sketch 60": 61,
+        "optax.lbfgs(memory_size=10) (evaluating)": 23,
+    }
+    for name, buffers in expected_state.items():
+        (row,) = table_rows(out, name)
+        assert round(float(row[1])) == buffers, row
+        assert float(row[2]) >= 0, row
+    assert "free product" in out
+
+
+@pytest.mark.slow  # the timing path; test_overhead_state_sizes runs the script fast
 def test_overhead_train_only_at_another_batch():
     out = run_script("overhead.py", "--rounds", "1", "--batch", "64", "--train-only")
     assert "batch 64," in out
@@ -161,15 +184,19 @@ def test_overhead_train_only_at_another_batch():
     assert "Optimizer state" not in out
 
 
-def test_overhead_rejects_a_bad_batch():
+@pytest.mark.parametrize(
+    "args, named",
+    [(["--batch", "0"], "--batch"), (["--train-only", "--state-only"], "--state-only")],
+)
+def test_overhead_rejects_bad_options(args, named):
     done = subprocess.run(
-        [sys.executable, "overhead.py", "--batch", "0"],
+        [sys.executable, "overhead.py", *args],
         cwd=BENCHMARKS,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert done.returncode == 2 and "--batch" in done.stderr
+    assert done.returncode == 2 and named in done.stderr
 
 
 def gpu_repro(*args: str) -> subprocess.CompletedProcess:
@@ -270,6 +297,18 @@ def test_pinn_default_rows_are_known_methods():
     for row in ("L-BFGS", "Adam->L-BFGS 11/41", "Adam->CG 11/41", "Adam->Newton-CG nystrom 1/41"):
         assert row in module.DEFAULT_METHODS
     assert sum(row.endswith(" default") for row in module.DEFAULT_METHODS) == 3
+
+
+def test_pinn_lbfgs_share_sets_the_third_stage_and_is_checked():
+    module = pinn_benchmark_module()
+    first = module.switch_step(3000, 11)
+    for share in (0.25, 0.5, 0.75):
+        settings = module.settings(module.build_parser().parse_args(["--lbfgs-share", str(share)]))
+        step = module.newton_cg_step(3000, 11, settings["lbfgs_share"])
+        assert step - first == round(share * (3000 - first))
+    for bad in ("0", "1", "-0.5"):
+        with pytest.raises(SystemExit, match="--lbfgs-share"):
+            module.settings(module.build_parser().parse_args(["--lbfgs-share", bad]))
 
 
 @pytest.mark.slow  # every METHODS row compiles: minutes on 2 shared cores

@@ -48,10 +48,11 @@ pytestmark = [
         not _has_cpu_collectives(),
         reason="this jaxlib has no gloo CPU collectives: JAX cannot run several CPU processes",
     ),
-    # One pytest-xdist worker runs the whole module (with `--dist loadgroup`, as in
-    # the README's command), so each module-scoped run is launched once.
-    pytest.mark.xdist_group("multiprocess"),
 ]
+# One pytest-xdist worker runs the whole module (`--dist loadfile`, the README's command), so
+# each module-scoped run is launched once. (`--dist loadgroup` with an `xdist_group` mark no
+# longer groups under pytest 9: pytest-xdist 3.8 renames `item._nodeid`, which pytest 9 no
+# longer reads; the module's runs were launched once per worker, two at a time.)
 
 
 _compilation_cache: dict[str, str] = {}

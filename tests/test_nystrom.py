@@ -154,13 +154,15 @@ def test_same_minimiser_as_scipy_newton_cg(name, f, x0):
     opt = tp.newton_cg(preconditioner="nystrom", sketch_size=8, sketch_refresh=5)
     x, state = problems.run_newton(opt, f, x0, max_iter=300, gtol=1e-7)
     assert float(optax.tree.norm(state.grad)) <= 1e-7, name
-    grad = jax.grad(f)
-    hessp = lambda x, p: jax.jvp(grad, (jnp.asarray(x),), (jnp.asarray(p),))[1]
+    # Compiled callbacks: scipy runs up to 2000 iterations on Powell's singular minimiser,
+    # and op-by-op products made this oracle take minutes.
+    value, grad = jax.jit(f), jax.jit(jax.grad(f))
+    hessp = jax.jit(lambda x, p: jax.jvp(jax.grad(f), (x,), (p,))[1])
     ref = scipy.optimize.minimize(
-        lambda x: float(f(jnp.asarray(x))),
+        lambda x: float(value(jnp.asarray(x))),
         np.asarray(x0),
         jac=lambda x: np.asarray(grad(jnp.asarray(x))),
-        hessp=lambda x, p: np.asarray(hessp(x, p)),
+        hessp=lambda x, p: np.asarray(hessp(jnp.asarray(x), jnp.asarray(p))),
         method="Newton-CG",
         options=dict(xtol=1e-14, maxiter=2000),
     )

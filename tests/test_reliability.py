@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import twophase as tp
@@ -185,6 +185,7 @@ def test_noisy_objective_never_increases_in_phase1():
     assert all_finite(x)
 
 
+@settings(max_examples=10)  # each example compiles its own step (~5 s on 2 shared cores)
 @given(seed=st.integers(0, 10_000), switch=st.integers(1, 6), width=st.integers(2, 8))
 def test_property_full_batch_loss_non_increasing_over_phase1(seed, switch, width):
     params, full, loss, x, y = mlp_problem(seed, h=width)
@@ -213,6 +214,7 @@ def test_property_full_batch_loss_non_increasing_over_phase1(seed, switch, width
 # 3. Properties
 
 
+@settings(max_examples=10)  # each example compiles its own step
 @given(
     n=st.integers(2, 50),
     log_condition=st.floats(0.0, 4.0),
@@ -273,9 +275,11 @@ def test_property_arbitrary_pytrees_keep_their_structure(tree):
     for opt in [tp.nonlinear_cg(), tp.adam_cg(detector=tp.switch_at(1))]:
         state = opt.init(tree)
         p = tree
+        # Compiled (as in a training step): op by op, each new structure cost ~4x more.
+        update = jax.jit(lambda g, s, p, opt=opt: opt.update(g, s, p, value=f(p), value_fn=f))
         for _ in range(3):
             grad = jax.grad(f)(p)
-            u, state = opt.update(grad, state, p, value=f(p), value_fn=f)
+            u, state = update(grad, state, p)
             assert jax.tree.structure(u) == jax.tree.structure(tree)
             p = optax.apply_updates(p, u)
             assert jax.tree.structure(p) == jax.tree.structure(tree)
@@ -314,26 +318,30 @@ def test_one_transformation_two_independent_loops():
     params_b, full_b, *_ = mlp_problem(5)
     opt = tp.adam_cg(1e-2, detector=tp.switch_at(2))
 
-    def run(params, full, interleave_with=None):
+    def stepper(full):
+        # Compiled (op by op the test took ~50 s); one program per objective.
+        return jax.jit(
+            lambda p, s: opt.update(jax.grad(full)(p), s, p, value=full(p), value_fn=full)
+        )
+
+    step_a, step_b = stepper(full_a), stepper(full_b)
+
+    def run(params, step):
         state = opt.init(params)
-        out = []
         for _ in range(5):
-            u, state = opt.update(
-                jax.grad(full)(params), state, params, value=full(params), value_fn=full
-            )
+            u, state = step(params, state)
             params = optax.apply_updates(params, u)
-            out.append(params)
         return params, state
 
     # Interleaved: two states advanced alternately with the same transformation.
     pa, pb = params_a, params_b
     sa, sb = opt.init(pa), opt.init(pb)
     for _ in range(5):
-        ua, sa = opt.update(jax.grad(full_a)(pa), sa, pa, value=full_a(pa), value_fn=full_a)
-        ub, sb = opt.update(jax.grad(full_b)(pb), sb, pb, value=full_b(pb), value_fn=full_b)
+        ua, sa = step_a(pa, sa)
+        ub, sb = step_b(pb, sb)
         pa, pb = optax.apply_updates(pa, ua), optax.apply_updates(pb, ub)
-    ref_a, ref_sa = run(params_a, full_a)
-    ref_b, ref_sb = run(params_b, full_b)
+    ref_a, ref_sa = run(params_a, step_a)
+    ref_b, ref_sb = run(params_b, step_b)
     chex.assert_trees_all_equal(pa, ref_a)
     chex.assert_trees_all_equal(pb, ref_b)
     chex.assert_trees_all_equal(sa, ref_sa)

@@ -116,11 +116,15 @@ class NewtonCGState(NamedTuple):
 
     Parameter-sized buffers: one, ``grad`` (plus ``preconditioner`` when a
     diagonal preconditioner is stored: two; plus ``sketch_size`` columns of the
-    Nystrom sketch with ``preconditioner="nystrom"``). The inner solve holds five more
+    Nystrom sketch with ``preconditioner="nystrom"``). The inner solve holds four more
     while an ``update`` runs (the step ``p``, the residual ``r``, the direction
-    ``d``, the product ``(H + lambda I) d`` and the preconditioned residual
-    ``z = P r``), and the line search its own (trial point and gradients); none
-    of them is kept between calls. Buffers are in the arithmetic dtype, float32
+    ``d`` and the product ``(H + lambda I) d``; XLA fuses the preconditioned
+    residual ``z = P r`` into its uses), plus what the objective's
+    Hessian-vector product needs, and the line search its own (trial point and
+    gradients); none of them is kept between calls. Measured by
+    ``benchmarks/second_phase_memory.py`` (XLA's memory analysis of the compiled
+    ``update``): peak scratch 6.5 parameter vectors on a separable objective, of
+    which the inner solve's own 4.0. Buffers are in the arithmetic dtype, float32
     for parameters of lower precision (bfloat16, float16), the parameters'
     dtype otherwise (:func:`twophase.cg.compute_dtype`).
 
@@ -570,7 +574,7 @@ def newton_cg(
     is accepted).
 
     Memory: one parameter-sized buffer in the state (two with a stored
-    diagonal preconditioner), five more transiently in the inner solve; see
+    diagonal preconditioner), four more transiently in the inner solve; see
     :class:`NewtonCGState`. The Nystrom preconditioner adds ``sketch_size``
     parameter-sized columns to the state, and its sketch holds three
     ``(n, sketch_size)`` matrices transiently (the test matrix, the products,
