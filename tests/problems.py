@@ -148,7 +148,7 @@ def jitted_loop(opt, f, x0, steps, wrap=lambda fn: fn):
     return x, state
 
 
-def run_newton(opt, f, x0, *, max_iter=500, gtol=1e-5, jit=True):
+def run_second_phase(opt, f, x0, *, max_iter=500, gtol=1e-5, jit=True):
     """Calls a second phase's ``update`` on ``f`` from ``x0`` (jitted unless ``jit=False``)
     until the gradient norm is at most ``gtol`` or ``max_iter`` calls. Returns the final
     ``(x, state)``."""

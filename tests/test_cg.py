@@ -15,17 +15,7 @@ RULES = sorted(tp.BETA_RULES)
 
 
 def run_cg(opt, f, x0, *, max_iter=5000, gtol=1e-5, jit=True):
-    state = opt.init(x0)
-    step = lambda x, s: opt.update(x, s, x, value_fn=f)
-    if jit:
-        step = jax.jit(step)
-    x = x0
-    for _ in range(max_iter):
-        u, state = step(x, state)
-        x = optax.apply_updates(x, u)
-        if float(tp.info(state).grad_norm) <= gtol:
-            break
-    return x, state
+    return problems.run_second_phase(opt, f, x0, max_iter=max_iter, gtol=gtol, jit=jit)
 
 
 def scipy_cg(f, x0, gtol=1e-5):

@@ -121,7 +121,7 @@ def comparisons():
 def compare(name, comparisons):
     if name not in comparisons:
         f, x0 = suite()[name]
-        x, state = problems.run_newton(tp.newton_cg(), f, x0)
+        x, state = problems.run_second_phase(tp.newton_cg(), f, x0)
         comparisons[name] = (x, state, scipy_newton_cg(f, x0))
     return comparisons[name]
 
@@ -208,10 +208,10 @@ def test_gauss_newton_matches_hessian_newton_on_nonlinear_least_squares():
     residuals, p0 = exponential_fit_residuals()
     for reduction in ("mean", "half_sum"):
         value_fn = tp.gauss_newton_objective(residuals, reduction=reduction)
-        x_gn, s_gn = problems.run_newton(
+        x_gn, s_gn = problems.run_second_phase(
             tp.newton_cg(curvature="gauss_newton"), value_fn, p0, gtol=1e-8
         )
-        x_h, _ = problems.run_newton(tp.newton_cg(), value_fn, p0, gtol=1e-8)
+        x_h, _ = problems.run_second_phase(tp.newton_cg(), value_fn, p0, gtol=1e-8)
         assert float(optax.tree.norm(s_gn.grad)) <= 1e-8
         np.testing.assert_allclose(np.asarray(x_gn), np.asarray(x_h), atol=1e-6)
         np.testing.assert_allclose(np.asarray(x_gn), [2.0, 1.3, 0.5], atol=0.05)
@@ -447,7 +447,7 @@ def x64():
 
 def test_float64_reaches_float64_accuracy(x64):
     f, a, b = problems.spd_quadratic(20, 1e4, seed=7, dtype=jnp.float64)
-    x, state = problems.run_newton(tp.newton_cg(), f, jnp.zeros(20, jnp.float64), gtol=1e-12)
+    x, state = problems.run_second_phase(tp.newton_cg(), f, jnp.zeros(20, jnp.float64), gtol=1e-12)
     assert x.dtype == jnp.float64 and state.value.dtype == jnp.float64
     assert state.grad.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a, b), rtol=1e-10)
@@ -583,7 +583,7 @@ def test_mixed_dtype_empty_and_none_pytrees():
     def f(p):
         return jnp.sum((p["a"] - 2.0) ** 2) + jnp.sum((p["b"] + 1.0) ** 2) + jnp.sum(p["c"])
 
-    x, state = problems.run_newton(opt, f, params, max_iter=10, gtol=1e-6)
+    x, state = problems.run_second_phase(opt, f, params, max_iter=10, gtol=1e-6)
     chex.assert_trees_all_equal_dtypes(x, params)
     np.testing.assert_allclose(np.asarray(x["a"]), 2.0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(x["b"]), -1.0, atol=1e-6)

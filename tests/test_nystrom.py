@@ -152,7 +152,7 @@ def test_refresh_schedule_and_product_count():
 )
 def test_same_minimiser_as_scipy_newton_cg(name, f, x0):
     opt = tp.newton_cg(preconditioner="nystrom", sketch_size=8, sketch_refresh=5)
-    x, state = problems.run_newton(opt, f, x0, max_iter=300, gtol=1e-7)
+    x, state = problems.run_second_phase(opt, f, x0, max_iter=300, gtol=1e-7)
     assert float(optax.tree.norm(state.grad)) <= 1e-7, name
     # Compiled callbacks: scipy runs up to 2000 iterations on Powell's singular minimiser,
     # and op-by-op products made this oracle take minutes.
