@@ -98,13 +98,17 @@ def test_two_phase_with_aux_in_a_scan_compiles_once(preset, count_traces):
     aux = tp.info(state).aux
     for key in expected:
         np.testing.assert_allclose(aux[key], expected[key], rtol=1e-10)
+
     # Same path as the scalar objective's.
-    ref = PARAMS, opt.init(PARAMS)
-    for _ in range(8):
-        p, s = ref
+    @jax.jit
+    def ref_step(p, s):
         value, grad = jax.value_and_grad(scalar)(p)
         u, s = opt.update(grad, s, p, value=value, value_fn=scalar)
-        ref = optax.apply_updates(p, u), s
+        return optax.apply_updates(p, u), s
+
+    ref = PARAMS, opt.init(PARAMS)
+    for _ in range(8):
+        ref = ref_step(*ref)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9), params, ref[0])
 
 
@@ -191,11 +195,16 @@ def test_zero_steps_are_counted_and_never_move_uphill(name):
 def test_zero_steps_are_counted_over_trials_in_two_phase():
     bad = _wrong_gradient(scalar)
     opt = tp.adam_lbfgs(0.05, detector=tp.switch_at(2), fallback=2)
-    params, state = PARAMS, opt.init(PARAMS)
-    for _ in range(12):
+
+    @jax.jit
+    def step(params, state):
         value, grad = jax.value_and_grad(scalar)(params)
         updates, state = opt.update(grad, state, params, value=value, value_fn=bad)
-        params = optax.apply_updates(params, updates)
+        return optax.apply_updates(params, updates), state
+
+    params, state = PARAMS, opt.init(PARAMS)
+    for _ in range(12):
+        params, state = step(params, state)
     diagnostics = tp.info(state)
     assert int(diagnostics.fallbacks) >= 2  # each stall returned to Adam
     assert int(diagnostics.zero_steps) >= 2 * int(diagnostics.fallbacks)

@@ -214,8 +214,9 @@ def test_nonfinite_trial_point_shrinks_step():
     opt = tp.nonlinear_cg()
     x = jnp.array([-5.0])
     state = opt.init(x)
+    step = jax.jit(lambda x, s: opt.update(x, s, x, value_fn=f))
     for _ in range(10):
-        u, state = opt.update(x, state, x, value_fn=f)
+        u, state = step(x, state)
         assert bool(jnp.all(jnp.isfinite(u)))
         x = optax.apply_updates(x, u)
     assert abs(float(x[0]) - 0.9) < 1e-4

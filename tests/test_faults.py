@@ -471,11 +471,11 @@ def test_derivative_through_a_cg_step_is_nan_not_wrong():
 def test_vmap_over_learning_rates_matches_optax_adam():
     f = _quadratic()
     lrs = jnp.asarray([1e-3, 1e-2, 1e-1], F32)
-    expected = jax.vmap(lambda lr: _meta_loss(lr, optax.adam, f))(lrs)
+    expected = jax.jit(jax.vmap(lambda lr: _meta_loss(lr, optax.adam, f)))(lrs)
     got = jax.jit(jax.vmap(lambda lr: _meta_loss(lr, tp.adam_cg, f)))(lrs)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5)
-    grads = jax.vmap(jax.grad(lambda lr: _meta_loss(lr, tp.adam_cg, f)))(lrs)
-    expected_grads = jax.vmap(jax.grad(lambda lr: _meta_loss(lr, optax.adam, f)))(lrs)
+    grads = jax.jit(jax.vmap(jax.grad(lambda lr: _meta_loss(lr, tp.adam_cg, f))))(lrs)
+    expected_grads = jax.jit(jax.vmap(jax.grad(lambda lr: _meta_loss(lr, optax.adam, f))))(lrs)
     np.testing.assert_allclose(np.asarray(grads), np.asarray(expected_grads), rtol=1e-4)
 
 

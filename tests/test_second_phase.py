@@ -39,12 +39,18 @@ def test_evaluating_lbfgs_takes_optax_lbfgs_steps_and_counts_its_evaluations():
     wrapped = tp.evaluating(optax.lbfgs())
     ref = optax.lbfgs()
     vg = optax.value_and_grad_from_state(least_squares)
+    wrapped_step = jax.jit(lambda p, s: wrapped.update(None, s, p, value_fn=counted))
+
+    @jax.jit
+    def ref_step(q, r):
+        value, grad = vg(q, state=r)
+        return ref.update(grad, r, q, value=value, grad=grad, value_fn=least_squares)
+
     p, s = params, wrapped.init(params)
     q, r = params, ref.init(params)
     for _ in range(6):
-        u, s = wrapped.update(None, s, p, value_fn=counted)
-        value, grad = vg(q, state=r)
-        v, r = ref.update(grad, r, q, value=value, grad=grad, value_fn=least_squares)
+        u, s = wrapped_step(p, s)
+        v, r = ref_step(q, r)
         p, q = optax.apply_updates(p, u), optax.apply_updates(q, v)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), p, q)
     jax.effects_barrier()

@@ -54,10 +54,12 @@ def test_phase0_equals_optax_adam():
     ref = optax.adam(1e-2)
     p, s = PARAMS, opt.init(PARAMS)
     p_ref, s_ref = PARAMS, ref.init(PARAMS)
+    update = jax.jit(lambda g, s, p, v: opt.update(g, s, p, value=v, value_fn=FULL))
+    ref_update = jax.jit(ref.update)
     for x, y in batches(0):
         g = jax.grad(loss)(p, x, y)
-        u, s = opt.update(g, s, p, value=loss(p, x, y), value_fn=FULL)
-        u_ref, s_ref = ref.update(jax.grad(loss)(p_ref, x, y), s_ref, p_ref)
+        u, s = update(g, s, p, loss(p, x, y))
+        u_ref, s_ref = ref_update(jax.grad(loss)(p_ref, x, y), s_ref, p_ref)
         chex.assert_trees_all_close(u, u_ref, rtol=1e-6, atol=1e-9)
         p, p_ref = optax.apply_updates(p, u), optax.apply_updates(p_ref, u_ref)
     assert int(tp.info(s).phase) == 0
@@ -77,10 +79,11 @@ def test_switch_step_and_phase1_equals_nonlinear_cg():
     assert int(tp.info(s).switch_step) == switch
     # From here on: exactly nonlinear_cg's updates, started at the switch point.
     p_cg, s_cg = p, cg.init(p)
+    cg_step = jax.jit(lambda p, s: cg.update(p, s, p, value_fn=FULL))
     for _ in range(5):
         x, y = next(it)
         p, s, u = step(p, s, x, y)
-        u_cg, s_cg = cg.update(p_cg, s_cg, p_cg, value_fn=FULL)
+        u_cg, s_cg = cg_step(p_cg, s_cg)
         chex.assert_trees_all_close(u, u_cg, rtol=1e-5, atol=1e-8)
         p_cg = optax.apply_updates(p_cg, u_cg)
     assert int(tp.info(s).cg_iterations) == 5
@@ -243,11 +246,11 @@ def _lying_objective():
 def test_fallback_returns_to_phase0_after_consecutive_failures():
     lying = _lying_objective()
     opt = tp.adam_cg(1e-2, detector=tp.switch_at(2), fallback=3)
+    step = jax.jit(lambda p, s: opt.update(jax.grad(FULL)(p), s, p, value=FULL(p), value_fn=lying))
     p, s = PARAMS, opt.init(PARAMS)
     phases = []
     for _ in range(8):
-        g = jax.grad(FULL)(p)
-        u, s = opt.update(g, s, p, value=FULL(p), value_fn=lying)
+        u, s = step(p, s)
         p = optax.apply_updates(p, u)
         phases.append(int(tp.info(s).phase))
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))
