@@ -367,3 +367,40 @@ def test_adam_is_extrapolated_linearly_only_as_long_as_the_run_before_the_trial(
     policy, state = _judging(budget=1000.0, trial_start=20.0, adam_pace=0.05, epochs=10)
     _, backs = _trial(policy, state, list(-3.0 * shape[:2]), cost=10.0)
     assert backs == [False, True]
+
+
+def _polish_switch(trial_start=900.0, adam_pace=0.01):
+    """safe_resort at budget 1000 switched by its own ``first`` at the end of the
+    epoch that reaches ``trial_start``, Adam's pace ``adam_pace`` over 32 epochs;
+    also returns the log-loss of that last epoch."""
+    policy = safe_resort(STEPS, budget=1000.0)
+    ring = -adam_pace * np.arange(32, dtype=np.float32)  # log losses, oldest first
+    state = policy.init(PARAMS)._replace(
+        cost=jnp.float32(trial_start - 1.0 / STEPS),
+        epochs=jnp.int32(32),
+        log_losses=jnp.asarray(ring),
+        loss_sum=jnp.float32((STEPS - 1) * np.exp(ring[-1] - adam_pace)),
+        loss_count=jnp.float32(STEPS - 1),
+        wait=jnp.float32(8.0),
+    )
+    value = jnp.float32(np.exp(ring[-1] - adam_pace))
+    state, switch = policy.first(
+        state, grad=None, grad_norm=None, value=value, step=jnp.int32(10**4)
+    )
+    assert bool(switch)
+    return policy, state, float(np.log(value))
+
+
+def test_a_judged_polish_is_measured_from_its_first_accepted_point():
+    # The polish's first iteration gains 0.1 in log-loss (the mini-batch noise Adam
+    # left); then 0.005 per step of cost 2. Adam's pace is 0.01 per epoch, a segment
+    # 0.05 * 100 = 5. Counted from the switch the polish would look ahead (0.115 in 6
+    # against 0.06); from its first point it gained 0.015 in 6, against 0.06: it returns.
+    policy, state, last = _polish_switch(900.0, adam_pace=0.01)
+    assert float(state.reference_cost) == -1.0  # set by the first accepted point
+    gains = [0.1, 0.105, 0.11, 0.115]
+    _, backs = _trial(policy, state, [last - g for g in gains], cost=2.0)
+    assert backs == [False, False, False, True]
+    # A trial before the polish keeps the switch point as its reference.
+    policy, state, _ = _polish_switch(200.0, adam_pace=0.01)
+    assert float(state.reference_cost) == pytest.approx(200.0)
