@@ -217,6 +217,9 @@ def test_bad_budget_is_rejected(budget):
         {"growth": 0.5},
         {"max_failures": 0},
         {"floor": float("nan")},
+        {"hopeless": 1.0},
+        {"hopeless": -0.1},
+        {"hopeless": True},
     ],
 )
 def test_bad_policy_arguments_are_rejected_naming_them(kwargs):
@@ -369,26 +372,32 @@ def test_adam_is_extrapolated_linearly_only_as_long_as_the_run_before_the_trial(
     assert backs == [False, True]
 
 
-def _polish_switch(trial_start=900.0, adam_pace=0.01):
-    """safe_resort at budget 1000 switched by its own ``first`` at the end of the
-    epoch that reaches ``trial_start``, Adam's pace ``adam_pace`` over 32 epochs;
-    also returns the log-loss of that last epoch."""
-    policy = safe_resort(STEPS, budget=1000.0)
+def _end_epoch(policy, state, cost, adam_pace=0.01):
+    """``policy.first`` at the last step of the epoch that reaches ``cost``, Adam's
+    pace ``adam_pace`` over 32 epochs; returns the state, the switch and the log-loss
+    of that epoch."""
     ring = -adam_pace * np.arange(32, dtype=np.float32)  # log losses, oldest first
-    state = policy.init(PARAMS)._replace(
-        cost=jnp.float32(trial_start - 1.0 / STEPS),
+    value = jnp.float32(np.exp(ring[-1] - adam_pace))
+    state = state._replace(
+        cost=jnp.float32(cost - 1.0 / STEPS),
         epochs=jnp.int32(32),
         log_losses=jnp.asarray(ring),
-        loss_sum=jnp.float32((STEPS - 1) * np.exp(ring[-1] - adam_pace)),
+        loss_sum=jnp.float32((STEPS - 1) * value),
         loss_count=jnp.float32(STEPS - 1),
-        wait=jnp.float32(8.0),
     )
-    value = jnp.float32(np.exp(ring[-1] - adam_pace))
     state, switch = policy.first(
         state, grad=None, grad_norm=None, value=value, step=jnp.int32(10**4)
     )
-    assert bool(switch)
-    return policy, state, float(np.log(value))
+    return state, bool(switch), float(np.log(value))
+
+
+def _polish_switch(trial_start=900.0, adam_pace=0.01):
+    """safe_resort at budget 1000 switched by its own ``first`` at ``trial_start``."""
+    policy = safe_resort(STEPS, budget=1000.0)
+    state = policy.init(PARAMS)._replace(wait=jnp.float32(8.0))
+    state, switch, last = _end_epoch(policy, state, trial_start, adam_pace)
+    assert switch
+    return policy, state, last
 
 
 def test_a_judged_polish_is_measured_from_its_first_accepted_point():
@@ -404,3 +413,45 @@ def test_a_judged_polish_is_measured_from_its_first_accepted_point():
     # A trial before the polish keeps the switch point as its reference.
     policy, state, _ = _polish_switch(200.0, adam_pace=0.01)
     assert float(state.reference_cost) == pytest.approx(200.0)
+
+
+def _two_trials(hopeless, gains):
+    """safe_resort at budget 1000 after two trials from costs 20 and 40 (Adam's pace
+    0.05 per epoch-equivalent, each trial one step of 4 epoch-equivalents that gains
+    ``gains`` in log-loss since the switch point), each returned from."""
+    policy = safe_resort(STEPS, budget=1000.0, hopeless=hopeless)
+    state = policy.init(PARAMS)._replace(wait=jnp.float32(8.0))
+    for start, gain in zip((20.0, 40.0), gains, strict=True):
+        state, switch, _ = _end_epoch(policy, state, start, adam_pace=0.05)
+        assert switch
+        reference = float(state.reference_log_value)
+        state, backs = _trial(policy, state, [reference - gain], cost=4.0)
+        assert backs == [True]  # each gained less than Adam's 0.2
+        state = policy.rearm(state, PARAMS)
+    return policy, state
+
+
+@pytest.mark.parametrize("hopeless", [0.1, 0.0])
+def test_two_hopeless_trials_end_the_exploration_and_the_judged_polish(hopeless):
+    # Gains of 0.004 and 0.01 against Adam's 0.2: ratios 0.02 and 0.05.
+    policy, state = _two_trials(hopeless, gains=[0.004, 0.01])
+    assert float(state.best_gain_ratio) == pytest.approx(0.05, rel=1e-3)
+    gave_up = hopeless > 0
+    # A third trial would be due at 300 (3% of the budget not yet spent)...
+    after, switch, _ = _end_epoch(policy, state, 300.0)
+    assert switch is not gave_up
+    assert bool(after.exploring) is not gave_up
+    # ...a judged polish at 900 (Adam's pace on 32 epochs)...
+    _, switch, _ = _end_epoch(policy, state, 900.0)
+    assert switch is not gave_up
+    # ...and the final polish (the last 5 epoch-equivalents) runs either way.
+    _, switch, _ = _end_epoch(policy, state, 996.0)
+    assert switch
+
+
+def test_one_trial_above_hopeless_keeps_the_exploration():
+    # 0.03 of Adam's 0.2 is 0.15 > 0.1.
+    policy, state = _two_trials(0.1, gains=[0.004, 0.03])
+    assert float(state.best_gain_ratio) == pytest.approx(0.15, rel=1e-3)
+    _, switch, _ = _end_epoch(policy, state, 300.0)
+    assert switch

@@ -117,6 +117,12 @@ class SafeResortState(NamedTuple):
       polish_after: float32, cost before which no late polish starts (set after
         a polish ended in failures).
       trial_spent: float32, cost spent in trials that were returned from.
+      best_gain_ratio: float32, the largest ratio, over the exploratory trials
+        returned from (those before the late polish), of a trial's gain to the
+        gain Adam would have made in its cost (0 before any).
+      exploring: bool, False once two trials have been returned from with none
+        of them above ``hopeless``: no exploratory trial starts any more, and
+        no judged polish (the final polish still runs).
     """
 
     budget: jax.Array
@@ -137,6 +143,8 @@ class SafeResortState(NamedTuple):
     trials: jax.Array
     polish_after: jax.Array
     trial_spent: jax.Array
+    best_gain_ratio: jax.Array
+    exploring: jax.Array
 
 
 def _pace(log_losses: jax.Array, epochs: jax.Array, points: jax.Array) -> jax.Array:
@@ -171,6 +179,7 @@ def safe_resort(
     history: int = 32,
     max_failures: int = 2,
     min_steps: int = 0,
+    hopeless: float = 0.1,
 ) -> Policy:
     """Try the second phase, keep it while it out-paces Adam, else return.
 
@@ -217,6 +226,13 @@ def safe_resort(
       *final polish*, the last ``max(2 * min_judge, 0.5% of the budget)``, runs
       unjudged and collects that gain (on mnist5k the unjudged polish from 90%
       lost 6% to Adam).
+    * **Hopeless**: once two trials have been returned from and none gained
+      ``hopeless`` of what Adam would have gained in its cost, no more
+      exploratory trials start, and where the polish would be judged (see
+      above) only the final polish runs. On the CLI's problem (mlp, mnist5k)
+      its first two trials gained -0.09 and 0.05 of Adam's gain, and the
+      trials and the judged polish that followed took the run from 1.02x to
+      1.10x Adam's final loss (``benchmarks/RESULTS.md`` section 8).
     * **Room**: no switch once less than ``min_judge`` of a known budget is
       left.
 
@@ -242,6 +258,8 @@ def safe_resort(
       history: epochs kept for Adam's pace, ``>= 3``.
       max_failures: consecutive failed second-phase iterations that end a trial.
       min_steps: no switch before this many phase-0 steps since (re-)arming.
+      hopeless: gain ratio, in ``[0, 1)``, below which two trials end the
+        exploration (0 disables it).
 
     Returns:
       A :class:`Policy` with ``needs_value=True`` and state
@@ -258,6 +276,13 @@ def safe_resort(
     for name, value in (("first_trial", first_trial), ("judge", judge), ("explore", explore)):
         check_fraction(name, value)
     check_fraction("polish", polish, closed=True)
+    checked_hopeless = concrete(hopeless)
+    if checked_hopeless is not None and (
+        isinstance(checked_hopeless, bool)
+        or not isinstance(checked_hopeless, (int, float))
+        or not 0 <= checked_hopeless < 1
+    ):
+        raise ValueError(f"`hopeless` must be a number in [0, 1), got {hopeless!r}.")
     check_positive("min_judge", min_judge)
     checked_growth = concrete(growth)
     if checked_growth is not None and (
@@ -321,6 +346,8 @@ def safe_resort(
             trials=jnp.zeros([], jnp.int32),
             polish_after=zero,
             trial_spent=zero,
+            best_gain_ratio=zero,
+            exploring=jnp.ones([], bool),
         )
 
     def end_epoch(state: SafeResortState) -> SafeResortState:
@@ -360,6 +387,12 @@ def safe_resort(
         scale = jnp.where(known, state.budget, state.cost)
         affordable = state.trial_spent + 1.5 * min_judge <= explore * scale
         affordable |= ~known & (state.trials == 0)  # without a budget, one early trial
+        # In phase 0 every trial started has been returned from.
+        gave_up = (state.trials >= 2) & (state.best_gain_ratio < hopeless)
+        affordable &= ~gave_up
+        at_final = state.cost >= state.budget - final_reserve(state.budget)
+        judged_polish = pace_points(state.budget) >= history // 2
+        polishing &= ~(gave_up & judged_polish) | at_final
         due = ((state.epochs >= 3) & (state.cost >= state.next_trial) & affordable) | polishing
         # No switch without room for a judged trial: an iteration that does not fit
         # in the budget would be wasted (twophase.train discards it under a strict
@@ -382,6 +415,7 @@ def safe_resort(
         in_polish = known & (state.cost >= polish * state.budget)
         known_start = (state.epochs > 0) & ~in_polish
         state = state._replace(
+            exploring=~gave_up,
             trial_start=jnp.where(switch, state.cost, state.trial_start),
             segment_cost=jnp.where(
                 switch, jnp.where(known_start, state.cost, unset), state.segment_cost
@@ -437,12 +471,25 @@ def safe_resort(
         failed = ~finite | ~jnp.isfinite(log_value) | ((failures >= max_failures) & behind)
         back = loses | failed
         usable = jnp.isfinite(log_value)  # else `failed`: nothing non-finite is stored
+        # The trial's gain as a fraction of Adam's in the same cost (1 where Adam's
+        # extrapolated gain is not positive: no evidence against the trial).
+        adam_gain = state.adam_pace * adam_horizon(spent, reference_cost)
+        gain_ratio = jnp.where(
+            adam_gain > 0, (reference_log - log_value) / jnp.maximum(adam_gain, 1e-30), 1.0
+        )
+        exploratory = ~known | (state.trial_start < polish * state.budget)
+        best_gain_ratio = jnp.where(
+            back & usable & exploratory,
+            jnp.maximum(state.best_gain_ratio, gain_ratio),
+            state.best_gain_ratio,
+        )
         state = state._replace(
             cost=cost_now,
             segment_cost=jnp.where(~started | judged, cost_now, state.segment_cost),
             reference_cost=reference_cost,
             reference_log_value=jnp.where(usable, reference_log, state.reference_log_value),
             trial_pace=jnp.where(started & usable, pace, state.trial_pace),
+            best_gain_ratio=best_gain_ratio,
         )
         return state, back
 

@@ -262,3 +262,24 @@ def test_vit_comparison():
     assert results[1].record["switch_epoch"] == 3
     for r in results:
         assert math.isfinite(r.record["train_loss"])
+
+
+def test_explain_reads_trials_returns_and_the_policy_giving_up():
+    history = [{"phase": p} for p in [0, 0, 1, 0, 0, 1, 0, 0, 0, 1]]
+    text = runner.explain(history)
+    assert text == (
+        "CG tried 3x (epochs 3, 6, 10), returned to Adam 2x where CG gained less than Adam "
+        "would have; CG from epoch 10 to the end"
+    )
+    assert "stopped trying" not in runner.explain(history, exploring=True)
+    gave_up = runner.explain(history, exploring=False)
+    assert "; stopped trying after two trials" in gave_up and gave_up.endswith("to the end")
+
+
+def test_explanation_reads_the_policys_final_exploring_flag():
+    policy = tp.safe_resort(4, budget=100.0)
+    state = {"inner": (policy.init(None),)}
+    assert runner._exploring(state) is True
+    state = {"inner": (state["inner"][0]._replace(exploring=jnp.zeros([], bool)),)}
+    assert runner._exploring(state) is False
+    assert runner._exploring({"adam": optax.adam(1e-3).init(jnp.ones(2))}) is None

@@ -392,7 +392,9 @@ def run_one(
         "val_loss": _final(history, "val_loss"),
         "val_acc": _final(history, "val_acc"),
         "switch_epoch": switch_epoch(history) if optimizer == "adam+cg" else None,
-        "explanation": explain(history) if optimizer == "adam+cg" else None,
+        "explanation": (
+            explain(history, _exploring(result.opt_state)) if optimizer == "adam+cg" else None
+        ),
         "cost_epochs": _final(history, "cost"),
         "wall_seconds": _final(history, "wall_seconds"),
         "params": int(problem.num_params),
@@ -486,9 +488,22 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def explain(history: Sequence[Mapping[str, Any]]) -> str:
+def _exploring(opt_state: Any) -> bool | None:
+    """The switching policy's documented ``exploring`` flag in a final optimizer
+    state (:class:`twophase.SafeResortState`), or ``None`` without one."""
+
+    def has_flag(node: Any) -> bool:
+        return hasattr(node, "_fields") and "exploring" in node._fields
+
+    nodes = jax.tree.leaves(opt_state, is_leaf=has_flag)
+    flags = [bool(node.exploring) for node in nodes if has_flag(node)]
+    return flags[0] if flags else None
+
+
+def explain(history: Sequence[Mapping[str, Any]], exploring: bool | None = None) -> str:
     """One line saying what a two-phase run did: its trials of CG, the returns to
-    Adam and the phase it ended in (read from the per-epoch ``phase``)."""
+    Adam and the phase it ended in (read from the per-epoch ``phase``), and, with
+    ``exploring=False`` (the policy's final ``exploring`` flag), that it stopped trying."""
     phases = [r["phase"] for r in history]
     pairs = list(itertools.pairwise([0, *phases]))
     starts = [i + 1 for i, (a, b) in enumerate(pairs) if a == 0 and b == 1]
@@ -498,6 +513,8 @@ def explain(history: Sequence[Mapping[str, Any]]) -> str:
     text = f"CG tried {len(starts)}x (epochs {', '.join(map(str, starts))})"
     if returns:
         text += f", returned to Adam {returns}x where CG gained less than Adam would have"
+    if exploring is False:
+        text += "; stopped trying after two trials that each gained under a tenth of Adam's gain"
     if phases[-1] == 1:
         text += f"; CG from epoch {starts[-1]} to the end"
     return text
