@@ -455,3 +455,14 @@ def test_one_trial_above_hopeless_keeps_the_exploration():
     assert float(state.best_gain_ratio) == pytest.approx(0.15, rel=1e-3)
     _, switch, _ = _end_epoch(policy, state, 300.0)
     assert switch
+
+
+@pytest.mark.parametrize("budget", [1000.0, None])
+def test_the_hopeless_gate_needs_a_budget(budget):
+    # Two hopeless trials on record; the cost so far allows another trial.
+    policy = safe_resort(STEPS, budget=budget)
+    state = policy.init(PARAMS)._replace(trials=jnp.int32(2), wait=jnp.float32(8.0))
+    after, switch, _ = _end_epoch(policy, state, 400.0)
+    # Without a budget there is no final polish to fall back on: trials go on.
+    assert switch is (budget is None)
+    assert bool(after.exploring) is (budget is None)

@@ -121,8 +121,8 @@ class SafeResortState(NamedTuple):
         returned from (those before the late polish), of a trial's gain to the
         gain Adam would have made in its cost (0 before any).
       exploring: bool, False once two trials have been returned from with none
-        of them above ``hopeless``: no exploratory trial starts any more, and
-        no judged polish (the final polish still runs).
+        of them above ``hopeless`` (budget known): no exploratory trial starts
+        any more, and no judged polish (the final polish still runs).
     """
 
     budget: jax.Array
@@ -226,9 +226,9 @@ def safe_resort(
       *final polish*, the last ``max(2 * min_judge, 0.5% of the budget)``, runs
       unjudged and collects that gain (on mnist5k the unjudged polish from 90%
       lost 6% to Adam).
-    * **Hopeless**: once two trials have been returned from and none gained
-      ``hopeless`` of what Adam would have gained in its cost, no more
-      exploratory trials start, and where the polish would be judged (see
+    * **Hopeless** (budget known): once two trials have been returned from and
+      none gained ``hopeless`` of what Adam would have gained in its cost, no
+      more exploratory trials start, and where the polish would be judged (see
       above) only the final polish runs. On the CLI's problem (mlp, mnist5k)
       its first two trials gained -0.09 and 0.05 of Adam's gain, and the
       trials and the judged polish that followed took the run from 1.02x to
@@ -259,7 +259,7 @@ def safe_resort(
       max_failures: consecutive failed second-phase iterations that end a trial.
       min_steps: no switch before this many phase-0 steps since (re-)arming.
       hopeless: gain ratio, in ``[0, 1)``, below which two trials end the
-        exploration (0 disables it).
+        exploration of a run with a known budget (0 disables it).
 
     Returns:
       A :class:`Policy` with ``needs_value=True`` and state
@@ -387,8 +387,9 @@ def safe_resort(
         scale = jnp.where(known, state.budget, state.cost)
         affordable = state.trial_spent + 1.5 * min_judge <= explore * scale
         affordable |= ~known & (state.trials == 0)  # without a budget, one early trial
-        # In phase 0 every trial started has been returned from.
-        gave_up = (state.trials >= 2) & (state.best_gain_ratio < hopeless)
+        # In phase 0 every trial started has been returned from. Without a budget there
+        # is no final polish to fall back on: trials go on at growing intervals.
+        gave_up = known & (state.trials >= 2) & (state.best_gain_ratio < hopeless)
         affordable &= ~gave_up
         at_final = state.cost >= state.budget - final_reserve(state.budget)
         judged_polish = pace_points(state.budget) >= history // 2
