@@ -40,6 +40,7 @@ def pytest_unconfigure(config):
     for path in _own_cache:
         shutil.rmtree(path, ignore_errors=True)
 
+
 settings.register_profile(
     "twophase",
     deadline=None,
