@@ -55,19 +55,6 @@ pytestmark = [
 # longer reads; the module's runs were launched once per worker, two at a time.)
 
 
-_compilation_cache: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache shared by this module's runs: a resumed run
-    reuses what the interrupted one compiled. Each process still traces and
-    compiles (or loads) every jitted function once, which the tests count."""
-    _compilation_cache["dir"] = str(tmp_path_factory.mktemp("jax-cache"))
-    yield
-    _compilation_cache.clear()
-
-
 class WorkerFailed(RuntimeError):
     """A process of a launched run exited with an error, or the run timed out."""
 
@@ -92,8 +79,9 @@ def launch(argv, num_processes: int, out_dir: Path, *, timeout: float = TIMEOUT)
         PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     )
     env.pop("JAX_ENABLE_X64", None)
-    if "dir" in _compilation_cache:
-        env["JAX_COMPILATION_CACHE_DIR"] = _compilation_cache["dir"]
+    # The processes inherit the run's compilation cache (tests/conftest.py): a resumed run
+    # reuses what the interrupted one compiled. Each process still traces and compiles (or
+    # loads) every jitted function once, which the tests count.
     procs, logs = [], []
     try:
         for i in range(num_processes):
