@@ -575,7 +575,7 @@ def run_newton_cg(problem: Problem, caps: Caps) -> NewtonResult:
     must equal ``value_and_grad_evals + hessian_vector_products``."""
     counter = EvalCounter()
     fn = counter.wrap(problem.fn)
-    opt = twophase.newton_cg()
+    opt = twophase.second_phase.newton_cg()
 
     @jax.jit
     def step(carry):
@@ -687,7 +687,7 @@ def newton_cell(result: NewtonResult) -> str:
 def newton_table(results: dict[str, dict[str, NewtonResult]]) -> str:
     """Rows = problems; per solver ``evals + HVPs (iterations)`` and seconds; the cost ratios
     (evaluations + HVPs, and with HVPs weighted by ``HVP_COST``) of twophase to scipy."""
-    from twophase.newton_cg import HVP_COST
+    from twophase.second_phase.newton_cg import HVP_COST
 
     names = list(next(iter(results.values())))
     header = ["problem"]

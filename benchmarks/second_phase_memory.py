@@ -22,8 +22,8 @@ import optax
 from _problems import command_line, markdown_table
 
 import twophase as tp
-from twophase.newton_cg import truncated_cg
-from twophase.second_phase import evaluating
+from twophase.second_phase.contract import evaluating
+from twophase.second_phase.newton_cg import truncated_cg
 
 
 def objective(x: jax.Array) -> jax.Array:

@@ -5,18 +5,6 @@ the gradient norm has peaked (Hrycej et al., KDIR 2025, arXiv 2510.25366).
 """
 
 from twophase.auxiliary import prepare_aux
-from twophase.cg import (
-    BETA_RULES,
-    BetaFn,
-    NonlinearCGState,
-    dai_yuan,
-    fletcher_reeves,
-    hager_zhang,
-    hestenes_stiefel,
-    nonlinear_cg,
-    polak_ribiere,
-    set_preconditioner,
-)
 from twophase.checkpoint import latest_step, restore_checkpoint, save_checkpoint
 from twophase.detectors import (
     Detector,
@@ -28,28 +16,40 @@ from twophase.detectors import (
     switch_at,
 )
 from twophase.info import Info, info, info_all
-from twophase.linesearch import (
-    LineSearch,
-    LineSearchResult,
-    golden_section_linesearch,
-    wolfe_linesearch,
-)
-from twophase.newton_cg import (
-    GaussNewtonObjective,
-    NewtonCGState,
-    gauss_newton_objective,
-    newton_cg,
-)
-from twophase.nystrom import NystromSketch
 from twophase.objectives import as_value_and_grad, fill_masked, full_batch, with_weight_decay
-from twophase.policy import Policy, SafeResortState, safe_resort
+from twophase.policy.safe_resort import Policy, SafeResortState, safe_resort
 from twophase.presets import (
     adam_cg,
     adam_lbfgs,
     adam_newton_cg,
     adam_second_moment_preconditioner,
 )
-from twophase.second_phase import HVP_COST, EvaluatingState, evaluating
+from twophase.second_phase.cg import (
+    BETA_RULES,
+    BetaFn,
+    NonlinearCGState,
+    dai_yuan,
+    fletcher_reeves,
+    hager_zhang,
+    hestenes_stiefel,
+    nonlinear_cg,
+    polak_ribiere,
+    set_preconditioner,
+)
+from twophase.second_phase.contract import HVP_COST, EvaluatingState, evaluating
+from twophase.second_phase.linesearch import (
+    LineSearch,
+    LineSearchResult,
+    golden_section_linesearch,
+    wolfe_linesearch,
+)
+from twophase.second_phase.newton_cg import (
+    GaussNewtonObjective,
+    NewtonCGState,
+    gauss_newton_objective,
+    newton_cg,
+)
+from twophase.second_phase.nystrom import NystromSketch
 from twophase.switch import TwoPhaseState, two_phase
 from twophase.training import TrainResult, history_columns, train
 

@@ -1,6 +1,6 @@
 """Auxiliary outputs of an objective: ``value_fn(params) -> (loss, aux)``.
 
-Every second phase (:func:`twophase.nonlinear_cg`, :func:`twophase.newton_cg`,
+Every second phase (:func:`twophase.nonlinear_cg`, :func:`twophase.second_phase.newton_cg`,
 :func:`twophase.second_phase.evaluating` around ``optax.lbfgs``) and
 :func:`twophase.two_phase` accept a ``value_fn`` that returns either the scalar
 objective or a pair ``(loss, aux)``, with ``aux`` a pytree of scalars (e.g. the

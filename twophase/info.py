@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from twophase._numerics import safe_norm
-from twophase.second_phase import HVP_COST
-from twophase.second_phase import nodes_with_field as _all_nodes_with_field
+from twophase.second_phase.contract import HVP_COST
+from twophase.second_phase.contract import nodes_with_field as _all_nodes_with_field
 from twophase.switch import TwoPhaseState
 
 __all__ = ["Info", "info", "info_all"]
@@ -139,7 +139,7 @@ def _with_field(tree: Any, field: str):
 
 def info(state: Any) -> Info:
     """Diagnostics view of ``state``: a second-phase state (e.g.
-    :func:`twophase.nonlinear_cg`, :func:`twophase.newton_cg`) or a
+    :func:`twophase.nonlinear_cg`, :func:`twophase.second_phase.newton_cg`) or a
     :func:`twophase.two_phase` state, or any pytree that nests one
     (``optax.chain``, ``optax.inject_hyperparams``, ``optax.masked``,
     ``optax.partition``, ``optax.MultiSteps``, an ``nnx.Optimizer``'s

@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from twophase import cg as _cg
 from twophase import detectors as _det
-from twophase import linesearch as _ls
 from twophase import policy as _policy
 from twophase._checks import check_budget, check_fraction, check_int, concrete, is_number_in
 from twophase._gated_adam import AdamConstants
-from twophase.newton_cg import newton_cg as _newton_cg
+from twophase.second_phase import cg as _cg
+from twophase.second_phase import linesearch as _ls
+from twophase.second_phase.newton_cg import newton_cg as _newton_cg
 from twophase.switch import Handover, _two_phase
 
 __all__ = ["adam_cg", "adam_lbfgs", "adam_newton_cg", "adam_second_moment_preconditioner"]
@@ -295,7 +295,7 @@ def adam_newton_cg(
     sketch_size: int = 60,
     sketch_refresh: int = 20,
 ) -> optax.GradientTransformationExtraArgs:
-    """Adam, then full-batch Hessian-free Newton-CG (:func:`twophase.newton_cg`):
+    """Adam, then full-batch Hessian-free Newton-CG (:func:`twophase.second_phase.newton_cg`):
     :func:`adam_cg`'s switch with a truncated Newton second phase.
 
     Each phase-1 step is one outer Newton iteration; its Hessian-vector products
@@ -312,7 +312,7 @@ def adam_newton_cg(
         of the curvature (``newton_cg(preconditioner="nystrom")``, the NNCG of
         Rathore et al., ICML 2024).
       curvature, max_inner_iterations, damping, sketch_size, sketch_refresh:
-        passed to :func:`twophase.newton_cg`.
+        passed to :func:`twophase.second_phase.newton_cg`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with state
@@ -320,7 +320,7 @@ def adam_newton_cg(
 
     Raises:
       ValueError: a bad argument (named), as in :func:`adam_cg` and
-        :func:`twophase.newton_cg`.
+        :func:`twophase.second_phase.newton_cg`.
       TypeError: at trace time, ``update`` without ``value_fn`` or ``value``.
     """
     _check_adam_constants(*_default_adam(learning_rate))

@@ -20,11 +20,11 @@ from jax import lax
 from twophase import auxiliary as _aux
 from twophase import detectors as _det
 from twophase import policy as _policy
-from twophase import second_phase as _sp
 from twophase._checks import concrete
 from twophase._control import run_if
 from twophase._gated_adam import AdamConstants, gated_adam_update
 from twophase._numerics import finite_and_norm
+from twophase.second_phase import contract as _sp
 
 __all__ = ["TwoPhaseState", "two_phase"]
 

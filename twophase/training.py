@@ -39,7 +39,7 @@ from twophase.info import Info
 from twophase.info import info as _info
 from twophase.info import info_all as _info_all
 from twophase.objectives import fill_masked, full_batch
-from twophase.policy import configure as configure_policy
+from twophase.policy.safe_resort import configure as configure_policy
 from twophase.switch import TwoPhaseState
 
 __all__ = ["TrainResult", "history_columns", "train"]

@@ -376,7 +376,7 @@ def residuals(params: Params, problem: Problem, points: Collocation) -> dict[str
 def make_gauss_newton_loss(problem: Problem, points: Collocation) -> tp.GaussNewtonObjective:
     """The total loss of :func:`loss_terms` as a :func:`twophase.gauss_newton_objective`
     (``0.5 * sum`` of the residuals scaled by ``sqrt(2 / n)`` for a term of ``n`` entries, so
-    that each term is its mean square), the ``value_fn`` for ``twophase.newton_cg(
+    that each term is its mean square), the ``value_fn`` for ``twophase.second_phase.newton_cg(
     curvature="gauss_newton")``: Gauss-Newton products ``J^T J v`` of these residuals."""
     _check_points(points)
 

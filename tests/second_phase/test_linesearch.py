@@ -1,4 +1,4 @@
-"""Tests for twophase.linesearch on one-dimensional functions."""
+"""Tests for twophase.second_phase.linesearch on one-dimensional functions."""
 
 import jax
 import jax.numpy as jnp

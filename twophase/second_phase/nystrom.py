@@ -1,4 +1,4 @@
-"""Randomized Nystrom preconditioner for the inner solve of :func:`twophase.newton_cg`.
+"""Randomized Nystrom preconditioner for the inner solve of :func:`twophase.second_phase.newton_cg`.
 
 A rank-``r`` sketch of the curvature ``H`` (Hessian or Gauss-Newton matrix) from
 ``r`` curvature-vector products along random orthonormal directions ``Q``:

@@ -26,9 +26,9 @@ import optax.tree
 from jax import lax
 
 from twophase import auxiliary as _aux
-from twophase import linesearch as _ls
 from twophase._checks import concrete, require_update_args
 from twophase._numerics import finite_and_norm, max_abs, pow2_scale
+from twophase.second_phase import linesearch as _ls
 
 __all__ = [
     "BETA_RULES",

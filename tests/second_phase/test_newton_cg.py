@@ -1,4 +1,4 @@
-"""Tests for twophase.newton_cg: scipy oracle, exact Newton steps, negative curvature,
+"""Tests for twophase.second_phase.newton_cg: scipy oracle, exact Newton steps, negative curvature,
 damping, Gauss-Newton, preconditioning, non-finite guards, dtypes, compilation."""
 
 import itertools
@@ -14,7 +14,7 @@ import scipy.optimize
 
 import twophase as tp
 from tests import problems
-from twophase.newton_cg import HVP_COST, truncated_cg
+from twophase.second_phase.newton_cg import HVP_COST, truncated_cg
 
 GTOL = 1e-5
 
@@ -466,7 +466,8 @@ def test_dtypes_preserved(dtype):
     state = opt.init(params)
     assert state.value.dtype == (jnp.float64 if dtype == jnp.float64 else jnp.float32)
     chex.assert_trees_all_equal_dtypes(
-        state.grad, jax.tree.map(lambda x: x.astype(tp.cg.compute_dtype(x.dtype)), params)
+        state.grad,
+        jax.tree.map(lambda x: x.astype(tp.second_phase.cg.compute_dtype(x.dtype)), params),
     )
     step = jax.jit(lambda p, s: opt.update(p, s, p, value_fn=f))
     start = float(f(params))

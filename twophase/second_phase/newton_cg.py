@@ -48,8 +48,6 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from twophase import auxiliary as _aux
-from twophase import linesearch as _ls
-from twophase import nystrom as _nys
 from twophase._checks import (
     as_non_negative_int,
     as_open_unit,
@@ -58,7 +56,9 @@ from twophase._checks import (
     concrete,
     require_update_args,
 )
-from twophase.cg import (
+from twophase.second_phase import linesearch as _ls
+from twophase.second_phase import nystrom as _nys
+from twophase.second_phase.cg import (
     _resolve_linesearch,
     _scalar_dtype,
     _scaled_update,
@@ -72,7 +72,7 @@ from twophase.cg import (
     preconditioner_scales,
     value_here,
 )
-from twophase.second_phase import HVP_COST
+from twophase.second_phase.contract import HVP_COST
 
 __all__ = [
     "CURVATURES",
@@ -126,7 +126,7 @@ class NewtonCGState(NamedTuple):
     ``update``): peak scratch 6.5 parameter vectors on a separable objective, of
     which the inner solve's own 4.0. Buffers are in the arithmetic dtype, float32
     for parameters of lower precision (bfloat16, float16), the parameters'
-    dtype otherwise (:func:`twophase.cg.compute_dtype`).
+    dtype otherwise (:func:`twophase.second_phase.cg.compute_dtype`).
 
     The fields ``value``, ``grad``, ``value_and_grad_evals``,
     ``hessian_vector_products``, ``consecutive_failures``,
@@ -171,7 +171,7 @@ class NewtonCGState(NamedTuple):
         taken).
       aux: as :class:`twophase.NonlinearCGState`'s ``aux`` (the auxiliary
         output at the current parameters, or ``None``).
-      sketch: the :class:`twophase.nystrom.NystromSketch` of
+      sketch: the :class:`twophase.second_phase.nystrom.NystromSketch` of
         ``preconditioner="nystrom"`` (``sketch_size`` parameter-sized columns),
         else ``None``.
     """
@@ -605,7 +605,7 @@ def newton_cg(
         (the handover of Adam's second moments, as for ``nonlinear_cg``); a
         callable ``(params, state) -> P`` evaluated every iteration; or
         ``"nystrom"``: the randomized Nystrom preconditioner of the curvature
-        (:mod:`twophase.nystrom`; Frangella, Tropp & Udell 2023, as in Rathore
+        (:mod:`twophase.second_phase.nystrom`; Frangella, Tropp & Udell 2023, as in Rathore
         et al.'s NNCG, ICML 2024), a rank-``sketch_size`` sketch taken with
         ``sketch_size`` curvature products (batched with ``jax.vmap``, counted in
         ``hessian_vector_products``) at the first iteration and every

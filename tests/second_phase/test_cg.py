@@ -1,4 +1,4 @@
-"""Tests for twophase.cg: direction rules, restarts, preconditioning, contracts."""
+"""Tests for twophase.second_phase.cg: direction rules, restarts, preconditioning, contracts."""
 
 import chex
 import jax

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import twophase as tp
-from twophase import second_phase as sp
+from twophase.second_phase import contract as sp
 
 KEY = jax.random.split(jax.random.PRNGKey(3), 3)
 A = jax.random.normal(KEY[0], (64, 6))

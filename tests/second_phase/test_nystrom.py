@@ -1,5 +1,5 @@
-"""Tests for twophase.nystrom and newton_cg(preconditioner="nystrom"): the sketch against
-closed forms, the preconditioned spectrum, scipy's minimiser, refreshes, counting,
+"""Tests for twophase.second_phase.nystrom and newton_cg(preconditioner="nystrom"): the sketch
+against closed forms, the preconditioned spectrum, scipy's minimiser, refreshes, counting,
 non-finite guards, dtypes, compilation and bad arguments."""
 
 import chex
@@ -12,7 +12,7 @@ import scipy.optimize
 
 import twophase as tp
 from tests import problems
-from twophase import nystrom
+from twophase.second_phase import nystrom
 
 
 def low_rank_psd(n, rank, seed=0):

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import twophase as tp
-from twophase.policy import _pace, configure, safe_resort
+from twophase.policy.safe_resort import _pace, configure, safe_resort
 
 N, D = 256, 4
 STEPS = 8  # mini-batch steps per epoch
