@@ -1,4 +1,4 @@
-"""Adam -> CG with ``tp.train`` on several processes (hosts): the README's multi-host recipe.
+"""Adam -> CG with ``tp.train`` on several processes (hosts): the recipe of docs/choosing.md.
 
 Every process runs this same script. Each one loads only its own rows of the data and
 turns them into global arrays sharded over all processes' devices with

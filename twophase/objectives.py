@@ -135,7 +135,7 @@ def _check_not_closing_over(global_leaves: list[str], params: PyTree) -> None:
             f"({', '.join(global_leaves)}), and a traced function (jax.jit) cannot close "
             "over them. Pass `data` as an argument of the jitted function and build "
             "`value_fn = tp.full_batch(loss_fn, data, ...)` inside it (or use `tp.train`, "
-            'which does). See "On many hosts" in the README.'
+            'which does). See "Many devices and many hosts" in docs/choosing.md.'
         )
 
 
