@@ -5,6 +5,39 @@ to Adam when the trial loses, the paper's "safe resort" (Hrycej et al., KDIR
 2025, on its own limitations) made into a rule. Every statistic lives in the
 state; the decisions are ``jnp.where`` on scalars, so a jitted step compiles
 once. Each stage is a module-level function of the state.
+
+Costs are counted in epoch-equivalents: a mini-batch epoch, or one
+full-batch value-and-gradient evaluation (a Hessian-vector product counts
+:data:`twophase.second_phase.HVP_COST`), in an exact account
+(:mod:`twophase.policy.clock`).
+
+* **The clock.** At its first step the policy evaluates ``value_fn`` once:
+  where the loss passed as ``value`` equals it, the loop is full-batch and a
+  step costs one evaluation, whatever ``steps_per_epoch`` says. Otherwise a
+  step costs ``1 / steps_per_epoch`` (:func:`twophase.train` sets it), or
+  ``1 / config.assumed_steps_per_epoch`` when told nothing.
+* **Adam's pace**: the least-squares decrease of the epoch-mean loss per
+  epoch over the last ``min(history, judge * budget)`` epochs (at least 3)
+  since Adam last took over. No trial starts before it is defined (a
+  trial compared with an undefined pace is never returned from).
+* **Trials** start at an epoch's end once the cost reaches the next trial's
+  time; after each return the wait grows by ``growth``. Trials returned
+  from may spend ``explore`` of the budget (of the cost so far without
+  one). Without a budget, a trial is also due after ``growth ** 2`` times
+  as many phase-0 steps as preceded the previous one, so that a wrong
+  epoch length slows the trials down but never ends them.
+* **Judging**: every segment (:func:`segment_length`) the trial's gain since
+  the switch point is compared with what Adam would have gained in the
+  same cost (:func:`trial_gain`, :func:`adam_credit`); both depend only on
+  differences of losses, so any loss offset (a negative log-likelihood, an
+  energy) gives the same decisions. A trial behind returns to Adam, whose
+  moments were kept: a return costs nothing (:func:`judge_trial`).
+* **Late polish** (budget known): from ``polish`` of the budget the second
+  phase runs to the end, judged like a trial where Adam's pace rests on at
+  least ``history // 2`` epochs; after such a return only the final polish
+  (:func:`final_reserve`) runs, unjudged.
+* **Hopeless** (budget known): once two trials have been returned from and
+  none gained ``hopeless`` of Adam's credit, exploration stops.
 """
 
 from __future__ import annotations
@@ -17,7 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from twophase import auxiliary as _aux
-from twophase._checks import check_budget, check_int, concrete, require_value
+from twophase._checks import check_budget, check_int, require_value
 from twophase.policy import clock as _clock
 from twophase.policy.base import Policy, from_detector
 from twophase.policy.config import SafeResortConfig, check_config
@@ -121,9 +154,10 @@ class SafeResortState(NamedTuple):
 
 
 def initial_state(
-    config: SafeResortConfig, steps_per_epoch: Any, budget: float | None
+    config: SafeResortConfig, steps_per_epoch: Any, budget: float | None, given: bool = True
 ) -> SafeResortState:
-    """The state before the first step (``steps_per_epoch`` may be ``None``)."""
+    """The state before the first step (``steps_per_epoch`` may be ``None``;
+    ``given=False`` marks it as replaceable by :func:`configure`)."""
     zero = jnp.zeros([], _F32)
     unset = jnp.asarray(_UNSET, _F32)
     izero = jnp.zeros([], jnp.int32)
@@ -131,7 +165,7 @@ def initial_state(
         budget=jnp.asarray(0.0 if budget is None else budget, _F32),
         budget_given=jnp.asarray(budget is not None),
         epoch_steps=jnp.asarray(0 if steps_per_epoch is None else steps_per_epoch, jnp.int32),
-        epoch_steps_given=jnp.asarray(steps_per_epoch is not None),
+        epoch_steps_given=jnp.asarray(given and steps_per_epoch is not None),
         full_batch=jnp.full([], -1, jnp.int32),
         clock=_clock.start(),
         cost=zero,
@@ -457,46 +491,17 @@ def safe_resort(
 ) -> Policy:
     """Try the second phase, keep it while it out-paces Adam, else return.
 
-    Costs are counted in epoch-equivalents: a mini-batch epoch, or one
-    full-batch value-and-gradient evaluation (a Hessian-vector product counts
-    :data:`twophase.second_phase.HVP_COST`), in an exact account
-    (:mod:`twophase.policy.clock`).
-
-    * **The clock.** At its first step the policy evaluates ``value_fn`` once:
-      where the loss passed as ``value`` equals it, the loop is full-batch and a
-      step costs one evaluation, whatever ``steps_per_epoch`` says. Otherwise a
-      step costs ``1 / steps_per_epoch`` (:func:`twophase.train` sets it), or
-      ``1 / config.assumed_steps_per_epoch`` when told nothing.
-    * **Adam's pace**: the least-squares decrease of the epoch-mean loss per
-      epoch over the last ``min(history, judge * budget)`` epochs (at least 3)
-      since Adam last took over. No trial starts before it is defined (a
-      trial compared with an undefined pace is never returned from).
-    * **Trials** start at an epoch's end once the cost reaches the next trial's
-      time; after each return the wait grows by ``growth``. Trials returned
-      from may spend ``explore`` of the budget (of the cost so far without
-      one). Without a budget, a trial is also due after ``growth ** 2`` times
-      as many phase-0 steps as preceded the previous one, so that a wrong
-      epoch length slows the trials down but never ends them.
-    * **Judging**: every segment (:func:`segment_length`) the trial's gain since
-      the switch point is compared with what Adam would have gained in the
-      same cost (:func:`trial_gain`, :func:`adam_credit`); both depend only on
-      differences of losses, so any loss offset (a negative log-likelihood, an
-      energy) gives the same decisions. A trial behind returns to Adam, whose
-      moments were kept: a return costs nothing (:func:`judge_trial`).
-    * **Late polish** (budget known): from ``polish`` of the budget the second
-      phase runs to the end, judged like a trial where Adam's pace rests on at
-      least ``history // 2`` epochs; after such a return only the final polish
-      (:func:`final_reserve`) runs, unjudged.
-    * **Hopeless** (budget known): once two trials have been returned from and
-      none gained ``hopeless`` of Adam's credit, exploration stops.
+    How it decides (the clock, Adam's pace, trials, judging, the late polish,
+    hopeless runs) is described in the module docstring of
+    :mod:`twophase.policy.safe_resort`.
 
     Args:
       steps_per_epoch: phase-0 steps per epoch, ``>= 1``, or ``None`` (not
         told). :func:`twophase.train` sets it; a value that contradicts
         train's raises there. Injected with ``optax.inject_hyperparams``, it
-        takes effect at the next update. (A positional value is taken as the
-        assumed epoch length, ``config.assumed_steps_per_epoch``, which train
-        replaces silently.)
+        takes effect at the next update. (A positional value, the presets'
+        former ``window``, is used the same way but ``twophase.train``
+        replaces it silently.)
       budget: the run's budget in epoch-equivalents, or ``None``.
       max_failures: consecutive failed second-phase iterations that end a trial
         that is behind.
@@ -515,14 +520,13 @@ def safe_resort(
     """
     _check_arguments(legacy, steps_per_epoch, budget, max_failures, min_steps, removed)
     config = SafeResortConfig() if config is None else config
-    if legacy:
-        config = config._replace(assumed_steps_per_epoch=int(concrete(legacy[0])))
     check_config(config)
     injected = isinstance(steps_per_epoch, jax.Array)
+    told = legacy[0] if steps_per_epoch is None and legacy else steps_per_epoch
 
     def init(params):
         del params
-        return initial_state(config, steps_per_epoch, budget)
+        return initial_state(config, told, budget, given=steps_per_epoch is not None)
 
     def first(state, *, grad, grad_norm, value=None, step, params=None, value_fn=None):
         del grad, grad_norm
