@@ -610,7 +610,7 @@ def test_a_shifted_loss_gives_the_same_decisions(second):
             )
         )
         p, s, phases = PARAMS, opt.init(PARAMS), []
-        for _ in range(40):
+        for _ in range(24):
             for i in range(STEPS):
                 idx = slice(i * 32, (i + 1) * 32)
                 p, s = step(p, s, X[idx], Y[idx])
