@@ -24,8 +24,13 @@ values. A detector that needs ``value`` sets ``needs_value=True`` and raises a
 ``grad_norm_stat``, ``grad_norm_max`` and ``value_and_grad_evals`` are reported
 by :func:`twophase.info`.
 
-Detectors here: :func:`loss_plateau` (the default of ``adam_cg``: free, fires
-once Adam's mini-batch loss has stopped falling at the run's own time scale),
+The presets' default is no detector but the policy :func:`twophase.safe_resort`
+(trials and returns); a detector given as ``detector=`` makes a one-way switch.
+In a detector, ``window`` is a detection window in phase-0 steps (the policy's
+epoch length is ``steps_per_epoch``, a different thing).
+
+Detectors here: :func:`loss_plateau` (free, fires once Adam's mini-batch loss
+has stopped falling at the run's own time scale),
 :func:`grad_norm_peak` (the paper's Algorithm 1), :func:`norm_loss_slope` (the
 paper's "norm falls with the loss"), :func:`switch_at`, and the combinators
 :func:`any_of` / :func:`all_of`.

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import twophase as tp
+from twophase.policy import SafeResortConfig
 from twophase.second_phase import contract as sp
 
 KEY = jax.random.split(jax.random.PRNGKey(3), 3)
@@ -99,7 +100,11 @@ def nan_second_phase():
 @pytest.mark.parametrize("policy", ["detector", "safe_resort"])
 def test_a_nonfinite_second_phase_update_never_reaches_the_parameters(policy):
     params = {"w": jnp.zeros(6), "b": jnp.zeros(())}
-    decide = tp.switch_at(2) if policy == "detector" else tp.safe_resort(1, explore=0.9)
+    decide = (
+        tp.switch_at(2)
+        if policy == "detector"
+        else tp.safe_resort(steps_per_epoch=1, config=SafeResortConfig(explore=0.9))
+    )
     opt = tp.two_phase(optax.adam(1e-2), nan_second_phase(), decide)
     step = jax.jit(
         lambda p, s: opt.update(

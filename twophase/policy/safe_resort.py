@@ -1,144 +1,150 @@
-"""Switching policies: when to enter the second phase, and when to return from it.
+"""The default switching policy: try the second phase, return when it loses.
 
-A :class:`Policy` generalises a :class:`twophase.Detector`: it decides the
-switch from phase 0 (Adam) to phase 1 (the second phase) *and* the return from
-phase 1 to phase 0. :func:`twophase.two_phase` accepts either; a detector is a
-one-way policy (with ``fallback=k``, it returns after ``k`` failed second-phase
-iterations, :func:`from_detector`).
+:func:`safe_resort` *tries* the second phase, measures its progress and returns
+to Adam when the trial loses, the paper's "safe resort" (Hrycej et al., KDIR
+2025, on its own limitations) made into a rule. Every statistic lives in the
+state; the decisions are ``jnp.where`` on scalars, so a jitted step compiles
+once. Each stage is a module-level function of the state.
 
-:func:`safe_resort` is the default of :func:`twophase.adam_cg` and
-:func:`twophase.adam_lbfgs`: it *tries* the second phase, measures its pace and
-returns to Adam when the trial loses, the paper's "safe resort" (Hrycej et al.,
-KDIR 2025, on its own limitations) made into a rule. Every statistic lives in the state; the
-decisions are ``jnp.where`` on scalars, so a jitted step compiles once.
+Costs are counted in epoch-equivalents: a mini-batch epoch, or one
+full-batch value-and-gradient evaluation (a Hessian-vector product counts
+:data:`twophase.second_phase.HVP_COST`), in an exact account
+(:mod:`twophase.policy.clock`).
+
+* **The clock.** At its first step the policy evaluates ``value_fn`` once:
+  where the loss passed as ``value`` equals it, the loop is full-batch and a
+  step costs one evaluation, whatever ``steps_per_epoch`` says. Otherwise a
+  step costs ``1 / steps_per_epoch`` (:func:`twophase.train` sets it), or
+  ``1 / config.assumed_steps_per_epoch`` when told nothing.
+* **Adam's pace**: the least-squares decrease of the epoch-mean loss per
+  epoch over the last ``min(history, judge * budget)`` epochs (at least 3)
+  since Adam last took over. No trial starts before it is defined (a
+  trial compared with an undefined pace is never returned from).
+* **Trials** start at an epoch's end once the cost reaches the next trial's
+  time; after each return the wait grows by ``growth``. Trials returned
+  from may spend ``explore`` of the budget (of the cost so far without
+  one). Without a budget, a trial is also due after ``growth ** 2`` times
+  as many phase-0 steps as preceded the previous one, so that a wrong
+  epoch length slows the trials down but never ends them.
+* **Judging**: every segment (:func:`segment_length`) the trial's gain since
+  the switch point is compared with what Adam would have gained in the
+  same cost (:func:`trial_gain`, :func:`adam_credit`); both depend only on
+  differences of losses, so any loss offset (a negative log-likelihood, an
+  energy) gives the same decisions. A trial behind returns to Adam, whose
+  moments were kept: a return costs nothing (:func:`judge_trial`).
+* **Late polish** (budget known): from ``polish`` of the budget the second
+  phase runs to the end, judged like a trial where Adam's pace rests on at
+  least ``history // 2`` epochs; after such a return only the final polish
+  (:func:`final_reserve`) runs, unjudged.
+* **Hopeless** (budget known): once two trials have been returned from and
+  none gained ``hopeless`` of Adam's credit, exploration stops.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from twophase import detectors as _det
-from twophase._checks import (
-    check_budget,
-    check_fraction,
-    check_int,
-    check_positive,
-    concrete,
-    require_value,
-)
+from twophase import auxiliary as _aux
+from twophase._checks import check_budget, check_int, require_value
+from twophase.policy import clock as _clock
+from twophase.policy.base import Policy, from_detector
+from twophase.policy.config import SafeResortConfig, check_config
 
-__all__ = ["Policy", "SafeResortState", "configure", "from_detector", "safe_resort"]
+__all__ = [
+    "Policy",
+    "SafeResortConfig",
+    "SafeResortState",
+    "configure",
+    "from_detector",
+    "safe_resort",
+]
 
 PyTree = Any
-
-
-class Policy(NamedTuple):
-    """A switching policy: three pure functions and a flag.
-
-    Attributes:
-      init: ``params -> state``.
-      first: ``(state, *, grad, grad_norm, value, step, params, value_fn) ->
-        (state, switch)`` after each phase-0 step (arguments as a
-        :class:`twophase.Detector`'s ``update``); ``switch`` (bool scalar) makes
-        the next step a second-phase step.
-      second: ``(state, *, value, cost, failures, finite, params) -> (state,
-        back)`` after each phase-1 step: ``value`` is the objective at the point
-        the second phase accepted (its state's ``value``), ``cost`` the step's
-        cost in epoch-equivalents (evaluations, Hessian-vector products at
-        :data:`twophase.second_phase.HVP_COST`), ``failures`` the second phase's
-        current run of failed iterations, ``finite`` whether the step was
-        finite. ``back`` returns to phase 0 for the next step.
-      rearm: ``(state, params) -> state`` applied at a return.
-      needs_value: whether ``first`` requires the mini-batch loss ``value``.
-    """
-
-    init: Callable[[PyTree], Any]
-    first: Callable[..., tuple[Any, jax.Array]]
-    second: Callable[..., tuple[Any, jax.Array]]
-    rearm: Callable[[Any, PyTree], Any]
-    needs_value: bool = False
-
-
-def from_detector(detector: _det.Detector, fallback: int | None = None) -> Policy:
-    """The one-way policy of ``detector``: switch when it fires; with
-    ``fallback=k``, return after ``k`` consecutive failed second-phase
-    iterations, or a non-finite one, and re-arm the detector."""
-
-    def second(state, *, value, cost, failures, finite, params):
-        del value, cost, params
-        if fallback is None:
-            return state, jnp.zeros([], bool)
-        return state, (failures >= fallback) | ~finite
-
-    return Policy(
-        detector.init,
-        detector.update,
-        second,
-        lambda state, params: detector.init(params),
-        detector.needs_value,
-    )
+_F32 = jnp.float32
+_UNSET = -1.0  # costs are >= 0: the state holds no NaN
+# Relative difference under which the mini-batch loss and the full-batch one at
+# the same point are taken as one computation (summation order only).
+_SAME_VALUE = 1e-4
+# A trial's transformed gain is capped: -log(1e-7) ~ 16, beyond any credit Adam
+# can collect (its credit reaches 16 after e**15 times the run's age).
+_GAIN_CAP = 1.0 - 1e-7
+_REMOVED = {
+    "window": "steps_per_epoch",
+    "floor": None,
+    "first_trial": None,
+    **{name: f"config=SafeResortConfig({name}=...)" for name in SafeResortConfig._fields},
+}
 
 
 class SafeResortState(NamedTuple):
-    """State of :func:`safe_resort` (all scalars but ``log_losses``).
+    """State of :func:`safe_resort` (scalars but ``values``).
+
+    Costs are in epoch-equivalents (a mini-batch epoch, or a full-batch
+    value-and-gradient evaluation).
 
     Attributes:
-      budget: float32, the run's budget in epoch-equivalents (0: unknown).
-        :func:`twophase.train` sets it from ``cost_budget``.
-      epoch_steps: float32, phase-0 steps per epoch (``window``; ``train`` sets
-        it to its steps per epoch). A phase-0 step costs ``1 / epoch_steps``.
-      cost: float32, epoch-equivalents spent so far (both phases).
+      budget: float32, the run's budget (0: unknown).
+      budget_given: bool, ``budget`` was given to :func:`safe_resort`.
+      epoch_steps: int32, phase-0 steps per epoch as given or set by
+        :func:`twophase.train` (0: not told).
+      epoch_steps_given: bool, ``epoch_steps`` was given to :func:`safe_resort`.
+      full_batch: int32, 1 once the first phase-0 step was recognised as
+        full-batch (its loss equals ``value_fn`` at the same point): a step then
+        costs one evaluation whatever ``epoch_steps`` says; 0 when it was not;
+        -1 before the first step.
+      clock: :class:`twophase.policy.clock.Clock`, the exact cost account.
+      cost: float32, its reading (both phases; for display and tests).
       loss_sum: float32, sum of the current epoch's mini-batch losses.
-      loss_count: float32, steps in the current epoch.
-      log_losses: float32 ``(history,)`` ring of ``log(mean loss - floor)`` per
-        epoch since the last (re-)entry into phase 0.
-      epochs: int32, entries pushed into ``log_losses`` since then.
-      adam_pace: float32, Adam's last pace: the least-squares decrease of
-        ``log_losses`` per epoch over the last epochs; 0 (and unused) until 3
-        epochs.
+      values: float32 ``(history,)`` ring of epoch-mean losses since the last
+        (re-)entry into phase 0.
+      epochs: int32, entries pushed into ``values`` since then.
+      adam_pace: float32, Adam's pace: the least-squares decrease of ``values``
+        per epoch over the last epochs (0 until 3 epochs).
       next_trial: float32, cost from which the next trial may start.
-      wait: float32, the wait before the trial after next (doubles each return).
+      wait: float32, the wait before the trial after next (grows each return).
+      wait_steps: int32, phase-0 steps after a return after which a trial is
+        due whatever the cost account says (no budget; 0 before a trial).
       trial_start: float32, cost at the start of the current trial (-1: none).
       segment_cost: float32, cost at the trial's last judgement (-1 before its
         reference point is known).
-      reference_cost: float32, cost at the trial's reference point: the switch,
-        or its first accepted point when the switch point's loss is unknown or
-        the trial is the late polish.
-      reference_log_value: float32, ``log(value - floor)`` there.
-      trial_pace: float32, the trial's pace: its decrease of ``log(value -
-        floor)`` since the reference point per epoch-equivalent.
+      reference_cost: float32, cost at the trial's reference point: the
+        switch, or its first accepted point (late polish, or no epoch mean yet).
+      reference_value: float32, the loss there.
+      trial_pace: float32, the trial's gain (:func:`trial_gain`) per
+        epoch-equivalent since its reference point.
       trials: int32, trials started (switches).
       polish_after: float32, cost before which no late polish starts (set after
-        a polish ended in failures).
+        a polish was returned from).
       trial_spent: float32, cost spent in trials that were returned from.
       best_gain_ratio: float32, the largest ratio, over the exploratory trials
-        returned from (those before the late polish), of a trial's gain to the
-        gain Adam would have made in its cost (0 before any).
+        returned from, of a trial's gain to Adam's credit in its cost.
       exploring: bool, False once two trials have been returned from with none
-        of them above ``hopeless`` (budget known): no exploratory trial starts
-        any more, and no judged polish (the final polish still runs).
+        above ``hopeless`` (budget known).
     """
 
     budget: jax.Array
+    budget_given: jax.Array
     epoch_steps: jax.Array
+    epoch_steps_given: jax.Array
+    full_batch: jax.Array
+    clock: _clock.Clock
     cost: jax.Array
     loss_sum: jax.Array
-    loss_count: jax.Array
-    log_losses: jax.Array
+    values: jax.Array
     epochs: jax.Array
     adam_pace: jax.Array
     next_trial: jax.Array
     wait: jax.Array
+    wait_steps: jax.Array
     trial_start: jax.Array
     segment_cost: jax.Array
     reference_cost: jax.Array
-    reference_log_value: jax.Array
+    reference_value: jax.Array
     trial_pace: jax.Array
     trials: jax.Array
     polish_after: jax.Array
@@ -147,381 +153,435 @@ class SafeResortState(NamedTuple):
     exploring: jax.Array
 
 
-def _pace(log_losses: jax.Array, epochs: jax.Array, points: jax.Array) -> jax.Array:
+def initial_state(
+    config: SafeResortConfig, steps_per_epoch: Any, budget: float | None, given: bool = True
+) -> SafeResortState:
+    """The state before the first step (``steps_per_epoch`` may be ``None``;
+    ``given=False`` marks it as replaceable by :func:`configure`)."""
+    zero = jnp.zeros([], _F32)
+    unset = jnp.asarray(_UNSET, _F32)
+    izero = jnp.zeros([], jnp.int32)
+    return SafeResortState(
+        budget=jnp.asarray(0.0 if budget is None else budget, _F32),
+        budget_given=jnp.asarray(budget is not None),
+        epoch_steps=jnp.asarray(0 if steps_per_epoch is None else steps_per_epoch, jnp.int32),
+        epoch_steps_given=jnp.asarray(given and steps_per_epoch is not None),
+        full_batch=jnp.full([], -1, jnp.int32),
+        clock=_clock.start(),
+        cost=zero,
+        loss_sum=zero,
+        values=jnp.zeros([config.history], _F32),
+        epochs=izero,
+        adam_pace=zero,
+        next_trial=zero,
+        wait=zero,
+        wait_steps=izero,
+        trial_start=unset,
+        segment_cost=unset,
+        reference_cost=unset,
+        reference_value=zero,
+        trial_pace=zero,
+        trials=izero,
+        polish_after=zero,
+        trial_spent=zero,
+        best_gain_ratio=zero,
+        exploring=jnp.ones([], bool),
+    )
+
+
+def steps_in_use(state: SafeResortState, config: SafeResortConfig) -> jax.Array:
+    """int32 phase-0 steps per epoch the account uses: 1 in a recognised
+    full-batch loop, else as told, else ``config.assumed_steps_per_epoch``."""
+    told = jnp.where(state.epoch_steps > 0, state.epoch_steps, config.assumed_steps_per_epoch)
+    return jnp.where(state.full_batch == 1, 1, told).astype(jnp.int32)
+
+
+def recognise_full_batch(
+    state: SafeResortState, value: jax.Array, params: PyTree, value_fn: Any
+) -> SafeResortState:
+    """At the first phase-0 step, ``full_batch`` from one evaluation of
+    ``value_fn`` at ``params``: a step whose loss ``value`` equals the full-batch
+    objective there is a full-batch step, costing one evaluation. Later steps,
+    and calls without ``params`` or ``value_fn``, leave the state as is."""
+    if value_fn is None or params is None:
+        return state
+    objective = _aux.scalar_objective(value_fn)
+
+    def measure(s):
+        full = objective(params).astype(_F32)
+        mini = jnp.reshape(jnp.asarray(value, _F32), ())
+        size = jnp.maximum(jnp.maximum(jnp.abs(full), jnp.abs(mini)), jnp.finfo(_F32).tiny)
+        same = jnp.abs(full - mini) <= _SAME_VALUE * size
+        return s._replace(full_batch=same.astype(jnp.int32))
+
+    return lax.cond(state.full_batch < 0, measure, lambda s: s, state)
+
+
+def least_squares_pace(values: jax.Array, epochs: jax.Array, points: jax.Array) -> jax.Array:
     """Least-squares decrease per epoch of the last ``min(epochs, points)``
-    entries of the ring ``log_losses``; 0 with fewer than 3."""
-    size = log_losses.shape[0]
+    entries of the ring ``values`` (0 with fewer than 3)."""
+    size = values.shape[0]
     slot = jnp.arange(size)
-    age = jnp.mod(epochs - 1 - slot, size).astype(jnp.float32)
+    age = jnp.mod(epochs - 1 - slot, size).astype(_F32)
     used = jnp.minimum(epochs, points)
-    mask = (age < used.astype(jnp.float32)).astype(jnp.float32)
+    mask = (age < used.astype(_F32)).astype(_F32)
     count = jnp.maximum(mask.sum(), 1.0)
     x = -age
+    # Centred on the newest entry so that a large loss offset costs no precision.
+    y = values - values[jnp.mod(epochs - 1, size)]
     x_mean = (mask * x).sum() / count
-    y_mean = (mask * log_losses).sum() / count
-    cov = (mask * (x - x_mean) * (log_losses - y_mean)).sum()
+    y_mean = (mask * y).sum() / count
+    cov = (mask * (x - x_mean) * (y - y_mean)).sum()
     var = (mask * (x - x_mean) ** 2).sum()
     slope = cov / jnp.maximum(var, 1e-12)
     return jnp.where(used >= 3, -slope, 0.0)
 
 
+def pace_points(budget: jax.Array, config: SafeResortConfig) -> jax.Array:
+    """int32 epochs of Adam's pace: ``judge`` of a known budget, within
+    ``[3, history]``; ``history`` without a budget."""
+    known = jnp.clip(jnp.floor(config.judge * budget), 3, config.history)
+    return jnp.where(budget > 0, known, config.history).astype(jnp.int32)
+
+
+def end_epoch(state: SafeResortState, count: jax.Array, config: SafeResortConfig):
+    """The epoch of ``count`` steps just ended: its mean loss pushed into
+    ``values``, Adam's pace refitted."""
+    mean = state.loss_sum / jnp.maximum(count, 1).astype(_F32)
+    values = state.values.at[jnp.mod(state.epochs, config.history)].set(mean)
+    epochs = state.epochs + 1
+    pace = least_squares_pace(values, epochs, pace_points(state.budget, config))
+    return state._replace(
+        loss_sum=jnp.zeros([], _F32),
+        values=values,
+        epochs=epochs,
+        adam_pace=jnp.where(jnp.isfinite(pace), pace, 0.0),
+    )
+
+
+def count_step(state: SafeResortState, value: jax.Array, config: SafeResortConfig):
+    """One phase-0 step on the account: ``(state, epoch_end)``."""
+    steps = steps_in_use(state, config)
+    count = state.clock.steps + 1
+    clock, epoch_end = _clock.tick(state.clock, steps)
+    state = state._replace(
+        clock=clock,
+        cost=_clock.elapsed(clock, steps),
+        loss_sum=state.loss_sum + jnp.reshape(jnp.asarray(value, _F32), ()),
+    )
+    state = lax.cond(epoch_end, lambda s: end_epoch(s, count, config), lambda s: s, state)
+    return state, epoch_end
+
+
+def final_reserve(budget: jax.Array, config: SafeResortConfig) -> jax.Array:
+    """The final polish's share of a known budget (see :class:`SafeResortConfig`)."""
+    return jnp.maximum(2.0 * config.min_judge, 0.1 * config.judge * budget)
+
+
+def trial_due(state: SafeResortState, step: jax.Array, config: SafeResortConfig):
+    """``(due, gave_up)`` at an epoch's end: whether a trial (or the late
+    polish) may start, and whether two hopeless trials ended the exploration."""
+    known = state.budget > 0
+    cost = state.cost
+    polishing = known & (cost >= config.polish * state.budget) & (cost >= state.polish_after)
+    # Failed trials spend at most `explore` of the budget (of the cost so far
+    # without one); a trial costs about 1.5 segments to judge.
+    scale = jnp.where(known, state.budget, cost)
+    affordable = state.trial_spent + 1.5 * config.min_judge <= config.explore * scale
+    affordable |= ~known & (state.trials == 0)  # without a budget, one early trial
+    # Without a budget, also after geometrically growing runs of phase-0 steps:
+    # a wrong epoch length (a wrong cost account) cannot end the trials.
+    affordable |= ~known & (state.wait_steps > 0) & (step + 1 >= state.wait_steps)
+    gave_up = known & (state.trials >= 2) & (state.best_gain_ratio < config.hopeless)
+    affordable &= ~gave_up
+    at_final = (
+        _clock.elapsed_since(
+            state.clock,
+            steps_in_use(state, config),
+            state.budget - final_reserve(state.budget, config),
+        )
+        >= 0
+    )
+    judged_polish = pace_points(state.budget, config) >= config.history // 2
+    polishing &= ~(gave_up & judged_polish) | at_final
+    due = ((state.epochs >= 3) & (cost >= state.next_trial) & affordable) | polishing
+    # No switch without room for a judged segment: an iteration past the budget
+    # is wasted (twophase.train discards it under a strict budget).
+    room = ~known | (state.budget - cost >= config.min_judge)
+    return due & room, gave_up
+
+
+def start_trial(state, switch, gave_up, step, config: SafeResortConfig) -> SafeResortState:
+    """The state after a phase-0 step that ``switch``-es (or not)."""
+    known = state.budget > 0
+    # The switch point's loss is estimated from the last epoch's mean, which
+    # sits half an epoch behind it: half of Adam's pace is taken off.
+    last = state.values[jnp.mod(state.epochs - 1, config.history)]
+    start_value = last - 0.5 * state.adam_pace
+    # A late polish is measured from its first accepted point instead: its first
+    # iteration removes the mini-batch noise Adam leaves, a one-off gain that the
+    # final polish collects anyway.
+    in_polish = known & (state.cost >= config.polish * state.budget)
+    known_start = (state.epochs > 0) & ~in_polish
+    reference = jnp.where(known_start, state.cost, _UNSET)
+    growth2 = config.growth * config.growth
+    waited = jnp.maximum(state.wait_steps, step + 1).astype(_F32) * growth2
+    return state._replace(
+        exploring=~gave_up,
+        trial_start=jnp.where(switch, state.cost, state.trial_start),
+        segment_cost=jnp.where(switch, reference, state.segment_cost),
+        reference_cost=jnp.where(switch, reference, state.reference_cost),
+        reference_value=jnp.where(switch, start_value, state.reference_value),
+        trials=state.trials + switch.astype(jnp.int32),
+        wait=jnp.where(switch & (state.wait == 0), jnp.maximum(state.cost, 1.0), state.wait),
+        wait_steps=jnp.where(
+            switch, jnp.minimum(waited, 2.0**30).astype(jnp.int32), state.wait_steps
+        ),
+    )
+
+
+def trial_gain(reference_value: jax.Array, value: jax.Array, scale: jax.Array) -> jax.Array:
+    """A trial's gain from ``reference_value`` to ``value``, in units that
+    depend on no loss offset or scale.
+
+    ``scale`` is Adam's pace times the run's age at the reference point (its
+    cost): were Adam's loss a power law ``c / cost`` above an unknown floor,
+    ``scale`` would be its gap to that floor. The gain is ``-log(1 - g /
+    scale)`` for the decrease ``g``: to first order ``g / scale``, and beyond
+    any credit once the trial goes below the floor so estimated (capped at
+    about 16). With ``scale <= 0`` (Adam was not descending) it is ``g``, whose
+    sign alone counts.
+    """
+    decrease = reference_value - value
+    ratio = jnp.minimum(decrease / jnp.where(scale > 0, scale, 1.0), _GAIN_CAP)
+    return jnp.where(scale > 0, -jnp.log1p(-ratio), decrease)
+
+
+def adam_credit(spent: jax.Array, age: jax.Array, pace: jax.Array) -> jax.Array:
+    """What Adam would have gained in ``spent`` epoch-equivalents after a run
+    of ``age``, in :func:`trial_gain`'s units: ``spent / age`` up to the run's
+    age (its pace held), and ``1 + log(spent / age)`` beyond it (its pace
+    decaying as ``1 / cost``: a pace measured over the last epochs says nothing
+    of a stretch longer than the whole run before it). 0 where ``pace <= 0``."""
+    age = jnp.maximum(age, 1.0)
+    spent = jnp.maximum(spent, 0.0)
+    horizon = jnp.where(spent <= age, spent / age, 1.0 + jnp.log(jnp.maximum(spent, age) / age))
+    return jnp.where(pace > 0, horizon, 0.0)
+
+
+def segment_length(state: SafeResortState, config: SafeResortConfig) -> jax.Array:
+    """A judged segment: ``judge`` of the cost at the trial's start (of the cost
+    left, for a trial in the last half of a known budget), at least ``min_judge``."""
+    horizon = jnp.where(
+        state.budget > 0,
+        jnp.minimum(state.trial_start, state.budget - state.trial_start),
+        state.trial_start,
+    )
+    return jnp.maximum(config.min_judge, config.judge * horizon)
+
+
+def judge_trial(state, *, value, cost, failures, finite, config, max_failures):
+    """One second-phase step of ``cost`` reaching ``value``: ``(state, back)``.
+
+    At each segment's end the trial's total gain since its reference point
+    (:func:`trial_gain`) is compared with Adam's credit for the same cost
+    (:func:`adam_credit`); behind, it returns. A step that costs more than two
+    segments (a one-off such as a Nystrom sketch) is judged with the next one.
+    Failures (``max_failures`` in a row) return only a trial that is behind:
+    ahead, they are taken as convergence to float resolution. A non-finite step
+    returns. The final polish, and a late polish on a pace of fewer than
+    ``history // 2`` epochs (too noisy to judge by), are never judged.
+    """
+    steps = steps_in_use(state, config)
+    clock = _clock.spend(state.clock, cost)
+    cost_now = _clock.elapsed(clock, steps)
+    value = jnp.reshape(jnp.asarray(value, _F32), ())
+    usable = jnp.isfinite(value)
+    known = state.budget > 0
+    started = state.segment_cost >= 0
+    # Until the reference point is known, this step's point becomes it.
+    reference_cost = jnp.where(started, state.reference_cost, cost_now)
+    reference_value = jnp.where(started, state.reference_value, value)
+    length = segment_length(state, config)
+    lone_costly = (state.cost <= state.segment_cost) & (cost_now - state.cost > 2 * length)
+    judged = started & ~lone_costly & (cost_now - state.segment_cost >= length)
+    spent = cost_now - reference_cost
+    scale = state.adam_pace * jnp.maximum(reference_cost, 1.0)
+    gain = trial_gain(reference_value, value, scale)
+    credit = adam_credit(spent, reference_cost, state.adam_pace)
+    behind = ~(gain >= credit)
+    polishing = known & (cost_now >= config.polish * state.budget)
+    final = known & (state.trial_start >= state.budget - final_reserve(state.budget, config))
+    reliable = jnp.minimum(state.epochs, pace_points(state.budget, config)) >= config.history // 2
+    loses = judged & behind & ~(final | (polishing & ~reliable))
+    back = loses | ~finite | ~usable | ((failures >= max_failures) & behind)
+    gain_ratio = jnp.where(credit > 0, gain / jnp.maximum(credit, 1e-30), 1.0)
+    exploratory = ~known | (state.trial_start < config.polish * state.budget)
+    best = jnp.where(
+        back & usable & exploratory,
+        jnp.maximum(state.best_gain_ratio, gain_ratio),
+        state.best_gain_ratio,
+    )
+    state = state._replace(
+        clock=clock,
+        cost=cost_now,
+        segment_cost=jnp.where(~started | judged, cost_now, state.segment_cost),
+        reference_cost=reference_cost,
+        reference_value=jnp.where(usable, reference_value, state.reference_value),
+        trial_pace=jnp.where(started & usable, gain / jnp.maximum(spent, 1e-12), state.trial_pace),
+        best_gain_ratio=best,
+    )
+    return state, back
+
+
+def rearm(state: SafeResortState, config: SafeResortConfig) -> SafeResortState:
+    """The state at a return to Adam: the trial's cost booked, Adam's pace
+    restarted, the next trial after the (grown) wait; after a late polish, the
+    next polish is the final one (none once that was returned from)."""
+    unset = jnp.asarray(_UNSET, _F32)
+    in_polish = (state.budget > 0) & (state.cost >= config.polish * state.budget)
+    final_start = state.budget - final_reserve(state.budget, config)
+    after = jnp.where(state.cost < final_start, final_start, state.cost + state.wait)
+    return state._replace(
+        polish_after=jnp.where(in_polish, after, state.polish_after),
+        trial_spent=state.trial_spent + state.cost - state.trial_start,
+        loss_sum=jnp.zeros([], _F32),
+        epochs=jnp.zeros([], jnp.int32),
+        adam_pace=jnp.zeros([], _F32),
+        next_trial=state.cost + state.wait,
+        wait=state.wait * config.growth,
+        trial_start=unset,
+        segment_cost=unset,
+        reference_cost=unset,
+        reference_value=jnp.zeros([], _F32),
+    )
+
+
+def _check_arguments(legacy, steps_per_epoch, budget, max_failures, min_steps, removed):
+    """TypeError for removed or surplus arguments, ValueError for bad ones."""
+    for name in removed:
+        if name not in _REMOVED:
+            raise TypeError(f"safe_resort() got an unexpected keyword argument {name!r}.")
+        new = _REMOVED[name]
+        if new is None:
+            raise TypeError(
+                f"safe_resort's `{name}` was removed: the policy now needs no loss floor "
+                "and no first-trial fraction (its paces do not depend on the loss offset)."
+            )
+        raise TypeError(f"safe_resort's `{name}` was removed: pass `{new}` instead.")
+    if len(legacy) > 1:
+        raise TypeError("safe_resort takes at most one positional argument.")
+    if legacy:
+        check_int("steps_per_epoch", legacy[0], 1)
+    if steps_per_epoch is not None and not isinstance(steps_per_epoch, jax.Array):
+        check_int("steps_per_epoch", steps_per_epoch, 1)
+    check_int("max_failures", max_failures, 1)
+    check_int("min_steps", min_steps, 0)
+    check_budget(budget)
+
+
 def safe_resort(
-    window: int = 100,
-    *,
+    *legacy: int,
+    steps_per_epoch: int | None = None,
     budget: float | None = None,
-    floor: float = 0.0,
-    first_trial: float = 0.005,
-    polish: float = 0.9,
-    judge: float = 0.05,
-    min_judge: float = 2.0,
-    growth: float = 2.0,
-    explore: float = 0.03,
-    history: int = 32,
     max_failures: int = 2,
     min_steps: int = 0,
-    hopeless: float = 0.1,
+    config: SafeResortConfig | None = None,
+    **removed: Any,
 ) -> Policy:
     """Try the second phase, keep it while it out-paces Adam, else return.
 
-    Paces are compared in ``log(loss - floor)`` per epoch-equivalent, which is
-    scale-free (a mini-batch epoch and a full-batch value-and-gradient
-    evaluation cost one each):
-
-    * **Adam's pace**: the least-squares decrease of the log of each epoch's
-      mean mini-batch loss (``value``, required) per epoch, over the last
-      ``min(history, 5% of the budget)`` epochs (at least 3) since Adam last
-      took over (over 8 epochs the noise of the epoch means swamped a slow
-      Adam's pace on mnist5k: it was measured negative at 90% of the budget).
-      No trial starts before it is defined (a trial compared with an
-      undefined pace is never returned from; ``SWITCHING.md``).
-    * **Trials**: at the end of an epoch, once the cost reaches ``next_trial``.
-      The first may start at ``first_trial`` of the budget (after 3 epochs
-      without one); after each return the wait doubles (``growth``).
-    * **Judging a trial**: every ``max(min_judge, judge * cost at the
-      switch)`` epoch-equivalents (``judge`` of the cost left, for a switch in
-      the last half of a known budget; a single step that costs more than two
-      such segments is judged together with the next step) the trial's gain, the decrease of
-      ``log(value - floor)`` (``value`` at the accepted point, full batch)
-      since the switch point (whose loss is estimated from Adam's last epoch),
-      is compared with what Adam would have gained in the same cost at its
-      pace frozen at the switch, extrapolated linearly for as long as the run
-      before the switch (its cost ``c0``) and as a power law beyond (the pace
-      decaying as ``1 / cost``: ``c0 * (1 + log(spent / c0))`` epochs of
-      pace for ``spent > c0``). A trial that is behind returns to Adam, whose
-      moments were kept: a return costs nothing. A trial that is ahead goes on,
-      until its slowing pace lets the extrapolated Adam catch up. (Judging the
-      last segment as well lost teacher-student-small's early basin: its
-      trial passes slow segments on the way down.)
-    * **Failures**: a non-finite step ends a trial; so do ``max_failures``
-      consecutive failed iterations while the trial is behind (ahead, they
-      are taken as convergence to float resolution, and the phase stays).
-    * **Late polish** (budget known): from ``polish`` of the budget the second
-      phase is tried whatever ``explore`` allows, and runs to the end (only
-      failures return), because measured at equal cost a final full-batch
-      polish paid off wherever Adam had slowed (``benchmarks/RESULTS.md``);
-      but where Adam's pace rests on at least ``history // 2`` epochs (budgets
-      of 320 and more at the default) the polish is judged like a trial, but
-      from its first accepted point (that first iteration removes the
-      mini-batch noise Adam leaves, a one-off gain), and after a return the
-      *final polish*, the last ``max(2 * min_judge, 0.5% of the budget)``, runs
-      unjudged and collects that gain (on mnist5k the unjudged polish from 90%
-      lost 6% to Adam).
-    * **Hopeless** (budget known): once two trials have been returned from and
-      none gained ``hopeless`` of what Adam would have gained in its cost, no
-      more exploratory trials start, and where the polish would be judged (see
-      above) only the final polish runs. On the CLI's problem (mlp, mnist5k)
-      its first two trials gained -0.09 and 0.05 of Adam's gain, and the
-      trials and the judged polish that followed took the run from 1.02x to
-      1.10x Adam's final loss (``benchmarks/RESULTS.md`` section 8).
-    * **Room**: no switch once less than ``min_judge`` of a known budget is
-      left.
-
-    With no budget (``budget=None`` and no ``cost_budget`` in
-    :func:`twophase.train`) there is no late polish, the first trial comes
-    after 3 epochs and later ones as ``explore`` of the cost so far allows.
+    How it decides (the clock, Adam's pace, trials, judging, the late polish,
+    hopeless runs) is described in the module docstring of
+    :mod:`twophase.policy.safe_resort`.
 
     Args:
-      window: phase-0 steps per epoch, ``>= 1`` (:func:`twophase.train` sets it
-        to its own; injected with ``optax.inject_hyperparams``, it takes effect
-        at the next update).
+      steps_per_epoch: phase-0 steps per epoch, ``>= 1``, or ``None`` (not
+        told). :func:`twophase.train` sets it; a value that contradicts
+        train's raises there. Injected with ``optax.inject_hyperparams``, it
+        takes effect at the next update. (A positional value, the presets'
+        former ``window``, is used the same way but ``twophase.train``
+        replaces it silently.)
       budget: the run's budget in epoch-equivalents, or ``None``.
-      floor: a lower bound of the loss (0 for squared errors and
-        cross-entropy); paces are measured on ``log(loss - floor)``.
-      first_trial: the first trial's earliest start, fraction of the budget.
-      polish: fraction of the budget from which the second phase runs to the end.
-      judge: a judged segment's length, fraction of the cost at the trial's start.
-      min_judge: its minimum length in epoch-equivalents, ``> 0``.
-      growth: factor by which the wait grows after each return, ``>= 1``.
-      explore: fraction of the budget (of the cost so far, without one) that
-        trials returned from may spend in all; a trial starts only while about
-        ``1.5 * min_judge`` of it is left.
-      history: epochs kept for Adam's pace, ``>= 3``.
-      max_failures: consecutive failed second-phase iterations that end a trial.
+      max_failures: consecutive failed second-phase iterations that end a trial
+        that is behind.
       min_steps: no switch before this many phase-0 steps since (re-)arming.
-      hopeless: gain ratio, in ``[0, 1)``, below which two trials end the
-        exploration of a run with a known budget (0 disables it).
+      config: the tuned constants (:class:`SafeResortConfig`; its defaults
+        when ``None``).
 
     Returns:
       A :class:`Policy` with ``needs_value=True`` and state
       :class:`SafeResortState`.
 
     Raises:
+      TypeError: a removed argument (``window``: ``steps_per_epoch``; the
+        constants: ``config=SafeResortConfig(...)``; ``floor``, ``first_trial``).
       ValueError: an argument out of its range (named in the message).
     """
-    check_int("window", window, 1)
-    check_int("history", history, 3)
-    check_int("max_failures", max_failures, 1)
-    check_int("min_steps", min_steps, 0)
-    check_budget(budget)
-    for name, value in (("first_trial", first_trial), ("judge", judge), ("explore", explore)):
-        check_fraction(name, value)
-    check_fraction("polish", polish, closed=True)
-    checked_hopeless = concrete(hopeless)
-    if checked_hopeless is not None and (
-        isinstance(checked_hopeless, bool)
-        or not isinstance(checked_hopeless, (int, float))
-        or not 0 <= checked_hopeless < 1
-    ):
-        raise ValueError(f"`hopeless` must be a number in [0, 1), got {hopeless!r}.")
-    check_positive("min_judge", min_judge)
-    checked_growth = concrete(growth)
-    if checked_growth is not None and (
-        isinstance(checked_growth, bool)
-        or not isinstance(checked_growth, (int, float))
-        or not 1 <= checked_growth < math.inf
-    ):
-        raise ValueError(f"`growth` must be a finite number >= 1, got {growth!r}.")
-    if isinstance(concrete(floor), bool) or not (
-        concrete(floor) is None or math.isfinite(concrete(floor))
-    ):
-        raise ValueError(f"`floor` must be a finite number, got {floor!r}.")
-    f32 = jnp.float32
-    unset = jnp.asarray(-1.0, f32)  # costs are >= 0: the state holds no NaN
-
-    def log_excess(x):
-        # Finite for every finite loss (a loss at the floor counts as tiny above it).
-        excess = jnp.asarray(x, f32) - jnp.asarray(floor, f32)
-        return jnp.log(jnp.maximum(excess, jnp.finfo(f32).tiny))
-
-    def pace_points(total):
-        # Epochs of Adam's pace: 5% of a known budget, within [3, history].
-        return jnp.where(total > 0, jnp.clip(jnp.floor(0.05 * total), 3, history), history).astype(
-            jnp.int32
-        )
-
-    def adam_horizon(spent, age):
-        # Epochs of Adam's pace that `spent` epoch-equivalents of a trial are worth.
-        # Linear up to the run's age at the reference point; beyond, Adam's pace is
-        # taken to decay as 1 / cost (a power law in the loss), since a pace measured
-        # over at most `history` epochs says nothing of a stretch longer than the
-        # whole run before it (on a PINN the linear extrapolation returned an L-BFGS
-        # trial 5.6x below Adam's final loss; benchmarks/RESULTS.md section 7).
-        age = jnp.maximum(age, 1.0)
-        return jnp.where(spent <= age, spent, age * (1.0 + jnp.log(jnp.maximum(spent, age) / age)))
-
-    def final_reserve(total):
-        # The final polish: the last `2 * min_judge` epoch-equivalents, at least 0.5%.
-        return jnp.maximum(2.0 * min_judge, 0.005 * total)
+    _check_arguments(legacy, steps_per_epoch, budget, max_failures, min_steps, removed)
+    config = SafeResortConfig() if config is None else config
+    check_config(config)
+    injected = isinstance(steps_per_epoch, jax.Array)
+    told = legacy[0] if steps_per_epoch is None and legacy else steps_per_epoch
 
     def init(params):
         del params
-        zero = jnp.zeros([], f32)
-        total = jnp.asarray(0.0 if budget is None else budget, f32)
-        return SafeResortState(
-            budget=total,
-            epoch_steps=jnp.asarray(window, f32),
-            cost=zero,
-            loss_sum=zero,
-            loss_count=zero,
-            log_losses=jnp.zeros([history], f32),
-            epochs=jnp.zeros([], jnp.int32),
-            adam_pace=jnp.zeros([], f32),
-            next_trial=zero,
-            wait=zero,
-            trial_start=unset,
-            segment_cost=unset,
-            reference_cost=unset,
-            reference_log_value=zero,
-            trial_pace=zero,
-            trials=jnp.zeros([], jnp.int32),
-            polish_after=zero,
-            trial_spent=zero,
-            best_gain_ratio=zero,
-            exploring=jnp.ones([], bool),
-        )
-
-    def end_epoch(state: SafeResortState) -> SafeResortState:
-        mean_log = log_excess(state.loss_sum / state.loss_count)
-        log_losses = state.log_losses.at[jnp.mod(state.epochs, history)].set(mean_log)
-        epochs = state.epochs + 1
-        pace = _pace(log_losses, epochs, pace_points(state.budget))
-        return state._replace(
-            loss_sum=jnp.zeros([], f32),
-            loss_count=jnp.zeros([], f32),
-            log_losses=log_losses,
-            epochs=epochs,
-            adam_pace=jnp.where(jnp.isfinite(pace), pace, 0.0),
-        )
+        return initial_state(config, told, budget, given=steps_per_epoch is not None)
 
     def first(state, *, grad, grad_norm, value=None, step, params=None, value_fn=None):
-        del grad, grad_norm, params, value_fn
+        del grad, grad_norm
         require_value(value, "safe_resort")
-        # An injected `window` (an array under optax.inject_hyperparams) takes effect
-        # at once; a static one was stored at init (or set by twophase.train).
-        if isinstance(window, jax.Array):
-            state = state._replace(epoch_steps=jnp.asarray(window, f32))
-        state = state._replace(
-            cost=state.cost + 1.0 / state.epoch_steps,
-            loss_sum=state.loss_sum + jnp.reshape(jnp.asarray(value, f32), ()),
-            loss_count=state.loss_count + 1.0,
-        )
-        epoch_end = state.loss_count >= state.epoch_steps
-        state = lax.cond(epoch_end, end_epoch, lambda s: s, state)
-        known = state.budget > 0
-        polishing = (
-            known & (state.cost >= polish * state.budget) & (state.cost >= state.polish_after)
-        )
-        earliest = jnp.where(known, first_trial * state.budget, 0.0)
-        # Failed trials may spend at most `explore` of the budget (of the cost so
-        # far without one); a trial costs about 3 epoch-equivalents to judge.
-        scale = jnp.where(known, state.budget, state.cost)
-        affordable = state.trial_spent + 1.5 * min_judge <= explore * scale
-        affordable |= ~known & (state.trials == 0)  # without a budget, one early trial
-        # In phase 0 every trial started has been returned from. Without a budget there
-        # is no final polish to fall back on: trials go on at growing intervals.
-        gave_up = known & (state.trials >= 2) & (state.best_gain_ratio < hopeless)
-        affordable &= ~gave_up
-        at_final = state.cost >= state.budget - final_reserve(state.budget)
-        judged_polish = pace_points(state.budget) >= history // 2
-        polishing &= ~(gave_up & judged_polish) | at_final
-        due = ((state.epochs >= 3) & (state.cost >= state.next_trial) & affordable) | polishing
-        # No switch without room for a judged trial: an iteration that does not fit
-        # in the budget would be wasted (twophase.train discards it under a strict
-        # budget, and the epochs Adam would have had are lost).
-        room = ~known | (state.budget - state.cost >= min_judge)
-        switch = epoch_end & due & room & (state.cost >= earliest) & (step + 1 >= min_steps)
-        # The trial's first segment starts at the switch point, whose loss is
-        # estimated from the last epoch's mean mini-batch loss: that mean sits half
-        # an epoch behind the point, so half of Adam's pace is taken off.
-        last = state.log_losses[jnp.mod(state.epochs - 1, history)]
-        start_log = jnp.where(
-            (state.epochs > 0) & epoch_end,
-            last - 0.5 * state.adam_pace,
-            0.0,
-        )
-        # A late polish is measured from its first accepted point instead: that first
-        # iteration removes the mini-batch noise Adam leaves, a one-off gain that the
-        # final polish collects anyway; counted in the polish's pace, it kept a polish
-        # slower than Adam for 35 epoch-equivalents on the CLI's problem.
-        in_polish = known & (state.cost >= polish * state.budget)
-        known_start = (state.epochs > 0) & ~in_polish
-        state = state._replace(
-            exploring=~gave_up,
-            trial_start=jnp.where(switch, state.cost, state.trial_start),
-            segment_cost=jnp.where(
-                switch, jnp.where(known_start, state.cost, unset), state.segment_cost
-            ),
-            reference_cost=jnp.where(
-                switch, jnp.where(known_start, state.cost, unset), state.reference_cost
-            ),
-            reference_log_value=jnp.where(switch, start_log, state.reference_log_value),
-            trials=state.trials + switch.astype(jnp.int32),
-            wait=jnp.where(switch & (state.wait == 0), jnp.maximum(state.cost, 1.0), state.wait),
-        )
-        return state, switch
+        if injected:
+            state = state._replace(epoch_steps=jnp.asarray(steps_per_epoch, jnp.int32))
+        state = recognise_full_batch(state, value, params, value_fn)
+        state, epoch_end = count_step(state, value, config)
+        due, gave_up = trial_due(state, step, config)
+        switch = epoch_end & due & (step + 1 >= min_steps)
+        return start_trial(state, switch, gave_up, step, config), switch
 
     def second(state, *, value, cost, failures, finite, params):
         del params
-        cost_now = state.cost + jnp.asarray(cost, f32)
-        log_value = log_excess(value)
-        known = state.budget > 0
-        started = state.segment_cost >= 0
-        # Until the reference point is known, this step's point becomes it.
-        reference_cost = jnp.where(started, state.reference_cost, cost_now)
-        reference_log = jnp.where(started, state.reference_log_value, log_value)
-        # A segment is `judge` of the cost at the start (of the cost left, for a trial
-        # that starts in the last half of a known budget: the late polish).
-        horizon = jnp.where(
-            known,
-            jnp.minimum(state.trial_start, state.budget - state.trial_start),
-            state.trial_start,
-        )
-        length = jnp.maximum(min_judge, judge * horizon)
-        # A step that costs more than two segments is judged with the next one: it
-        # carries a one-off cost (a Nystrom sketch of 60 products, 90 evaluations, in
-        # Newton-CG's first step) that the steps after it amortise; judged on that step
-        # alone such a trial was returned from every time. (Requiring two steps in every
-        # segment cost the small suite's CG trials gain: benchmarks/RESULTS.md, section 8.)
-        lone_costly = (state.cost <= state.segment_cost) & (cost_now - state.cost > 2 * length)
-        judged = started & ~lone_costly & (cost_now - state.segment_cost >= length)
-        spent = cost_now - reference_cost
-        pace = (reference_log - log_value) / jnp.maximum(spent, 1e-12)
-        # Behind: the trial has gained less since its reference point than Adam
-        # would have at its pace from the switch.
-        behind = ~(
-            reference_log - log_value >= state.adam_pace * adam_horizon(spent, reference_cost)
-        )
-        polishing = known & (cost_now >= polish * state.budget)
-        final = known & (state.trial_start >= state.budget - final_reserve(state.budget))
-        # A polish is judged only on a pace measured over at least half of `history`
-        # epochs: over fewer, the noise of the epoch means swamps a slow Adam's pace.
-        reliable = jnp.minimum(state.epochs, pace_points(state.budget)) >= history // 2
-        exempt = final | (polishing & ~reliable)
-        loses = judged & behind & ~exempt
-        # Failures of a trial that is ahead are taken as convergence: it stays.
-        failed = ~finite | ~jnp.isfinite(log_value) | ((failures >= max_failures) & behind)
-        back = loses | failed
-        usable = jnp.isfinite(log_value)  # else `failed`: nothing non-finite is stored
-        # The trial's gain as a fraction of Adam's in the same cost (1 where Adam's
-        # extrapolated gain is not positive: no evidence against the trial).
-        adam_gain = state.adam_pace * adam_horizon(spent, reference_cost)
-        gain_ratio = jnp.where(
-            adam_gain > 0, (reference_log - log_value) / jnp.maximum(adam_gain, 1e-30), 1.0
-        )
-        exploratory = ~known | (state.trial_start < polish * state.budget)
-        best_gain_ratio = jnp.where(
-            back & usable & exploratory,
-            jnp.maximum(state.best_gain_ratio, gain_ratio),
-            state.best_gain_ratio,
-        )
-        state = state._replace(
-            cost=cost_now,
-            segment_cost=jnp.where(~started | judged, cost_now, state.segment_cost),
-            reference_cost=reference_cost,
-            reference_log_value=jnp.where(usable, reference_log, state.reference_log_value),
-            trial_pace=jnp.where(started & usable, pace, state.trial_pace),
-            best_gain_ratio=best_gain_ratio,
-        )
-        return state, back
-
-    def rearm(state, params):
-        del params
-        in_polish = (state.budget > 0) & (state.cost >= polish * state.budget)
-        # After a polish returned, the next one is the final polish (or none once
-        # that failed).
-        final_start = state.budget - final_reserve(state.budget)
-        after = jnp.where(state.cost < final_start, final_start, state.cost + state.wait)
-        return state._replace(
-            polish_after=jnp.where(in_polish, after, state.polish_after),
-            trial_spent=state.trial_spent + state.cost - state.trial_start,
-            loss_sum=jnp.zeros([], f32),
-            loss_count=jnp.zeros([], f32),
-            epochs=jnp.zeros([], jnp.int32),
-            adam_pace=jnp.zeros([], f32),
-            next_trial=state.cost + state.wait,
-            wait=state.wait * growth,
-            trial_start=unset,
-            segment_cost=unset,
-            reference_cost=unset,
-            reference_log_value=jnp.zeros([], f32),
+        return judge_trial(
+            state,
+            value=value,
+            cost=cost,
+            failures=failures,
+            finite=finite,
+            config=config,
+            max_failures=max_failures,
         )
 
-    return Policy(init, first, second, rearm, needs_value=True)
+    return Policy(init, first, second, lambda state, params: rearm(state, config), True)
+
+
+def _configured(node: SafeResortState, budget: float | None, steps_per_epoch: int):
+    """``node`` told the run's budget and epoch length (see :func:`configure`)."""
+    if budget is not None and bool(node.budget_given):
+        own = float(node.budget)
+        if not math.isclose(own, budget):
+            raise ValueError(
+                f"the optimizer's `budget` ({own:g}) contradicts train's `cost_budget` "
+                f"({budget:g}); pass one of them, or the same value."
+            )
+    if bool(node.epoch_steps_given) and int(node.epoch_steps) != steps_per_epoch:
+        raise ValueError(
+            f"the optimizer's `steps_per_epoch` ({int(node.epoch_steps)}) contradicts the "
+            f"{steps_per_epoch} steps per epoch that train takes (examples // batch_size); "
+            "leave `steps_per_epoch` out under twophase.train, or pass the same value."
+        )
+    return node._replace(
+        budget=node.budget if budget is None else jnp.asarray(budget, _F32),
+        epoch_steps=jnp.asarray(steps_per_epoch, jnp.int32),
+    )
 
 
 def configure(state: PyTree, *, budget: float | None, steps_per_epoch: int) -> PyTree:
     """``state`` with every :class:`SafeResortState` in it told the run's budget
     and epoch length (what :func:`twophase.train` does with ``cost_budget``).
+
+    A value the policy was built with (``safe_resort(budget=...,
+    steps_per_epoch=...)``) must agree; one set by an earlier ``configure`` (a
+    restored checkpoint) is replaced.
 
     Args:
       state: an optimizer state (any nesting).
@@ -532,24 +592,14 @@ def configure(state: PyTree, *, budget: float | None, steps_per_epoch: int) -> P
       The state with ``budget`` and ``epoch_steps`` set.
 
     Raises:
-      ValueError: the policy was built with a different ``budget``.
+      ValueError: the policy was built with a different ``budget`` or
+        ``steps_per_epoch`` (both values named).
     """
 
     def is_policy_state(node):
         return isinstance(node, SafeResortState)
 
     def set_fields(node):
-        if not is_policy_state(node):
-            return node
-        own = float(node.budget)
-        if budget is not None and own > 0 and not math.isclose(own, budget):
-            raise ValueError(
-                f"the optimizer's `budget` ({own:g}) contradicts train's `cost_budget` "
-                f"({budget:g}); pass one of them, or the same value."
-            )
-        return node._replace(
-            budget=node.budget if budget is None else jnp.asarray(budget, jnp.float32),
-            epoch_steps=jnp.asarray(steps_per_epoch, jnp.float32),
-        )
+        return _configured(node, budget, steps_per_epoch) if is_policy_state(node) else node
 
     return jax.tree.map(set_fields, state, is_leaf=is_policy_state)
