@@ -48,18 +48,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
 
-jax.config.update("jax_enable_x64", True)  # the PINNs run in float64, as their references
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax import lax  # noqa: E402
-
-import twophase as tp  # noqa: E402
+import twophase as tp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import workloads as W  # noqa: E402
+import workloads as W
 
 MODES = "abcde"
 ADAM, DEFAULT = "adam", "default"
@@ -96,11 +93,16 @@ def optimizer(kind: str, preset: str, lr: float, budget: float | None = None):
     return make(lr) if budget is None else make(lr, budget=budget)
 
 
+def _cost_dtype():
+    """float64 under x64 (:func:`main` enables it), else float32."""
+    return jnp.result_type(float)
+
+
 def _spent_by_optimizer(state) -> jax.Array:
     """What the optimizer spent on its own (``tp.info(state).cost``), 0 for Adam."""
     if not tp.info_all(state):
-        return jnp.zeros([], jnp.float64)
-    return jnp.asarray(tp.info(state).cost, jnp.float64)
+        return jnp.zeros([], _cost_dtype())
+    return jnp.asarray(tp.info(state).cost, _cost_dtype())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +153,7 @@ def own_loop(task: W.Task, opt, budget: float, seed: int, batch: int | None) -> 
     steps = max(1, int(budget) // 100) if batch is None else n // batch
     chunk = _own_chunk(task.loss_fn, opt, n, batch, steps, float(budget))
     params, state = task.params, opt.init(task.params)
-    key, spent, curve = jax.random.key(seed), jnp.zeros([], jnp.float64), []
+    key, spent, curve = jax.random.key(seed), jnp.zeros([], _cost_dtype()), []
     while float(spent) < budget:
         params, state, key, spent, loss = chunk(params, state, key, spent, task.data)
         curve.append((float(spent), float(loss)))
@@ -428,6 +430,7 @@ def selected(args) -> list[W.Workload]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    jax.config.update("jax_enable_x64", True)  # the PINNs run in float64, as their references
     args = parse(argv)
     command = "python " + shlex.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
     workloads = selected(args)
