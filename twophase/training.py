@@ -43,7 +43,15 @@ from twophase.policy.safe_resort import SafeResortState
 from twophase.policy.safe_resort import configure as configure_policy
 from twophase.switch import TwoPhaseState
 
-__all__ = ["TrainResult", "history_columns", "train"]
+__all__ = [
+    "CONFIGURATION_FIELDS",
+    "PROGRESS_SECONDS",
+    "TrainResult",
+    "history_columns",
+    "progress_text",
+    "reconcile_configuration",
+    "train",
+]
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
