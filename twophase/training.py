@@ -263,7 +263,12 @@ def train(
     masked-out leaves at their current values (:func:`twophase.fill_masked`);
     ``optax.partition({"train": adam_cg(...), "frozen": optax.set_to_zero()},
     labels)`` so keeps the frozen leaves fixed in both phases. In a phase-1
-    epoch the other members of a ``partition`` receive zero updates. ``optax.chain`` of a twophase
+    epoch the other members of a ``partition`` receive zero updates. Passed
+    directly, ``optax.MultiSteps(opt, every_k_schedule=k)`` accumulates ``k``
+    mini-batches per step of ``opt`` in phase 0, and in a phase-1 epoch ``train``
+    steps ``opt`` once, bypassing the accumulation (there is nothing to
+    accumulate); the switching policy is told ``(N // batch_size) / k`` steps
+    per epoch. ``optax.chain`` of a twophase
     optimizer with other transformations is rejected (see Raises).
 
     **Phase-0 (mini-batch) epoch**: one pass over a fresh random permutation of
@@ -345,7 +350,9 @@ def train(
     latest step: parameters, optimizer state and RNG key are
     restored (the ``params`` argument only supplies the structure), the history
     records up to that epoch are read back, and cost and wall time continue
-    from the last restored record. An unchanged rerun of a finished run
+    from the last restored record. The restored switching policy takes this
+    run's ``cost_budget`` and epoch length (:func:`reconcile_configuration`),
+    so a resume may extend the budget or change ``batch_size``. An unchanged rerun of a finished run
     therefore returns at once.
 
     **Many processes** (``jax.distributed``): pass ``data`` (and ``val_data``)
@@ -379,7 +386,10 @@ def train(
       val_data: ``None`` or a pytree like ``data`` (any number of examples).
       metrics: ``None`` or ``{name: fn(params, batch) -> scalar mean}``.
       seed: seed of the shuffling key.
-      progress: show a tqdm progress bar (epoch, phase, loss, grad norm, cost).
+      progress: show progress (epoch, cost, phase, loss, grad norm): a tqdm
+        bar on a terminal; when stderr is not one (a log file), a plain line
+        (:func:`progress_text`) at most every :data:`PROGRESS_SECONDS` and the
+        last epoch's line at the end.
       checkpoint_dir: ``None`` or a directory for checkpoints (see above).
       checkpoint_every: ``None`` or a positive int (needs ``checkpoint_dir``).
       donate: donate the parameter and optimizer-state buffers to the jitted
@@ -399,7 +409,10 @@ def train(
         or ``val_data`` with process-local leaves; a twophase optimizer chained
         with other transformations in ``optax.chain`` (before it they would act
         in the first phase only; the message says what to use instead);
-        ``cost_budget`` different from the optimizer's own ``budget``.
+        ``cost_budget`` different from the optimizer's own ``budget`` (on a
+        resume too); an ``optax.MultiSteps`` around a twophase optimizer that is
+        not passed directly as the ``optax.MultiSteps`` object, or whose
+        ``every_k_schedule`` varies or does not divide ``N // batch_size``.
     """
     batch_size = as_positive_int("batch_size", batch_size)
     max_epochs = as_positive_int("max_epochs", max_epochs)
