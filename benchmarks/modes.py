@@ -15,7 +15,8 @@ a full-batch value-and-gradient evaluation 1, and whatever the optimizer spends 
 stops at the first step that reaches the budget. The default optimizer is the workload's preset
 (``tp.adam_cg`` or ``tp.adam_lbfgs``) with only Adam's rate; Adam's rate is each workload's
 best of a sweep of Adam alone (``--sweep-adam`` writes it to ``adam_rates.json`` with the
-command that made it; the comparison reads it).
+commands that made it, a sweep of some workloads adding to the file; the comparison reads
+it).
 
 Output: a markdown table of the median (over seeds) final full-batch training loss of each
 workload and mode, the ratio default / Adam, and Adam's own spread over its last 5% of cost
@@ -443,8 +444,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     if args.sweep_adam:
         rates = sweep_adam(workloads, budget_scale=args.budget_scale)
-        old = json.loads(args.rates.read_text())["rates"] if args.rates.exists() else {}
-        args.rates.write_text(json.dumps({"command": command, "rates": {**old, **rates}}, indent=1))
+        old = json.loads(args.rates.read_text()) if args.rates.exists() else {}
+        stored = {
+            "commands": [*old.get("commands", []), command],
+            "rates": {**old.get("rates", {}), **rates},
+        }
+        args.rates.write_text(json.dumps(stored, indent=1))
         print(f"wrote {args.rates} in {time.perf_counter() - started:.0f} s")
         return 0
     rates = read_rates(workloads, args.rates)

@@ -101,3 +101,14 @@ def test_smoke_runs_the_smallest_workload_in_every_mode(tmp_path):
         # above it); a second-phase step may overshoot by its own evaluations.
         for cost in row["costs"]:
             assert row["budget"] - 10 <= cost <= row["budget"] + 10, row
+
+
+def test_rates_come_from_the_sweep_file_or_the_middle_of_the_grid(tmp_path, capsys):
+    path = tmp_path / "rates.json"
+    path.write_text(json.dumps({"commands": ["x"], "rates": {"iris": {"mini": 0.5, "full": 0.7}}}))
+    iris, wine = W.WORKLOADS["iris"], W.WORKLOADS["wine"]
+    rates = modes.read_rates([iris, wine], path)
+    assert rates["iris"] == {"mini": 0.5, "full": 0.7}
+    middle = wine.adam_rates[len(wine.adam_rates) // 2]
+    assert rates["wine"] == {"mini": middle, "full": middle}
+    assert "no swept Adam rate for wine" in capsys.readouterr().err
