@@ -203,11 +203,50 @@ def test_multisteps_wrapper_gets_value_fn(digits, params0):
     result = train(plain_loss, params0, digits[0], opt, batch_size=BATCH, max_epochs=3,
                    progress=False)  # fmt: skip
     columns = history_columns(result.history)
-    # Epoch 1: 4 mini-batches = 2 inner Adam steps, the switch. Then one call per epoch,
-    # and MultiSteps runs the inner CG iteration on every second call.
+    # Epoch 1: 4 mini-batches = 2 inner Adam steps, the switch. Then every phase-1 epoch
+    # is one CG iteration (it used to be one every k = 2 epochs, the others doing nothing).
     assert columns["phase"] == [0, 1, 1]
-    assert columns["cg_iterations"] == [0, 0, 1]
-    assert columns["train_loss"][2] < columns["train_loss"][1]
+    assert columns["cg_iterations"] == [0, 1, 2]
+    assert columns["train_loss"][2] < columns["train_loss"][1] < columns["train_loss"][0]
+    assert all(c >= 1 for c in columns["epoch_cost"][1:])  # each evaluates the objective
+    # The accumulation counters are untouched in phase 1.
+    assert int(result.opt_state.gradient_step) == 2
+
+
+def _policy_states(state):
+    is_policy = lambda node: isinstance(node, tp.policy.SafeResortState)
+    return [n for n in jax.tree.leaves(state, is_leaf=is_policy) if is_policy(n)]
+
+
+def test_multisteps_policy_counts_inner_steps(digits, params0):
+    # Default policy: with k = 2, an epoch of STEPS mini-batches is STEPS / 2 inner steps.
+    opt = optax.MultiSteps(tp.adam_cg(1e-2), every_k_schedule=2)
+    result = train(plain_loss, params0, digits[0], opt, batch_size=BATCH, max_epochs=2,
+                   progress=False)  # fmt: skip
+    (policy,) = _policy_states(result.opt_state)
+    assert float(policy.epoch_steps) == STEPS // 2
+    np.testing.assert_allclose(float(policy.cost), result.history[-1]["cost"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: optax.MultiSteps(tp.adam_cg(1e-2), every_k_schedule=3), "divides"),
+        (lambda: optax.MultiSteps(tp.adam_cg(1e-2), lambda step: 1 + step % 2), "constant"),
+        (lambda: optax.MultiSteps(tp.adam_cg(1e-2), 2).gradient_transformation(), "MultiSteps"),
+        (
+            lambda: optax.partition(
+                {"a": optax.MultiSteps(tp.adam_cg(1e-2), 2), "b": optax.adam(1e-2)},
+                {"w1": "a", "b1": "a", "w2": "b", "b2": "b"},
+            ),
+            "MultiSteps",
+        ),
+    ],
+)
+def test_multisteps_that_would_stall_phase_1_is_rejected(make, message, digits, params0):
+    with pytest.raises(ValueError, match=message):
+        train(plain_loss, params0, digits[0], make(), batch_size=BATCH, max_epochs=1,
+              progress=False)  # fmt: skip
 
 
 def test_stop_on_grad_tol(digits, params0):
@@ -406,3 +445,74 @@ def test_default_policy_trials_are_monotone_in_cg_and_costed_like_train(digits, 
     for (a, pa), (b, pb) in itertools.pairwise(records):
         if pa == 1 and pb == 1:
             assert b <= a
+
+
+def test_resume_takes_the_new_budget_and_epoch_length(tmp_path, digits, params0):
+    # A resumed run used to keep the policy's old budget (10) and epoch length (STEPS).
+    pytest.importorskip("orbax.checkpoint")
+    directory = tmp_path / "ckpt"
+    opt = tp.adam_cg(1e-2)
+    kwargs = dict(max_epochs=200, checkpoint_dir=directory, progress=False)
+    first = train(plain_loss, params0, digits[0], opt, batch_size=BATCH, cost_budget=3, **kwargs)
+    (policy,) = _policy_states(first.opt_state)
+    assert (float(policy.budget), float(policy.epoch_steps)) == (3, STEPS)
+    resumed = train(
+        plain_loss, params0, digits[0], opt, batch_size=BATCH // 2, cost_budget=5, **kwargs
+    )
+    assert resumed.history[-1]["cost"] >= 5
+    assert len(resumed.history) > len(first.history)
+    (policy,) = _policy_states(resumed.opt_state)
+    assert float(policy.budget) == 5
+    assert float(policy.epoch_steps) == N // (BATCH // 2)
+    # The statistics go on from the checkpoint: the policy's cost is train's.
+    np.testing.assert_allclose(float(policy.cost), resumed.history[-1]["cost"], rtol=1e-5)
+
+
+def test_resume_rejects_a_budget_contradicting_the_policys_own(tmp_path, digits, params0):
+    pytest.importorskip("orbax.checkpoint")
+    directory = tmp_path / "ckpt"
+    opt = tp.adam_cg(1e-2, budget=2)
+    kwargs = dict(batch_size=BATCH, max_epochs=200, checkpoint_dir=directory, progress=False)
+    train(plain_loss, params0, digits[0], opt, cost_budget=2, **kwargs)
+    with pytest.raises(ValueError, match="cost_budget"):
+        train(plain_loss, params0, digits[0], opt, cost_budget=4, **kwargs)
+
+
+def test_configuration_fields_are_all_that_configure_sets(params0):
+    # reconcile_configuration copies CONFIGURATION_FIELDS; configure must set no other field.
+    from twophase.training import CONFIGURATION_FIELDS, reconcile_configuration
+
+    state = tp.adam_cg(1e-2).init(params0)
+    configured = tp.policy.configure(state, budget=7.0, steps_per_epoch=3)
+    (before,), (after,) = _policy_states(state), _policy_states(configured)
+    changed = {
+        name
+        for name in before._fields
+        if not np.array_equal(getattr(before, name), getattr(after, name))
+    }
+    assert changed <= set(CONFIGURATION_FIELDS)
+    assert changed  # the test sees configure at work
+    # And reconciling a configured state onto the fresh one brings back its configuration.
+    (back,) = _policy_states(reconcile_configuration(configured, state))
+    for name in before._fields:
+        np.testing.assert_array_equal(getattr(back, name), getattr(before, name))
+
+
+def test_progress_in_a_log_is_plain_lines(digits, params0, capsys, monkeypatch):
+    import twophase.training as training
+
+    # stderr is captured (not a terminal): plain lines, one per PROGRESS_SECONDS.
+    train(plain_loss, params0, digits[0], ADAM, batch_size=BATCH, max_epochs=5, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1  # a short run: only the last epoch's line
+    assert lines[0].startswith("training: epoch 5/5, cost 5 epoch-equivalents, phase 0, loss ")
+    monkeypatch.setattr(training, "PROGRESS_SECONDS", 0.0)
+    train(plain_loss, params0, digits[0], ADAM, batch_size=BATCH, max_epochs=3, progress=True,
+          cost_budget=2.5)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["training: epoch 1", "training: epoch 2",
+                                                      "training: epoch 3"]  # fmt: skip
+    assert all(line.count("training") == 1 for line in lines)
+    assert lines[-1].startswith("training: epoch 3, cost 3/2.5 epoch-equivalents, phase 0, loss")

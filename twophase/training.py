@@ -39,10 +39,19 @@ from twophase.info import Info
 from twophase.info import info as _info
 from twophase.info import info_all as _info_all
 from twophase.objectives import fill_masked, full_batch
+from twophase.policy.safe_resort import SafeResortState
 from twophase.policy.safe_resort import configure as configure_policy
 from twophase.switch import TwoPhaseState
 
-__all__ = ["TrainResult", "history_columns", "train"]
+__all__ = [
+    "CONFIGURATION_FIELDS",
+    "PROGRESS_SECONDS",
+    "TrainResult",
+    "history_columns",
+    "progress_text",
+    "reconcile_configuration",
+    "train",
+]
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -254,7 +263,12 @@ def train(
     masked-out leaves at their current values (:func:`twophase.fill_masked`);
     ``optax.partition({"train": adam_cg(...), "frozen": optax.set_to_zero()},
     labels)`` so keeps the frozen leaves fixed in both phases. In a phase-1
-    epoch the other members of a ``partition`` receive zero updates. ``optax.chain`` of a twophase
+    epoch the other members of a ``partition`` receive zero updates. Passed
+    directly, ``optax.MultiSteps(opt, every_k_schedule=k)`` accumulates ``k``
+    mini-batches per step of ``opt`` in phase 0, and in a phase-1 epoch ``train``
+    steps ``opt`` once, bypassing the accumulation (there is nothing to
+    accumulate); the switching policy is told ``(N // batch_size) / k`` steps
+    per epoch. ``optax.chain`` of a twophase
     optimizer with other transformations is rejected (see Raises).
 
     **Phase-0 (mini-batch) epoch**: one pass over a fresh random permutation of
@@ -336,7 +350,9 @@ def train(
     latest step: parameters, optimizer state and RNG key are
     restored (the ``params`` argument only supplies the structure), the history
     records up to that epoch are read back, and cost and wall time continue
-    from the last restored record. An unchanged rerun of a finished run
+    from the last restored record. The restored switching policy takes this
+    run's ``cost_budget`` and epoch length (:func:`reconcile_configuration`),
+    so a resume may extend the budget or change ``batch_size``. An unchanged rerun of a finished run
     therefore returns at once.
 
     **Many processes** (``jax.distributed``): pass ``data`` (and ``val_data``)
@@ -370,7 +386,10 @@ def train(
       val_data: ``None`` or a pytree like ``data`` (any number of examples).
       metrics: ``None`` or ``{name: fn(params, batch) -> scalar mean}``.
       seed: seed of the shuffling key.
-      progress: show a tqdm progress bar (epoch, phase, loss, grad norm, cost).
+      progress: show progress (epoch, cost, phase, loss, grad norm): a tqdm
+        bar on a terminal; when stderr is not one (a log file), a plain line
+        (:func:`progress_text`) at most every :data:`PROGRESS_SECONDS` and the
+        last epoch's line at the end.
       checkpoint_dir: ``None`` or a directory for checkpoints (see above).
       checkpoint_every: ``None`` or a positive int (needs ``checkpoint_dir``).
       donate: donate the parameter and optimizer-state buffers to the jitted
@@ -390,7 +409,10 @@ def train(
         or ``val_data`` with process-local leaves; a twophase optimizer chained
         with other transformations in ``optax.chain`` (before it they would act
         in the first phase only; the message says what to use instead);
-        ``cost_budget`` different from the optimizer's own ``budget``.
+        ``cost_budget`` different from the optimizer's own ``budget`` (on a
+        resume too); an ``optax.MultiSteps`` around a twophase optimizer that is
+        not passed directly as the ``optax.MultiSteps`` object, or whose
+        ``every_k_schedule`` varies or does not divide ``N // batch_size``.
     """
     batch_size = as_positive_int("batch_size", batch_size)
     max_epochs = as_positive_int("max_epochs", max_epochs)
@@ -411,7 +433,6 @@ def train(
     if replicated is None:  # global arrays (a multi-process run) are already placed
         data = jax.device_put(data)
         val_data = None if val_data is None else jax.device_put(val_data)
-
     batch = min(batch_size, n)
     params, opt_state = _initial_state(optimizer, params, cost_budget, n // batch, replicated)
     config = _Config(
@@ -424,46 +445,127 @@ def train(
         full_batch_size=full_batch_size,
         metrics=tuple(dict(metrics or {}).items()),
     )
-    donating = donate and not strict_budget
     key = _place(jax.random.PRNGKey(seed), replicated)
-    params, opt_state, key, start_epoch, history = _restore(
-        checkpoint_dir, params, opt_state, key, replicated
-    )
-
-    cost = history[-1]["cost"] if history else 0.0
-    saved_epoch = start_epoch if start_epoch else None
-    # A resumed run that had already stopped does not continue.
-    reason = _stop_reason(history[-1], cost_budget, grad_tol) if history else None
-    stop_reason = reason or "max_epochs"
-    bar = _progress_bar(progress, max_epochs, cost_budget, start_epoch, cost)
-    # The wall clock goes on from the last restored record.
-    started = time.perf_counter() - (history[-1]["wall_seconds"] if history else 0.0)
+    start = _resume(checkpoint_dir, params, opt_state, key, replicated)
+    limits = _Limits(max_epochs, cost_budget, grad_tol, strict_budget, checkpoint_every)
+    bar = _progress_bar(progress, max_epochs, cost_budget, start.epoch, start.cost)
     try:
-        epoch = start_epoch
-        while epoch < max_epochs and reason is None:
-            epoch += 1
-            kept = (params, opt_state, key)  # alive: not donated under strict_budget
-            params, opt_state, key, ran = _run_epoch(
-                params, opt_state, key, data, config=config, donating=donating
-            )
-            if strict_budget and history and _exceeds(cost + ran.cost, cost_budget):
-                params, opt_state, key = kept
-                epoch -= 1
-                stop_reason = reason = "cost_budget"
-                break
-            cost += ran.cost
-            record = _record(epoch, ran, cost, started, params, data, val_data, config)
-            history.append(record)
-            _show(bar, record, 1 if cost_budget is None else ran.cost)
-            reason = _stop_reason(record, cost_budget, grad_tol)
-            stop_reason = reason or stop_reason
-            if checkpoint_dir is not None and checkpoint_every and epoch % checkpoint_every == 0:
-                _save(checkpoint_dir, epoch, params, opt_state, key, history, replicated)
-                saved_epoch = epoch
-        if checkpoint_dir is not None and saved_epoch != epoch:
-            _save(checkpoint_dir, epoch, params, opt_state, key, history, replicated)
+        return _loop(
+            start,
+            data,
+            val_data,
+            config=config,
+            limits=limits,
+            bar=bar,
+            checkpoint=(checkpoint_dir, replicated),
+            donating=donate and not strict_budget,
+        )
     finally:
         bar.close()
+
+
+class _Start(NamedTuple):
+    """Where a run starts: fresh (epoch 0, no history) or from a checkpoint."""
+
+    params: PyTree
+    opt_state: PyTree
+    key: jax.Array
+    epoch: int
+    history: list[dict[str, Any]]
+    cost: float
+
+
+class _Limits(NamedTuple):
+    """The stopping rules and checkpoint period of a run (see :func:`train`)."""
+
+    max_epochs: int
+    cost_budget: float | None
+    grad_tol: float | None
+    strict_budget: bool
+    checkpoint_every: int | None
+
+
+def _resume(checkpoint_dir, params, opt_state, key, replicated) -> _Start:
+    """The run's start: the given state, or the latest checkpoint in
+    ``checkpoint_dir`` with its policy configuration taken from this run's
+    ``opt_state`` (:func:`reconcile_configuration`), so a resume with another
+    ``cost_budget`` or ``batch_size`` runs with the new ones."""
+    params, restored, key, epoch, history = _restore(
+        checkpoint_dir, params, opt_state, key, replicated
+    )
+    if epoch:
+        restored = reconcile_configuration(restored, opt_state)
+    return _Start(params, restored, key, epoch, history, history[-1]["cost"] if history else 0.0)
+
+
+CONFIGURATION_FIELDS = ("budget", "epoch_steps")
+"""The fields of a :class:`twophase.policy.SafeResortState` that hold the run's
+configuration (what :func:`twophase.policy.configure` sets), as opposed to its
+statistics. A restored state takes these from the new run."""
+
+
+def reconcile_configuration(restored: PyTree, current: PyTree) -> PyTree:
+    """``restored`` (an optimizer state read from a checkpoint) with the
+    configuration of every switching policy in it taken from ``current``, the
+    same optimizer's state freshly initialised and configured for this run.
+
+    The statistics (costs spent, paces, trials) stay as restored; the budget
+    and the epoch length are this run's, so nothing of the old run's
+    configuration survives a resume. ``current`` went through
+    :func:`twophase.policy.configure`, which rejects a ``cost_budget`` that
+    contradicts a budget the user gave the policy.
+
+    Args:
+      restored: an optimizer state (any nesting).
+      current: a state of the same structure.
+
+    Returns:
+      ``restored`` with :data:`CONFIGURATION_FIELDS` of each
+      :class:`twophase.policy.SafeResortState` replaced by ``current``'s.
+    """
+
+    def is_policy_state(node):
+        return isinstance(node, SafeResortState)
+
+    def take(old, new):
+        if not is_policy_state(old):
+            return old
+        return old._replace(**{name: getattr(new, name) for name in CONFIGURATION_FIELDS})
+
+    return jax.tree.map(take, restored, current, is_leaf=is_policy_state)
+
+
+def _loop(start: _Start, data, val_data, *, config, limits: _Limits, bar, checkpoint, donating):
+    """The epochs of :func:`train` from ``start`` until a stop; returns its result."""
+    checkpoint_dir, replicated = checkpoint
+    params, opt_state, key, epoch, history, cost = start
+    saved_epoch = epoch if epoch else None
+    # A resumed run that had already stopped does not continue.
+    reason = _stop_reason(history[-1], limits.cost_budget, limits.grad_tol) if history else None
+    stop_reason = reason or "max_epochs"
+    # The wall clock goes on from the last restored record.
+    started = time.perf_counter() - (history[-1]["wall_seconds"] if history else 0.0)
+    while epoch < limits.max_epochs and reason is None:
+        kept = (params, opt_state, key)  # alive: not donated under strict_budget
+        params, opt_state, key, ran = _run_epoch(
+            params, opt_state, key, data, config=config, donating=donating
+        )
+        if limits.strict_budget and history and _exceeds(cost + ran.cost, limits.cost_budget):
+            params, opt_state, key = kept
+            stop_reason = "cost_budget"
+            break
+        epoch, cost = epoch + 1, cost + ran.cost
+        record = _record(epoch, ran, cost, started, params, data, val_data, config)
+        history.append(record)
+        bar.show(record, 1 if limits.cost_budget is None else ran.cost)
+        reason = _stop_reason(record, limits.cost_budget, limits.grad_tol)
+        stop_reason = reason or stop_reason
+        if checkpoint_dir is not None and limits.checkpoint_every:
+            if epoch % limits.checkpoint_every == 0:
+                _save(checkpoint_dir, epoch, params, opt_state, key, history, replicated)
+                saved_epoch = epoch
+    if checkpoint_dir is not None and saved_epoch != epoch:
+        _save(checkpoint_dir, epoch, params, opt_state, key, history, replicated)
     return TrainResult(params, opt_state, history, stop_reason)
 
 
@@ -503,12 +605,63 @@ def _initial_state(optimizer, params, cost_budget, steps_per_epoch, replicated):
     """Placed copies of ``params`` and of the optimizer's initial state (the
     caller's buffers survive donation, and no two donated leaves share a buffer:
     an init may reuse one zeros array for several state fields), with the
-    switching policy told the budget and the epoch length."""
+    switching policy told the budget and the epoch length in its own steps
+    (``optax.MultiSteps`` makes one inner step of ``k`` calls)."""
     params = _place(params, replicated)
     opt_state = _with_extra_args(optimizer).init(params)
     _check_not_chained(opt_state)
-    opt_state = configure_policy(opt_state, budget=cost_budget, steps_per_epoch=steps_per_epoch)
+    inner_steps = steps_per_epoch // _accumulated_steps(optimizer, opt_state, steps_per_epoch)
+    opt_state = configure_policy(opt_state, budget=cost_budget, steps_per_epoch=inner_steps)
     return params, _place(opt_state, replicated)
+
+
+def _accumulated_steps(optimizer, opt_state, steps_per_epoch: int) -> int:
+    """Mini-batches per inner step: ``k`` of an ``optax.MultiSteps`` around a
+    twophase optimizer (1 otherwise).
+
+    Raises:
+      ValueError: ``optax.MultiSteps`` holding a twophase optimizer anywhere
+        but at the top, or not as the ``optax.MultiSteps`` object itself (its
+        phase-1 step would run once per ``k`` epochs); a ``k`` that varies or
+        does not divide the steps per epoch (the switching policy's epoch
+        would not be a whole number of inner steps).
+    """
+    top = isinstance(optimizer, optax.MultiSteps)
+    nested = [node for node in _multisteps_states(opt_state) if node is not opt_state or not top]
+    if any(_info_all(node) for node in nested):
+        raise ValueError(
+            "`optimizer`: optax.MultiSteps around a twophase optimizer is supported only as "
+            "the optax.MultiSteps object itself, passed to train directly (not its "
+            ".gradient_transformation(), nor inside another wrapper): in the second phase "
+            "train bypasses the accumulation, which otherwise runs one second-phase step "
+            "every k epochs."
+        )
+    if not top or not _info_all(opt_state):
+        return 1
+    schedule = optimizer._every_k_schedule  # optax keeps an int k as a constant function
+    ks = {int(schedule(jnp.asarray(step, jnp.int32))) for step in (0, 1, 2, 10, 1000)}
+    k = ks.pop()
+    if ks or k < 1 or steps_per_epoch % k:
+        raise ValueError(
+            "`optimizer`: optax.MultiSteps around a twophase optimizer needs a constant "
+            f"every_k_schedule that divides the steps per epoch (N // batch_size = "
+            f"{steps_per_epoch}); got k = {sorted({k, *ks})}."
+        )
+    return k
+
+
+def _multisteps_states(tree: PyTree) -> list[optax.MultiStepsState]:
+    """Every ``optax.MultiStepsState`` in ``tree``, outer ones first."""
+    found, stack = [], [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, optax.MultiStepsState):
+            found.append(node)
+        if isinstance(node, (tuple, list)):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+    return found
 
 
 def _restore(checkpoint_dir, params, opt_state, key, replicated):
@@ -597,16 +750,6 @@ def _record(epoch, ran: _Epoch, cost, started, params, data, val_data, config):
     return record
 
 
-def _show(bar, record, advance: float) -> None:
-    bar.update(advance)
-    bar.set_postfix(
-        phase=record["phase"],
-        loss=f"{record['train_loss']:.4g}",
-        grad_norm=f"{record['grad_norm']:.3g}",
-        cost=f"{record['cost']:.4g}",
-    )
-
-
 # --------------------------------------------------------------------------- #
 # The jitted pieces, at module level so that repeated ``train`` calls with the
 # same loss, optimizer and shapes reuse their compilations (``config`` is a
@@ -658,15 +801,21 @@ def _phase0_epoch_impl(params, opt_state, key, data, *, config: _Config):
 
 
 def _phase1_step_impl(params, opt_state, data, *, config: _Config):
-    """One second-phase step: zero incoming updates, no mini-batch gradient."""
-    optimizer = _with_extra_args(config.optimizer)
-    updates, opt_state = optimizer.update(
-        optax.tree.zeros_like(params),
-        opt_state,
-        params,
-        value=jnp.zeros([], jnp.float32),
-        value_fn=fill_masked(_objective(config, data), params),
-    )
+    """One second-phase step: zero incoming updates, no mini-batch gradient.
+    Through an ``optax.MultiSteps`` the inner optimizer steps at once (there is
+    nothing to accumulate); its counters stay as they are."""
+    value_fn = fill_masked(_objective(config, data), params)
+    zeros, dummy = optax.tree.zeros_like(params), jnp.zeros([], jnp.float32)
+    if isinstance(config.optimizer, optax.MultiSteps):
+        updates, inner = config.optimizer.inner_opt.update(
+            zeros, opt_state.inner_opt_state, params, value=dummy, value_fn=value_fn
+        )
+        opt_state = opt_state._replace(inner_opt_state=inner)
+    else:
+        optimizer = _with_extra_args(config.optimizer)
+        updates, opt_state = optimizer.update(
+            zeros, opt_state, params, value=dummy, value_fn=value_fn
+        )
     return optax.apply_updates(params, updates), opt_state
 
 
@@ -720,36 +869,102 @@ def _maybe_int(diagnostics, field: str) -> int | None:
     return None if value is None else int(value)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
+PROGRESS_SECONDS = 30.0
+"""Seconds between two progress lines when stderr is not a terminal (a log)."""
 
-    def set_postfix(self, **kwargs: Any) -> None:
+
+def progress_text(record: Mapping[str, Any], max_epochs: int, cost_budget: float | None) -> str:
+    """One line of progress after an epoch: epoch, cost, phase, loss and
+    gradient norm, e.g. ``training: epoch 12, cost 34.5/300 epoch-equivalents,
+    phase 1, loss 0.001234, grad norm 0.0567`` (with a budget; without one,
+    ``epoch 12/<max_epochs>, cost 12 epoch-equivalents``)."""
+    if cost_budget is None:
+        done = f"epoch {record['epoch']}/{max_epochs}, cost {record['cost']:.4g}"
+    else:
+        done = f"epoch {record['epoch']}, cost {record['cost']:.4g}/{cost_budget:.4g}"
+    return (
+        f"training: {done} epoch-equivalents, phase {record['phase']}, "
+        f"loss {record['train_loss']:.4g}, grad norm {record['grad_norm']:.3g}"
+    )
+
+
+class _NoBar:
+    """No progress output (``progress=False``, or a process other than 0)."""
+
+    def show(self, record, advance: float) -> None:
         pass
 
     def close(self) -> None:
         pass
 
 
+class _Bar:
+    """A tqdm bar on a terminal, counting epochs or epoch-equivalents; the
+    postfix is set without a redraw of its own, so ``mininterval`` holds."""
+
+    def __init__(self, tqdm, max_epochs, cost_budget, start_epoch, cost):
+        self._bar = tqdm(
+            total=max_epochs if cost_budget is None else cost_budget,
+            initial=start_epoch if cost_budget is None else cost,
+            desc="training",
+            unit="epoch" if cost_budget is None else "epoch-equivalent",
+        )
+
+    def show(self, record, advance: float) -> None:
+        self._bar.set_postfix(
+            phase=record["phase"],
+            loss=f"{record['train_loss']:.4g}",
+            grad_norm=f"{record['grad_norm']:.3g}",
+            refresh=False,
+        )
+        self._bar.update(advance)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class _LogLines:
+    """Progress for a log file: one plain line (:func:`progress_text`) at most
+    every :data:`PROGRESS_SECONDS`, and the last epoch's line at the end; no
+    carriage returns, so each line stands alone."""
+
+    def __init__(self, stream, max_epochs: int, cost_budget: float | None):
+        self._stream, self._max_epochs, self._cost_budget = stream, max_epochs, cost_budget
+        self._last_time = time.perf_counter()
+        self._pending: Mapping[str, Any] | None = None
+
+    def show(self, record, advance: float) -> None:
+        del advance
+        self._pending = record
+        if time.perf_counter() - self._last_time >= PROGRESS_SECONDS:
+            self._write()
+
+    def _write(self) -> None:
+        print(
+            progress_text(self._pending, self._max_epochs, self._cost_budget),
+            file=self._stream,
+            flush=True,
+        )
+        self._pending = None
+        self._last_time = time.perf_counter()
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._write()
+
+
 def _progress_bar(progress: bool, max_epochs, cost_budget, start_epoch, cost):
-    """A tqdm bar on process 0, counting epochs or, with a budget, epoch-equivalents
-    towards it (its real total); in a log (stderr not a terminal) it redraws at
-    most every 30 s, so a long run writes a few lines, not thousands."""
+    """The run's progress output on process 0: a tqdm bar on a terminal (if
+    tqdm is installed), plain lines every :data:`PROGRESS_SECONDS` otherwise."""
     if not progress or jax.process_index() != 0:
         return _NoBar()
+    if not (sys.stderr.isatty() or "ipykernel" in sys.modules):  # a log file or pipe
+        return _LogLines(sys.stderr, max_epochs, cost_budget)
     try:
         from tqdm.auto import tqdm
-    except ImportError:  # progress is a convenience: without tqdm, train quietly
-        return _NoBar()
-    interactive = sys.stderr.isatty()
-    return tqdm(
-        total=max_epochs if cost_budget is None else cost_budget,
-        initial=start_epoch if cost_budget is None else cost,
-        desc="training",
-        unit="epoch" if cost_budget is None else "epoch-equivalent",
-        mininterval=0.1 if interactive else 30.0,
-        bar_format=None if interactive else "{desc}: {n:.4g}/{total:.4g} {unit} {postfix}",
-    )
+    except ImportError:
+        return _LogLines(sys.stderr, max_epochs, cost_budget)
+    return _Bar(tqdm, max_epochs, cost_budget, start_epoch, cost)
 
 
 def _save(directory, epoch: int, params, opt_state, key, history, replicated) -> None:

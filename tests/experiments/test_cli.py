@@ -202,3 +202,31 @@ def test_sweep_flag(tmp_path):
     assert cli.main([*FAST, "--sweep", "--out", str(out)]) == 0
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["best_switch_after"] in [r["switch_after"] for r in sweep["runs"]]
+
+
+def test_progress_in_a_log_file_is_a_few_plain_lines(tmp_path, monkeypatch):
+    # `python -m twophase > log 2>&1`: the bar used to redraw after every epoch, joined by
+    # carriage returns ("training: 0/6 epoch-equivalent training: 1/6 ...").
+    import re
+    import sys
+
+    log = tmp_path / "log"
+    args = [a for a in FAST if a != "--no-progress"]
+    with open(log, "w") as stream:
+        monkeypatch.setattr(sys, "stdout", stream)
+        monkeypatch.setattr(sys, "stderr", stream)
+        code = cli.main([*args, "--switch", "2", "--out", str(tmp_path / "run")])
+        monkeypatch.undo()
+    assert code == 0
+    text = log.read_text()
+    assert "\r" not in text
+    progress = [line for line in text.splitlines() if line.startswith("training")]
+    # Three runs (adam, adam+cg, cg) of a few seconds each: the last epoch's line of each, and
+    # at most one line per 30 s besides.
+    assert 3 <= len(progress) <= 6, progress
+    pattern = (
+        r"training: epoch \d+, cost [\d.]+/6 epoch-equivalents, phase [01], "
+        r"loss [-+.\de]+, grad norm [-+.\de]+"
+    )
+    assert all(re.fullmatch(pattern, line) for line in progress), progress
+    assert len(text.splitlines()) < 40
