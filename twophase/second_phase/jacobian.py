@@ -16,9 +16,9 @@ How the rows are made, chosen by shape at trace time:
   the points, by reverse mode (``jax.jacrev``, ``k`` backward passes of one
   point) when ``k <= P``, else by forward mode (``jax.jacfwd``, ``P`` forward
   passes). The work is that of ``k`` (or ``P``) evaluations of the objective's
-  gradient, not ``M`` of them: this is the fast path (for a tanh PINN of 921
-  parameters and 1000 points, about 60 times faster than ``jax.jacfwd`` of the
-  whole residual vector).
+  gradient, not ``M`` of them: this is the fast path (on this project's CPU, for
+  a tanh PINN of 921 parameters and 1000 points, a Levenberg-Marquardt step in
+  about 0.1 s against about 7 s with ``jax.jacfwd`` of the whole vector).
 * **whole vector** (any other :class:`twophase.GaussNewtonObjective`): when
   ``M <= P``, rows by reverse mode, ``jax.vjp`` pulled back along chunks of
   unit cotangents; else columns by forward mode, ``jax.jvp`` along chunks of

@@ -79,17 +79,31 @@ SCALINGS = ("identity", "marquardt")
 
 DENSE_MAX_PARAMS: int = 3000
 """Default crossover: the dense (Cholesky) path for at most this many
-parameters, the matrix-free (CG) path above. Measured by
-``python benchmarks/lm_crossover.py`` (float64, a tanh PINN on the reaction
-problem, 2 CPU cores): see that script and ``CHANGES/lm.md`` for the table."""
+parameters, the matrix-free (CG) path above.
 
-JACOBIAN_COST: float = 3.0
-"""Wall time of one dense linearization (the Jacobian rows by per-point reverse
-mode, folded into ``J^T J`` and ``J^T r``) in units of one value+gradient
-evaluation, measured by ``python benchmarks/lm_crossover.py --jacobian-cost``
-(see ``CHANGES/lm.md``). It grows with the parameter count ``P`` (the Gram
-matrix is ``M P^2`` work against the evaluation's ``M P``): use it to put
-``jacobian_evals`` on the cost axis as ``HVP_COST`` does for products."""
+Measured by ``python benchmarks/lm_crossover.py`` (float64, a tanh PINN on the
+reaction problem with 1202 residuals, one OpenBLAS thread, this project's
+shared 2-core CPU; table in ``CHANGES/lm.md``): the dense step grows from
+0.05 s at 261 parameters to 0.31 s at 921 and 4.5 s at 1981, the matrix-free
+step from 0.04 to 0.6 s, so per step the matrix-free path is cheaper
+throughout. Per unit of progress it is not: its truncated CG steps are
+inexact, and at 281 parameters it needed 26 s to reach a loss of 3e-3 where
+the dense path reached 1e-5 in 2.6 s. The default keeps the dense path up to
+where its step costs several seconds on a CPU; on a GPU the dense path pays
+off further (raise it)."""
+
+JACOBIAN_COST: float = 17.0
+"""Wall time of one Jacobian (all residual rows, per-point reverse mode under
+``jax.vmap``) in units of one value+gradient evaluation, measured by
+``python benchmarks/lm_crossover.py --jacobian-cost`` (float64, a tanh PINN
+with 1202 residuals, this project's heavily shared 2-core CPU, so noisy;
+``CHANGES/lm.md``): 3.0 and 16.7 in two runs at 921 parameters, 6.2 at 261,
+48 at 5301. 17 is the larger figure at the reference size, rounded up. It
+grows with the parameter count ``P``. On the dense path each build also forms
+``J^T J``, ``M P^2`` multiply-adds, which the same command reports with it
+(47 evaluations in all at 261 parameters, 113-223 at 921, 1993 at 5301): ``jacobian_evals`` counts builds,
+and ``JACOBIAN_COST * jacobian_evals`` is the lower bound to put on the cost
+axis, as ``HVP_COST`` is for products."""
 
 _BYTES_24_GIB = 24 * 2**30
 _DENSE_MATRICES = 3  # G in the state, G + mu D, its Cholesky factor
@@ -590,9 +604,11 @@ def levenberg_marquardt(
     ``D^{1/2} d``, preconditioned by a rank-``sketch_size`` randomized Nystrom
     sketch refreshed every ``sketch_refresh`` linearizations: memory
     ``sketch_size + O(1)`` parameter vectors. The default crossover
-    :data:`DENSE_MAX_PARAMS` (3000) is where the two paths' step times cross
-    in ``benchmarks/lm_crossover.py`` (float64, 2 CPU cores; on a GPU the
-    dense path pays off further).
+    :data:`DENSE_MAX_PARAMS` (3000) comes from ``benchmarks/lm_crossover.py``
+    (see there and the constant's note: the matrix-free step is cheaper but
+    much less effective at small ``P``; on a GPU raise it). On a CPU shared
+    with other processes, limit OpenBLAS to one thread
+    (``OPENBLAS_NUM_THREADS=1`` or ``threadpoolctl``) for the Cholesky.
 
     **Jacobian.** Built by :func:`twophase.second_phase.jacobian.linearize`:
     per point (reverse mode under ``jax.vmap``) for
