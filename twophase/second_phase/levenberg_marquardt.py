@@ -101,9 +101,9 @@ with 1202 residuals, this project's heavily shared 2-core CPU, so noisy;
 48 at 5301. 17 is the larger figure at the reference size, rounded up. It
 grows with the parameter count ``P``. On the dense path each build also forms
 ``J^T J``, ``M P^2`` multiply-adds, which the same command reports with it
-(47 evaluations in all at 261 parameters, 113-223 at 921, 1993 at 5301): ``jacobian_evals`` counts builds,
-and ``JACOBIAN_COST * jacobian_evals`` is the lower bound to put on the cost
-axis, as ``HVP_COST`` is for products."""
+(47 evaluations in all at 261 parameters, 113-223 at 921, 1993 at 5301).
+``jacobian_evals`` counts builds, and ``JACOBIAN_COST * jacobian_evals`` is
+the lower bound to put on the cost axis, as ``HVP_COST`` is for products."""
 
 _BYTES_24_GIB = 24 * 2**30
 _DENSE_MATRICES = 3  # G in the state, G + mu D, its Cholesky factor
