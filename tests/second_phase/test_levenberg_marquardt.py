@@ -67,7 +67,7 @@ def mlp_residuals(p):
 PROBLEMS = {
     "rosenbrock": (rosenbrock, np.array([-1.2, 1.0])),
     "exponential": (exponential, np.array([1.0, 0.5, 0.0])),
-    "mlp": (mlp_residuals, MLP_TEACHER + 0.3 * np.cos(np.arange(10.0))),
+    "mlp": (mlp_residuals, MLP_TEACHER + 0.1 * np.cos(np.arange(10.0))),
 }
 
 
