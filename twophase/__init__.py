@@ -37,6 +37,12 @@ from twophase.second_phase.cg import (
     set_preconditioner,
 )
 from twophase.second_phase.contract import HVP_COST, EvaluatingState, evaluating
+from twophase.second_phase.jacobian import PointwiseObjective, pointwise_residuals
+from twophase.second_phase.levenberg_marquardt import (
+    JACOBIAN_COST,
+    LevenbergMarquardtState,
+    levenberg_marquardt,
+)
 from twophase.second_phase.linesearch import (
     LineSearch,
     LineSearchResult,
@@ -58,16 +64,19 @@ __version__ = "0.1.0"
 __all__ = [
     "BETA_RULES",
     "HVP_COST",
+    "JACOBIAN_COST",
     "BetaFn",
     "Detector",
     "EvaluatingState",
     "GaussNewtonObjective",
     "Info",
+    "LevenbergMarquardtState",
     "LineSearch",
     "LineSearchResult",
     "NewtonCGState",
     "NonlinearCGState",
     "NystromSketch",
+    "PointwiseObjective",
     "Policy",
     "SafeResortState",
     "TrainResult",
@@ -93,10 +102,12 @@ __all__ = [
     "info",
     "info_all",
     "latest_step",
+    "levenberg_marquardt",
     "loss_plateau",
     "newton_cg",
     "nonlinear_cg",
     "norm_loss_slope",
+    "pointwise_residuals",
     "polak_ribiere",
     "prepare_aux",
     "restore_checkpoint",
