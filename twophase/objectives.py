@@ -13,7 +13,7 @@ from jax import lax
 
 from twophase import auxiliary as _aux
 from twophase._checks import num_examples
-from twophase.auxiliary import _holds_masked, _is_masked
+from twophase.auxiliary import holds_masked, is_masked
 
 __all__ = ["as_value_and_grad", "fill_masked", "full_batch", "with_weight_decay"]
 
@@ -57,10 +57,10 @@ def fill_masked(
     """
 
     def filled(partial: PyTree) -> jax.Array:
-        if not _holds_masked(partial):
+        if not holds_masked(partial):
             return value_fn(partial)
         full = jax.tree.map(
-            lambda p, q: q if _is_masked(p) else p, partial, params, is_leaf=_is_masked
+            lambda p, q: q if is_masked(p) else p, partial, params, is_leaf=is_masked
         )
         return value_fn(full)
 
