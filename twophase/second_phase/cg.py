@@ -73,36 +73,21 @@ from twophase._checks import concrete, require_update_args
 from twophase._numerics import finite_and_norm, max_abs, pow2_scale
 from twophase.second_phase import common
 from twophase.second_phase import linesearch as _ls
-from twophase.second_phase.beta import (
-    BETA_RULES,
-    JAMMING_RULES,
-    BetaFn,
-    dai_yuan,
-    fletcher_reeves,
-    hager_zhang,
-    hestenes_stiefel,
-    polak_ribiere,
-    resolve_beta,
-)
+from twophase.second_phase.beta import JAMMING_RULES, BetaFn, resolve_beta
 from twophase.second_phase.common import select, set_preconditioner, vdot
 
 __all__ = [
-    "BETA_RULES",
     "INITIAL_STEPS",
     "BetaFn",
     "CGOptions",
     "NonlinearCGState",
     "after_search",
-    "dai_yuan",
     "first_trial_step",
-    "fletcher_reeves",
-    "hager_zhang",
-    "hestenes_stiefel",
     "hold_state",
     "init_state",
     "next_direction",
     "nonlinear_cg",
-    "polak_ribiere",
+    "search_step",
     "set_preconditioner",
     "stalled_state",
     "start_direction",
@@ -219,7 +204,7 @@ def nonlinear_cg(
     ``optax.value_and_grad_from_state``.
 
     Args:
-      beta: direction rule, a name in :data:`BETA_RULES` or a :class:`BetaFn`.
+      beta: direction rule, a name in :data:`twophase.BETA_RULES` or a :class:`BetaFn`.
         Default ``"polak_ribiere"`` (PR+), the rule that met the targets against
         scipy on the benchmark suite with the default line search
         (`benchmarks/RESULTS.md <../benchmarks/RESULTS.md>`_).
@@ -251,11 +236,7 @@ def nonlinear_cg(
     options = CGOptions(
         beta_fn=resolve_beta(beta),
         search=common.resolve_linesearch(linesearch),
-        restart_threshold=_check_restart_threshold(
-            (0.2 if beta in JAMMING_RULES else None)
-            if restart_threshold == "auto"
-            else restart_threshold
-        ),
+        restart_threshold=_check_restart_threshold(beta, restart_threshold),
         restart_every=_check_restart_every(restart_every),
         preconditioner=_check_preconditioner(preconditioner),
         initial_step=initial_step,
@@ -268,7 +249,10 @@ def nonlinear_cg(
     )
 
 
-def _check_restart_threshold(threshold):
+def _check_restart_threshold(beta, threshold):
+    """Powell's constant: ``"auto"`` resolved for ``beta``, else checked."""
+    if threshold == "auto":
+        return 0.2 if beta in JAMMING_RULES else None
     value = concrete(threshold)
     if value is not None and (
         isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1

@@ -119,7 +119,9 @@ def init_state(inner: optax.GradientTransformationExtraArgs, params: PyTree) -> 
     izero = jnp.zeros([], jnp.int32)
     empty = not jax.tree.leaves(params)
     return EvaluatingState(
-        inner=optax.EmptyState() if empty else common.strongly_typed(inner.init(_wide(params))),
+        inner=optax.EmptyState()
+        if empty
+        else common.strongly_typed(inner.init(common.to_compute(params))),
         value=jnp.asarray(jnp.inf, common.scalar_dtype(params)),
         value_and_grad_evals=izero,
         consecutive_failures=izero,
@@ -127,11 +129,6 @@ def init_state(inner: optax.GradientTransformationExtraArgs, params: PyTree) -> 
         linesearch_failures=izero,
         aux=None,
     )
-
-
-def _wide(tree: PyTree) -> PyTree:
-    """Floating leaves in the compute dtype (others unchanged)."""
-    return common.to_compute(tree)
 
 
 def update(inner, updates, state, params=None, *, value_fn=None, **extra_args):
@@ -153,7 +150,7 @@ def update(inner, updates, state, params=None, *, value_fn=None, **extra_args):
     def objective(wide_params):
         return scalar_fn(optax.tree.cast_like(wide_params, params))
 
-    wide = _wide(params)
+    wide = common.to_compute(params)
     dtype = state.value.dtype
     value, grad, evaluated = cached_value_and_grad(
         state.inner, wide, as_value_and_grad(objective, wide), dtype
@@ -215,7 +212,7 @@ def accept_or_reset(inner, state: EvaluatingState, params, value_fn, step):
     if aux is not None:
         aux = aux_at(value_fn, params, new_updates, progressed, state.aux)
         evals = evals + progressed.astype(jnp.int32)
-    fresh = common.strongly_typed(inner.init(_wide(params)))
+    fresh = common.strongly_typed(inner.init(common.to_compute(params)))
     kept = optax.tree.where(progressed, new_updates, optax.tree.zeros_like(new_updates))
     return optax.tree.cast_like(kept, params), EvaluatingState(
         inner=optax.tree.where(progressed, inner_state, fresh),

@@ -18,6 +18,41 @@ conjugate-gradient iteration.
 
 Both are described by a :class:`LineSearch` record and share one calling
 convention, :class:`LineSearchFn`.
+
+**The Wolfe search.** Bracketing phase: while the trial point has an acceptable
+value and a negative slope, the step grows by safeguarded cubic extrapolation
+(at most ``max_growth`` times the last step). The bracket ``[lo, hi]`` keeps at ``lo``
+the furthest point with an acceptable value and a negative slope, and at
+``hi`` the nearest point with a non-negative slope or an unacceptable value
+(Hager & Zhang 2005's update rule, which decides by slopes first and so keeps
+working when values differ only by rounding). The next trial is the minimiser
+of the cubic interpolating both ends (the secant on slopes when their values
+are equal to rounding), kept at least 10% of the bracket's width from ``hi``
+and 0.1% from ``lo`` (Nocedal & Wright 2006, Algorithms 3.5-3.6; More &
+Thuente 1994 for the safeguards). On a quadratic the second trial is exact.
+
+With ``approximate_wolfe`` a trial is also accepted when the curvature condition
+holds and ``f(step) <= f(0) + value_tolerance * eps * |f(0)|`` (``eps`` the
+dtype's machine epsilon): Hager & Zhang's (2005) approximate Wolfe
+conditions, from the observation that near a minimiser the
+sufficient-decrease test drowns in rounding error while the slope test does
+not. Hager & Zhang allow ``1e-6 |f(0)|``; the default here allows 1000 ulps
+(``2.2e-13 |f(0)|`` in float64, ``1.2e-4 |f(0)|`` in float32), the rounding
+noise of a loss summed over many terms, so the objective never increases by
+more than that.
+
+CG needs a more exact search than quasi-Newton methods (Nocedal & Wright
+recommend ``c2 = 0.1`` for CG, 0.9 for quasi-Newton); the default ``c2 = 0.2``
+needed the fewest evaluations on the benchmark suite. On ill-conditioned
+quadratics a smaller ``c2`` keeps more conjugacy.
+
+Non-finite values at a trial point count as "too far": the step shrinks.
+When the budget runs out or the bracket collapses to rounding width, the
+bracket's low end is returned (``converged=False``) if it strictly
+decreased the objective, or if it passed the value test and satisfies the
+curvature condition with ``c2 = 0.1``: with a small ``c2`` near a
+minimiser, rounding noise in the slopes can exceed ``c2 |f'(0)|`` and this
+is then the best point on offer. Otherwise ``failed=True`` and ``step=0``.
 """
 
 from __future__ import annotations
@@ -160,45 +195,14 @@ def wolfe_linesearch(
 ) -> LineSearch:
     """Strong Wolfe line search fit for nonlinear conjugate gradient.
 
-    Bracketing phase: while the trial point has an acceptable value and a
-    negative slope, the step grows by safeguarded cubic extrapolation (at most
-    ``max_growth`` times the last step). The bracket ``[lo, hi]`` keeps at ``lo``
-    the furthest point with an acceptable value and a negative slope, and at
-    ``hi`` the nearest point with a non-negative slope or an unacceptable value
-    (Hager & Zhang 2005's update rule, which decides by slopes first and so keeps
-    working when values differ only by rounding). The next trial is the minimiser
-    of the cubic interpolating both ends (the secant on slopes when their values
-    are equal to rounding), kept at least 10% of the bracket's width from ``hi``
-    and 0.1% from ``lo`` (Nocedal & Wright 2006, Algorithms 3.5-3.6; More & Thuente 1994 for the
-    safeguards). On a quadratic the second trial is exact.
-
     A trial step is accepted when the strong Wolfe conditions hold::
 
         f(step) <= f(0) + c1 * step * f'(0)      (sufficient decrease)
         |f'(step)| <= c2 * |f'(0)|               (curvature)
 
-    With ``approximate_wolfe`` it is also accepted when the curvature condition
-    holds and ``f(step) <= f(0) + value_tolerance * eps * |f(0)|`` (``eps`` the
-    dtype's machine epsilon): Hager & Zhang's (2005) approximate Wolfe
-    conditions, from the observation that near a minimiser the
-    sufficient-decrease test drowns in rounding error while the slope test does
-    not. Hager & Zhang allow ``1e-6 |f(0)|``; the default here allows 1000 ulps
-    (``2.2e-13 |f(0)|`` in float64, ``1.2e-4 |f(0)|`` in float32), the rounding
-    noise of a loss summed over many terms, so the objective never increases by
-    more than that.
-
-    CG needs a more exact search than quasi-Newton methods (Nocedal & Wright
-    recommend ``c2 = 0.1`` for CG, 0.9 for quasi-Newton); the default ``c2 = 0.2``
-    needed the fewest evaluations on the benchmark suite. On ill-conditioned
-    quadratics a smaller ``c2`` keeps more conjugacy.
-
-    Non-finite values at a trial point count as "too far": the step shrinks.
-    When the budget runs out or the bracket collapses to rounding width, the
-    bracket's low end is returned (``converged=False``) if it strictly
-    decreased the objective, or if it passed the value test and satisfies the
-    curvature condition with ``c2 = 0.1``: with a small ``c2`` near a
-    minimiser, rounding noise in the slopes can exceed ``c2 |f'(0)|`` and this
-    is then the best point on offer. Otherwise ``failed=True`` and ``step=0``.
+    With ``approximate_wolfe``, Hager & Zhang's (2005) approximate Wolfe
+    points are accepted too; how the bracket moves, and what a search that
+    runs out of budget returns: see the module docstring.
 
     Args:
       c1: sufficient-decrease constant, ``0 < c1 < c2``.
