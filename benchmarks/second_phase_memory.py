@@ -22,7 +22,7 @@ import optax
 from _problems import command_line, markdown_table
 
 import twophase as tp
-from twophase.second_phase.contract import evaluating
+from twophase.second_phase.evaluating import evaluating
 from twophase.second_phase.newton_cg import truncated_cg
 
 

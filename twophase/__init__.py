@@ -24,19 +24,19 @@ from twophase.presets import (
     adam_newton_cg,
     adam_second_moment_preconditioner,
 )
-from twophase.second_phase.cg import (
+from twophase.second_phase.beta import (
     BETA_RULES,
     BetaFn,
-    NonlinearCGState,
     dai_yuan,
     fletcher_reeves,
     hager_zhang,
     hestenes_stiefel,
-    nonlinear_cg,
     polak_ribiere,
-    set_preconditioner,
 )
-from twophase.second_phase.contract import HVP_COST, EvaluatingState, evaluating
+from twophase.second_phase.cg import NonlinearCGState, nonlinear_cg
+from twophase.second_phase.common import set_preconditioner
+from twophase.second_phase.contract import HVP_COST
+from twophase.second_phase.evaluating import EvaluatingState, evaluating
 from twophase.second_phase.jacobian import PointwiseObjective, pointwise_residuals
 from twophase.second_phase.levenberg_marquardt import (
     JACOBIAN_COST,

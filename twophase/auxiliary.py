@@ -28,8 +28,16 @@ import jax.numpy as jnp
 import optax
 
 from twophase._checks import check_scalar_output
+from twophase.second_phase.contract import replace_states
 
-__all__ = ["aux_shape", "prepare_aux", "scalar_objective", "value_grad_and_aux"]
+__all__ = [
+    "aux_shape",
+    "holds_masked",
+    "is_masked",
+    "prepare_aux",
+    "scalar_objective",
+    "value_grad_and_aux",
+]
 
 PyTree = Any
 
@@ -99,7 +107,7 @@ def aux_shape(value_fn: Callable[[PyTree], Any], params: PyTree) -> PyTree | Non
     try:
         out = jax.eval_shape(value_fn, params)
     except Exception as error:  # MaskedNode is an empty tuple: TypeError, IndexError, ...
-        if not _holds_masked(params):
+        if not holds_masked(params):
             raise
         raise TypeError(
             "`value_fn` failed on parameters holding optax.MaskedNode (the optimizer runs "
@@ -110,12 +118,15 @@ def aux_shape(value_fn: Callable[[PyTree], Any], params: PyTree) -> PyTree | Non
     return split_output(out)[1]
 
 
-def _is_masked(x: Any) -> bool:
+def is_masked(x: Any) -> bool:
+    """Whether ``x`` is an ``optax.MaskedNode`` (what optax.masked / partition
+    put where another label owns the leaf)."""
     return isinstance(x, optax.MaskedNode)
 
 
-def _holds_masked(tree: Any) -> bool:
-    return any(_is_masked(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked))
+def holds_masked(tree: Any) -> bool:
+    """Whether ``tree`` holds an ``optax.MaskedNode`` (a leaf another label owns)."""
+    return any(is_masked(x) for x in jax.tree.leaves(tree, is_leaf=is_masked))
 
 
 def scalar_objective(value_fn: Callable[[PyTree], Any]) -> Callable[[PyTree], jax.Array]:
@@ -172,10 +183,6 @@ def zeros_aux(shape: PyTree | None) -> PyTree | None:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
 
 
-def _has_aux_field(node: Any) -> bool:
-    return isinstance(node, tuple) and "aux" in getattr(node, "_fields", ())
-
-
 def prepare_aux(state: PyTree, value_fn: Callable[[PyTree], Any], params: PyTree) -> PyTree:
     """``state`` with every second-phase ``aux`` field that is still ``None``
     set to zeros shaped like ``value_fn``'s ``aux`` (nothing changes when
@@ -207,8 +214,6 @@ def prepare_aux(state: PyTree, value_fn: Callable[[PyTree], Any], params: PyTree
         return state
 
     def fill(node):
-        if _has_aux_field(node) and node.aux is None:
-            return node._replace(aux=zeros_aux(shape))
-        return node
+        return node._replace(aux=zeros_aux(shape)) if node.aux is None else node
 
-    return jax.tree.map(fill, state, is_leaf=_has_aux_field)
+    return replace_states(state, "aux", fill)

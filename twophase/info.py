@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from twophase._numerics import safe_norm
-from twophase.second_phase.contract import HVP_COST
-from twophase.second_phase.contract import nodes_with_field as _all_nodes_with_field
+from twophase.second_phase.contract import HVP_COST, field, has_field, states_with_field
 from twophase.switch import TwoPhaseState
 
 __all__ = ["Info", "info", "info_all"]
@@ -125,18 +124,6 @@ def _only(found: list, what: str):
     return found[0] if found else None
 
 
-def _all_with_field(tree: Any, field: str) -> list:
-    """``field`` of every NamedTuple in ``tree`` that has it, depth first (not
-    looking inside those that have it)."""
-    return [getattr(node, field) for node in _all_nodes_with_field(tree, field)]
-
-
-def _with_field(tree: Any, field: str):
-    """``field`` of the first NamedTuple in ``tree`` (depth first) that has it."""
-    found = _all_with_field(tree, field)
-    return found[0] if found else None
-
-
 def info(state: Any) -> Info:
     """Diagnostics view of ``state``: a second-phase state (e.g.
     :func:`twophase.nonlinear_cg`, :func:`twophase.second_phase.newton_cg`) or a
@@ -152,7 +139,7 @@ def info(state: Any) -> Info:
     """
     two = _only(_find(state, TwoPhaseState), "two_phase")
     inner = _only(
-        _all_nodes_with_field(state if two is None else two.second_state, "value_and_grad_evals"),
+        states_with_field(state if two is None else two.second_state, "value_and_grad_evals"),
         "second-phase",
     )
     if two is None and inner is None:
@@ -169,7 +156,7 @@ def info_all(state: Any) -> tuple[Info, ...]:
     """
     twos = _find(state, TwoPhaseState)
     found = [
-        _info_of(two, _only(_all_nodes_with_field(two.second_state, "value_and_grad_evals"), ""))
+        _info_of(two, _only(states_with_field(two.second_state, "value_and_grad_evals"), ""))
         for two in twos
     ]
 
@@ -177,9 +164,7 @@ def info_all(state: Any) -> tuple[Info, ...]:
         return isinstance(x, TwoPhaseState)
 
     def is_either(x):
-        return is_two(x) or (
-            isinstance(x, tuple) and "value_and_grad_evals" in getattr(x, "_fields", ())
-        )
+        return is_two(x) or has_field(x, "value_and_grad_evals")
 
     for node in jax.tree.leaves(state, is_leaf=is_either):
         if is_either(node) and not is_two(node):
@@ -217,14 +202,16 @@ def _info_of(two: TwoPhaseState | None, inner: Any) -> Info:
         fields["value_and_grad_evals"] = two.second_phase_evals
         fields["hessian_vector_products"] = two.second_phase_hvps
         fields["zero_steps"] = two.second_phase_linesearch_failures
-        for detector_evals in _all_with_field(two.detector_state, "value_and_grad_evals"):
-            fields["value_and_grad_evals"] = fields["value_and_grad_evals"] + detector_evals
+        for detector in states_with_field(two.detector_state, "value_and_grad_evals"):
+            fields["value_and_grad_evals"] = (
+                fields["value_and_grad_evals"] + detector.value_and_grad_evals
+            )
         fields.update(
             phase=two.phase,
             switch_step=two.switch_step,
             step=two.step,
-            grad_norm_stat=_with_field(two.detector_state, "grad_norm_stat"),
-            grad_norm_max=_with_field(two.detector_state, "grad_norm_max"),
+            grad_norm_stat=field(two.detector_state, "grad_norm_stat"),
+            grad_norm_max=field(two.detector_state, "grad_norm_max"),
             skipped_steps=two.skipped_steps,
             fallbacks=two.fallbacks,
             switches=two.switches,

@@ -1,11 +1,56 @@
-"""Objectives: turning a loss into the ``value_fn`` the CG phase evaluates."""
+"""Objectives: turning a loss into the ``value_fn`` the second phases evaluate.
+
+How :func:`full_batch` evaluates the full-data mean chunk by chunk:
+
+**Precision.** The chunk losses are summed, weighted and added to the remainder
+in at least float32 (``promote_types(loss dtype, float32)``), and only the
+final value is cast back to ``loss_fn``'s dtype. Likewise the gradient (and
+forward-mode tangent) over the full chunks is accumulated in at least
+float32: ``params`` leaves narrower than float32 enter the chunk loop as a
+float32 copy, cast back to their own dtype inside each chunk (exactly, so
+``loss_fn`` sees the original values), and the summed gradient is cast to
+the leaf's dtype once. A bfloat16/float16 loss or parameters thus give the
+full-data mean and gradient to within the dtype's rounding, whatever the
+number of chunks. float32 and float64 losses and parameters are unaffected
+(no casts are added).
+
+**Weighting.** With ``B = min(batch_size, N)``, ``C = N // B`` full chunks and
+``R = N - C * B`` leftover examples,
+``value = (B * sum_c loss_fn(params, chunk_c) + R * loss_fn(params, rest)) / N``,
+i.e. each full chunk has weight ``B / N`` and the remainder chunk (exactly
+``R`` real examples, evaluated once outside the loop, no padding) weight
+``R / N``. This is the exact mean over all ``N`` examples.
+
+**Memory.** The ``C`` full chunks run in a ``lax.scan`` whose body is wrapped in
+``jax.checkpoint``, with the chunk sliced inside the checkpointed body. The
+forward pass therefore holds one chunk's activations at a time, and the
+backward pass saves only the chunk index per step and recomputes one chunk's
+forward pass just before its backward pass: peak temporary memory scales
+with ``B``, not ``N`` (about one extra forward pass of compute under
+``jax.grad``). ``data`` itself is never copied; ``params`` leaves narrower
+than float32 get one float32 copy, and a float32 gradient accumulator
+(see "Precision").
+
+**Chunk layout and sharding.** Each leaf is viewed (a free reshape) as
+``(Q, N // Q, ...)`` with ``Q = gcd(N, B)``; chunk ``c`` is the column block
+``[:, c * B // Q : (c + 1) * B // Q]`` (``Q`` strided groups of ``B // Q``
+consecutive examples) and the remainder is the last ``R // Q`` columns. For
+data sharded along the example axis over ``D`` devices (a 1-D mesh,
+``PartitionSpec('data')``), when ``D`` divides both ``N`` and ``batch_size``
+then ``D`` divides ``Q``: the reshape keeps the sharding on the ``Q`` axis,
+every chunk (and the remainder) is split evenly over all devices, slicing a
+chunk is device-local, and the only communication is whatever ``loss_fn``'s
+mean and the gradient reduction need. Otherwise the result is still exact,
+but XLA may reshard (move) data to build the chunks.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +58,7 @@ from jax import lax
 
 from twophase import auxiliary as _aux
 from twophase._checks import num_examples
-from twophase.auxiliary import _holds_masked, _is_masked
+from twophase.auxiliary import holds_masked, is_masked
 
 __all__ = ["as_value_and_grad", "fill_masked", "full_batch", "with_weight_decay"]
 
@@ -57,10 +102,10 @@ def fill_masked(
     """
 
     def filled(partial: PyTree) -> jax.Array:
-        if not _holds_masked(partial):
+        if not holds_masked(partial):
             return value_fn(partial)
         full = jax.tree.map(
-            lambda p, q: q if _is_masked(p) else p, partial, params, is_leaf=_is_masked
+            lambda p, q: q if is_masked(p) else p, partial, params, is_leaf=is_masked
         )
         return value_fn(full)
 
@@ -204,46 +249,7 @@ def full_batch(
       Pure, jit-able, and differentiable in forward and reverse mode with
       respect to ``params`` (and ``data``).
 
-    Precision: the chunk losses are summed, weighted and added to the remainder
-    in at least float32 (``promote_types(loss dtype, float32)``), and only the
-    final value is cast back to ``loss_fn``'s dtype. Likewise the gradient (and
-    forward-mode tangent) over the full chunks is accumulated in at least
-    float32: ``params`` leaves narrower than float32 enter the chunk loop as a
-    float32 copy, cast back to their own dtype inside each chunk (exactly, so
-    ``loss_fn`` sees the original values), and the summed gradient is cast to
-    the leaf's dtype once. A bfloat16/float16 loss or parameters thus give the
-    full-data mean and gradient to within the dtype's rounding, whatever the
-    number of chunks. float32 and float64 losses and parameters are unaffected
-    (no casts are added).
-
-    Weighting: with ``B = min(batch_size, N)``, ``C = N // B`` full chunks and
-    ``R = N - C * B`` leftover examples,
-    ``value = (B * sum_c loss_fn(params, chunk_c) + R * loss_fn(params, rest)) / N``,
-    i.e. each full chunk has weight ``B / N`` and the remainder chunk (exactly
-    ``R`` real examples, evaluated once outside the loop, no padding) weight
-    ``R / N``. This is the exact mean over all ``N`` examples.
-
-    Memory: the ``C`` full chunks run in a ``lax.scan`` whose body is wrapped in
-    ``jax.checkpoint``, with the chunk sliced inside the checkpointed body. The
-    forward pass therefore holds one chunk's activations at a time, and the
-    backward pass saves only the chunk index per step and recomputes one chunk's
-    forward pass just before its backward pass: peak temporary memory scales
-    with ``B``, not ``N`` (about one extra forward pass of compute under
-    ``jax.grad``). ``data`` itself is never copied; ``params`` leaves narrower
-    than float32 get one float32 copy, and a float32 gradient accumulator
-    (see "Precision").
-
-    Chunk layout and sharding: each leaf is viewed (a free reshape) as
-    ``(Q, N // Q, ...)`` with ``Q = gcd(N, B)``; chunk ``c`` is the column block
-    ``[:, c * B // Q : (c + 1) * B // Q]`` (``Q`` strided groups of ``B // Q``
-    consecutive examples) and the remainder is the last ``R // Q`` columns. For
-    data sharded along the example axis over ``D`` devices (a 1-D mesh,
-    ``PartitionSpec('data')``), when ``D`` divides both ``N`` and ``batch_size``
-    then ``D`` divides ``Q``: the reshape keeps the sharding on the ``Q`` axis,
-    every chunk (and the remainder) is split evenly over all devices, slicing a
-    chunk is device-local, and the only communication is whatever ``loss_fn``'s
-    mean and the gradient reduction need. Otherwise the result is still exact,
-    but XLA may reshard (move) data to build the chunks.
+    Precision, weighting, memory and chunk layout: see the module docstring.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -272,79 +278,111 @@ def full_batch(
     if not isinstance(has_aux, bool):
         raise ValueError(f"`has_aux` must be a bool, got {has_aux!r}.")
     n = num_examples("data", data)
-    b = _chunk_size(batch_size, n)
-    global_leaves = _global_leaves(data)
-    num_chunks, rest = divmod(n, b)
-    groups = math.gcd(n, b)
-    cols = b // groups
+    layout = _chunk_layout(n, _chunk_size(batch_size, n))
+    return functools.partial(_chunked_value, loss_fn, data, layout, has_aux, _global_leaves(data))
 
-    def as_groups(x):  # (N, ...) -> (Q, N // Q, ...): a free row-major reshape.
-        return jnp.reshape(x, (groups, n // groups, *jnp.shape(x)[1:]))
 
-    def merge(x):  # (Q, k, ...) -> (Q * k, ...)
-        return jnp.reshape(x, (-1, *jnp.shape(x)[2:]))
+class _ChunkLayout(NamedTuple):
+    """How :func:`full_batch` cuts ``n`` examples: ``num_chunks`` chunks of
+    ``size`` and a remainder of ``rest``; each leaf viewed as ``(groups, n //
+    groups, ...)``, a chunk being ``cols`` consecutive columns."""
 
-    def parts(params, batch):
-        """``(loss, aux)`` of one batch, leaves of shape ``()`` (``aux`` ``()`` without aux)."""
-        out = loss_fn(params, batch)
-        loss, aux = out if has_aux else (out, ())
-        return jax.tree.map(lambda x: jnp.reshape(x, ()), (loss, aux))
+    n: int
+    size: int
+    num_chunks: int
+    rest: int
+    groups: int
+    cols: int
 
-    def value_fn(params: PyTree) -> Any:
-        _check_not_closing_over(global_leaves, params)
-        chunk_spec = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct((b, *jnp.shape(x)[1:]), jnp.result_type(x)), data
+
+def _chunk_layout(n: int, size: int) -> _ChunkLayout:
+    num_chunks, rest = divmod(n, size)
+    groups = math.gcd(n, size)
+    return _ChunkLayout(n, size, num_chunks, rest, groups, size // groups)
+
+
+def _as_groups(layout: _ChunkLayout, x):
+    """``(N, ...) -> (Q, N // Q, ...)``: a free row-major reshape."""
+    return jnp.reshape(x, (layout.groups, layout.n // layout.groups, *jnp.shape(x)[1:]))
+
+
+def _merge(x):
+    """``(Q, k, ...) -> (Q * k, ...)``."""
+    return jnp.reshape(x, (-1, *jnp.shape(x)[2:]))
+
+
+def _batch_parts(loss_fn, has_aux: bool, params, batch):
+    """``(loss, aux)`` of one batch, leaves of shape ``()`` (``aux`` ``()`` without aux)."""
+    out = loss_fn(params, batch)
+    loss, aux = out if has_aux else (out, ())
+    return jax.tree.map(lambda x: jnp.reshape(x, ()), (loss, aux))
+
+
+def _output_dtypes(loss_fn, data, layout: _ChunkLayout, has_aux: bool, params):
+    """Dtypes of ``(loss, aux)`` for one chunk (checked: a real scalar loss)."""
+    chunk_spec = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((layout.size, *jnp.shape(x)[1:]), jnp.result_type(x)), data
+    )
+    out, aux_out = _aux.split_output(
+        jax.eval_shape(loss_fn, params, chunk_spec), "loss_fn", has_aux=has_aux
+    )
+    return jax.tree.map(lambda x: x.dtype, (out, () if aux_out is None else aux_out))
+
+
+def _chunked_value(loss_fn, data, layout: _ChunkLayout, has_aux, global_leaves, params) -> Any:
+    """The ``value_fn`` :func:`full_batch` returns: the weighted chunk means."""
+    _check_not_closing_over(global_leaves, params)
+    dtypes = _output_dtypes(loss_fn, data, layout, has_aux, params)
+    if layout.num_chunks == 1 and layout.rest == 0:
+        total = _batch_parts(loss_fn, has_aux, params, data)
+    else:
+        total = _chunk_sum(loss_fn, data, layout, has_aux, params, dtypes)
+    total = jax.tree.map(lambda x, d: x.astype(d), total, dtypes)
+    return total if has_aux else total[0]
+
+
+def _widen(x, dtype):
+    if dtype is None or _accumulation_dtype(dtype) == dtype:
+        return x
+    return x.astype(_accumulation_dtype(dtype))
+
+
+def _narrow(x, dtype):
+    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+
+
+def _chunk_sum(loss_fn, data, layout: _ChunkLayout, has_aux, params, dtypes):
+    """``(B * sum_c loss_c + R * loss_rest) / N`` (and the same for ``aux``), in
+    the accumulation dtypes: full chunks in a checkpointed ``lax.scan``, the
+    remainder once outside it."""
+    grouped = jax.tree.map(functools.partial(_as_groups, layout), data)
+    acc_dtypes = jax.tree.map(_accumulation_dtype, dtypes)
+    # The scan's reverse pass sums the cotangents of closed-over `params` in
+    # their own dtype: entering the loop as float32 makes that sum float32.
+    param_dtypes = jax.tree.map(lambda x: getattr(x, "dtype", None), params)
+    wide_params = jax.tree.map(_widen, params, param_dtypes)
+
+    def accumulated(tree):
+        return jax.tree.map(lambda x, d: x.astype(d), tree, acc_dtypes)
+
+    @jax.checkpoint
+    def chunk_loss(wide_params, c):
+        chunk = jax.tree.map(
+            lambda x: _merge(lax.dynamic_slice_in_dim(x, c * layout.cols, layout.cols, axis=1)),
+            grouped,
         )
-        out, aux_out = _aux.split_output(
-            jax.eval_shape(loss_fn, params, chunk_spec), "loss_fn", has_aux=has_aux
-        )
-        aux_out = () if aux_out is None else aux_out
-        dtypes = jax.tree.map(lambda x: x.dtype, (out, aux_out))
+        narrow_params = jax.tree.map(_narrow, wide_params, param_dtypes)
+        return accumulated(_batch_parts(loss_fn, has_aux, narrow_params, chunk))
 
-        def result(total):
-            total = jax.tree.map(lambda x, d: x.astype(d), total, dtypes)
-            return total if has_aux else total[0]
+    def body(total, c):
+        return jax.tree.map(jnp.add, total, chunk_loss(wide_params, c)), None
 
-        if num_chunks == 1 and rest == 0:
-            return result(parts(params, data))
-        grouped = jax.tree.map(as_groups, data)
-        acc_dtypes = jax.tree.map(_accumulation_dtype, dtypes)
-
-        # The scan's reverse pass sums the cotangents of closed-over `params` in
-        # their own dtype: entering the loop as float32 makes that sum float32.
-        param_dtypes = jax.tree.map(lambda x: getattr(x, "dtype", None), params)
-
-        def widen(x, dtype):
-            if dtype is None or _accumulation_dtype(dtype) == dtype:
-                return x
-            return x.astype(_accumulation_dtype(dtype))
-
-        def narrow(x, dtype):
-            return x if dtype is None or x.dtype == dtype else x.astype(dtype)
-
-        def accumulated(tree):
-            return jax.tree.map(lambda x, d: x.astype(d), tree, acc_dtypes)
-
-        wide_params = jax.tree.map(widen, params, param_dtypes)
-
-        @jax.checkpoint
-        def chunk_loss(wide_params, c):
-            chunk = jax.tree.map(
-                lambda x: merge(lax.dynamic_slice_in_dim(x, c * cols, cols, axis=1)), grouped
-            )
-            params = jax.tree.map(narrow, wide_params, param_dtypes)
-            return accumulated(parts(params, chunk))
-
-        def body(total, c):
-            return jax.tree.map(jnp.add, total, chunk_loss(wide_params, c)), None
-
-        zeros = jax.tree.map(lambda d: jnp.zeros((), d), acc_dtypes)
-        total, _ = lax.scan(body, zeros, jnp.arange(num_chunks))
-        total = jax.tree.map(lambda x: x * (b / n), total)
-        if rest:
-            remainder = jax.tree.map(lambda x: merge(x[:, num_chunks * cols :]), grouped)
-            last = accumulated(parts(params, remainder))
-            total = jax.tree.map(lambda x, r: x + r * (rest / n), total, last)
-        return result(total)
-
-    return value_fn
+    zeros = jax.tree.map(lambda d: jnp.zeros((), d), acc_dtypes)
+    total, _ = lax.scan(body, zeros, jnp.arange(layout.num_chunks))
+    total = jax.tree.map(lambda x: x * (layout.size / layout.n), total)
+    if layout.rest:
+        start = layout.num_chunks * layout.cols
+        remainder = jax.tree.map(lambda x: _merge(x[:, start:]), grouped)
+        last = accumulated(_batch_parts(loss_fn, has_aux, params, remainder))
+        total = jax.tree.map(lambda x, r: x + r * (layout.rest / layout.n), total, last)
+    return total

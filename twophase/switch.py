@@ -25,6 +25,7 @@ from twophase._control import run_if
 from twophase._gated_adam import AdamConstants, gated_adam_update
 from twophase._numerics import finite_and_norm
 from twophase.second_phase import contract as _sp
+from twophase.second_phase.evaluating import evaluating
 
 __all__ = ["TwoPhaseState", "two_phase"]
 
@@ -236,7 +237,7 @@ def _two_phase(
         raise ValueError(f"`handover` must be a callable or None, got {handover!r}.")
     first = optax.with_extra_args_support(first)
     second = optax.with_extra_args_support(second)
-    wrapped_second = _sp.evaluating(second)
+    wrapped_second = evaluating(second)
 
     def second_for(params):
         """``second`` if it evaluates ``value_fn`` itself, else its wrapper

@@ -467,7 +467,7 @@ def test_dtypes_preserved(dtype):
     assert state.value.dtype == (jnp.float64 if dtype == jnp.float64 else jnp.float32)
     chex.assert_trees_all_equal_dtypes(
         state.grad,
-        jax.tree.map(lambda x: x.astype(tp.second_phase.cg.compute_dtype(x.dtype)), params),
+        jax.tree.map(lambda x: x.astype(tp.second_phase.common.compute_dtype(x.dtype)), params),
     )
     step = jax.jit(lambda p, s: opt.update(p, s, p, value_fn=f))
     start = float(f(params))

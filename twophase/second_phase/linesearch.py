@@ -18,10 +18,46 @@ conjugate-gradient iteration.
 
 Both are described by a :class:`LineSearch` record and share one calling
 convention, :class:`LineSearchFn`.
+
+**The Wolfe search.** Bracketing phase: while the trial point has an acceptable
+value and a negative slope, the step grows by safeguarded cubic extrapolation
+(at most ``max_growth`` times the last step). The bracket ``[lo, hi]`` keeps at ``lo``
+the furthest point with an acceptable value and a negative slope, and at
+``hi`` the nearest point with a non-negative slope or an unacceptable value
+(Hager & Zhang 2005's update rule, which decides by slopes first and so keeps
+working when values differ only by rounding). The next trial is the minimiser
+of the cubic interpolating both ends (the secant on slopes when their values
+are equal to rounding), kept at least 10% of the bracket's width from ``hi``
+and 0.1% from ``lo`` (Nocedal & Wright 2006, Algorithms 3.5-3.6; More &
+Thuente 1994 for the safeguards). On a quadratic the second trial is exact.
+
+With ``approximate_wolfe`` a trial is also accepted when the curvature condition
+holds and ``f(step) <= f(0) + value_tolerance * eps * |f(0)|`` (``eps`` the
+dtype's machine epsilon): Hager & Zhang's (2005) approximate Wolfe
+conditions, from the observation that near a minimiser the
+sufficient-decrease test drowns in rounding error while the slope test does
+not. Hager & Zhang allow ``1e-6 |f(0)|``; the default here allows 1000 ulps
+(``2.2e-13 |f(0)|`` in float64, ``1.2e-4 |f(0)|`` in float32), the rounding
+noise of a loss summed over many terms, so the objective never increases by
+more than that.
+
+CG needs a more exact search than quasi-Newton methods (Nocedal & Wright
+recommend ``c2 = 0.1`` for CG, 0.9 for quasi-Newton); the default ``c2 = 0.2``
+needed the fewest evaluations on the benchmark suite. On ill-conditioned
+quadratics a smaller ``c2`` keeps more conjugacy.
+
+Non-finite values at a trial point count as "too far": the step shrinks.
+When the budget runs out or the bracket collapses to rounding width, the
+bracket's low end is returned (``converged=False``) if it strictly
+decreased the objective, or if it passed the value test and satisfies the
+curvature condition with ``c2 = 0.1``: with a small ``c2`` near a
+minimiser, rounding noise in the slopes can exceed ``c2 |f'(0)|`` and this
+is then the best point on offer. Otherwise ``failed=True`` and ``step=0``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
@@ -159,45 +195,14 @@ def wolfe_linesearch(
 ) -> LineSearch:
     """Strong Wolfe line search fit for nonlinear conjugate gradient.
 
-    Bracketing phase: while the trial point has an acceptable value and a
-    negative slope, the step grows by safeguarded cubic extrapolation (at most
-    ``max_growth`` times the last step). The bracket ``[lo, hi]`` keeps at ``lo``
-    the furthest point with an acceptable value and a negative slope, and at
-    ``hi`` the nearest point with a non-negative slope or an unacceptable value
-    (Hager & Zhang 2005's update rule, which decides by slopes first and so keeps
-    working when values differ only by rounding). The next trial is the minimiser
-    of the cubic interpolating both ends (the secant on slopes when their values
-    are equal to rounding), kept at least 10% of the bracket's width from ``hi``
-    and 0.1% from ``lo`` (Nocedal & Wright 2006, Algorithms 3.5-3.6; More & Thuente 1994 for the
-    safeguards). On a quadratic the second trial is exact.
-
     A trial step is accepted when the strong Wolfe conditions hold::
 
         f(step) <= f(0) + c1 * step * f'(0)      (sufficient decrease)
         |f'(step)| <= c2 * |f'(0)|               (curvature)
 
-    With ``approximate_wolfe`` it is also accepted when the curvature condition
-    holds and ``f(step) <= f(0) + value_tolerance * eps * |f(0)|`` (``eps`` the
-    dtype's machine epsilon): Hager & Zhang's (2005) approximate Wolfe
-    conditions, from the observation that near a minimiser the
-    sufficient-decrease test drowns in rounding error while the slope test does
-    not. Hager & Zhang allow ``1e-6 |f(0)|``; the default here allows 1000 ulps
-    (``2.2e-13 |f(0)|`` in float64, ``1.2e-4 |f(0)|`` in float32), the rounding
-    noise of a loss summed over many terms, so the objective never increases by
-    more than that.
-
-    CG needs a more exact search than quasi-Newton methods (Nocedal & Wright
-    recommend ``c2 = 0.1`` for CG, 0.9 for quasi-Newton); the default ``c2 = 0.2``
-    needed the fewest evaluations on ``benchmarks/cg_suite.py`` (0.1 to 0.3
-    swept). On ill-conditioned quadratics a smaller ``c2`` keeps more conjugacy.
-
-    Non-finite values at a trial point count as "too far": the step shrinks.
-    When the budget runs out or the bracket collapses to rounding width, the
-    bracket's low end is returned (``converged=False``) if it strictly
-    decreased the objective, or if it passed the value test and satisfies the
-    curvature condition with ``c2 = 0.1``: with a small ``c2`` near a
-    minimiser, rounding noise in the slopes can exceed ``c2 |f'(0)|`` and this
-    is then the best point on offer. Otherwise ``failed=True`` and ``step=0``.
+    With ``approximate_wolfe``, Hager & Zhang's (2005) approximate Wolfe
+    points are accepted too; how the bracket moves, and what a search that
+    runs out of budget returns: see the module docstring.
 
     Args:
       c1: sufficient-decrease constant, ``0 < c1 < c2``.
@@ -227,44 +232,63 @@ def wolfe_linesearch(
     if max_growth <= 1.0:
         raise ValueError(f"`max_growth` must be > 1, got {max_growth}.")
 
-    def search(evaluate, value0, grad0, slope0, initial_step):
-        dtype = jnp.result_type(value0)
-        # Rounding slack of the approximate Wolfe test.
-        slack = value_tolerance * jnp.finfo(dtype).eps * jnp.abs(value0)
+    options = _WolfeOptions(c1, c2, approximate_wolfe, value_tolerance, max_evaluations, max_growth)
+    return LineSearch("wolfe", functools.partial(_wolfe_search, options))
 
-        def cond(s: _WolfeLoop):
-            return (~s.done) & (s.evaluations < max_evaluations)
 
-        def body(s: _WolfeLoop):
-            step = s.trial
-            value, grad, slope, finite = _evaluate_trial(evaluate, step, dtype)
-            decrease = value <= value0 + c1 * step * slope0
-            acceptable_value = decrease | (approximate_wolfe & (value <= value0 + slack))
-            flat = jnp.abs(slope) <= c2 * jnp.abs(slope0)
-            accept = finite & flat & acceptable_value
-            new_lo = finite & acceptable_value & (slope < 0)
-            bracket = _update_bracket(s, step, value, grad, slope, new_lo)
-            trial, width = _next_wolfe_trial(s, bracket, step, value, slope, slack, max_growth)
-            # A bracket narrower than rounding cannot produce a new point.
-            degenerate = bracket.bracketed & (
-                jnp.abs(width) <= 10 * jnp.finfo(dtype).eps * jnp.abs(bracket.lo)
-            )
-            done = accept | degenerate
-            return bracket._replace(
-                trial=jnp.where(done, step, trial),
-                lo=jnp.where(accept, step, bracket.lo),
-                value_lo=jnp.where(accept, value, bracket.value_lo),
-                slope_lo=jnp.where(accept, slope, bracket.slope_lo),
-                grad_lo=jax.tree.map(lambda g, gl: jnp.where(accept, g, gl), grad, bracket.grad_lo),
-                done=done,
-                accepted=accept,
-                evaluations=s.evaluations + 1,
-            )
+class _WolfeOptions(NamedTuple):
+    c1: float
+    c2: float
+    approximate_wolfe: bool
+    value_tolerance: float
+    max_evaluations: int
+    max_growth: float
 
-        init = _wolfe_start(initial_step, value0, grad0, slope0, dtype)
-        return _wolfe_result(lax.while_loop(cond, body, init), value0, grad0, slope0)
 
-    return LineSearch("wolfe", search)
+def _wolfe_search(options: _WolfeOptions, evaluate, value0, grad0, slope0, initial_step):
+    """The :class:`LineSearchFn` of :func:`wolfe_linesearch` with ``options``."""
+    dtype = jnp.result_type(value0)
+    # Rounding slack of the approximate Wolfe test.
+    slack = options.value_tolerance * jnp.finfo(dtype).eps * jnp.abs(value0)
+
+    def cond(s: _WolfeLoop):
+        return (~s.done) & (s.evaluations < options.max_evaluations)
+
+    def body(s: _WolfeLoop):
+        return _wolfe_iteration(options, s, evaluate, value0, slope0, slack)
+
+    init = _wolfe_start(initial_step, value0, grad0, slope0, dtype)
+    return _wolfe_result(lax.while_loop(cond, body, init), value0, grad0, slope0)
+
+
+def _wolfe_iteration(options: _WolfeOptions, s: _WolfeLoop, evaluate, value0, slope0, slack):
+    """One trial of the Wolfe search: evaluate, test, update the bracket and
+    choose the next trial."""
+    dtype = jnp.result_type(value0)
+    step = s.trial
+    value, grad, slope, finite = _evaluate_trial(evaluate, step, dtype)
+    decrease = value <= value0 + options.c1 * step * slope0
+    acceptable_value = decrease | (options.approximate_wolfe & (value <= value0 + slack))
+    flat = jnp.abs(slope) <= options.c2 * jnp.abs(slope0)
+    accept = finite & flat & acceptable_value
+    new_lo = finite & acceptable_value & (slope < 0)
+    bracket = _update_bracket(s, step, value, grad, slope, new_lo)
+    trial, width = _next_wolfe_trial(s, bracket, step, value, slope, slack, options.max_growth)
+    # A bracket narrower than rounding cannot produce a new point.
+    degenerate = bracket.bracketed & (
+        jnp.abs(width) <= 10 * jnp.finfo(dtype).eps * jnp.abs(bracket.lo)
+    )
+    done = accept | degenerate
+    return bracket._replace(
+        trial=jnp.where(done, step, trial),
+        lo=jnp.where(accept, step, bracket.lo),
+        value_lo=jnp.where(accept, value, bracket.value_lo),
+        slope_lo=jnp.where(accept, slope, bracket.slope_lo),
+        grad_lo=jax.tree.map(lambda g, gl: jnp.where(accept, g, gl), grad, bracket.grad_lo),
+        done=done,
+        accepted=accept,
+        evaluations=s.evaluations + 1,
+    )
 
 
 # Stages of the Wolfe search.
@@ -424,45 +448,53 @@ def golden_section_linesearch(
         raise ValueError(f"`tolerance` must be < 1, got {tolerance}.")
     check_max_evaluations(max_evaluations)
 
-    def search(evaluate, value0, grad0, slope0, initial_step):
-        dtype = jnp.result_type(value0)
+    return LineSearch("golden", functools.partial(_golden_search, tolerance, max_evaluations))
 
-        def cond(s: _GoldenLoop):
-            return (~s.done) & (s.evaluations < max_evaluations)
 
-        def body(s: _GoldenLoop):
-            x = s.trial
-            value, grad, slope, finite = _evaluate_trial(evaluate, x, dtype)
-            value = jnp.where(finite, value, jnp.asarray(jnp.inf, dtype))
-            better = value < jnp.where(s.has_b, s.value_b, s.value_a)
-            s = _golden_ends(s, x, value, better)
-            # Best point.
-            s = s._replace(
-                b=jnp.where(better, x, s.b),
-                value_b=jnp.where(better, value, s.value_b),
-                slope_b=jnp.where(better, slope, s.slope_b),
-                grad_b=jax.tree.map(lambda g, gb: jnp.where(better, g, gb), grad, s.grad_b),
-                has_b=s.has_b | better,
-            )
-            return s._replace(
-                trial=_golden_next_trial(s),
-                done=s.has_b & s.has_c & ((s.c - s.a) <= tolerance * s.b),
-                evaluations=s.evaluations + 1,
-            )
+def _golden_search(tolerance, max_evaluations, evaluate, value0, grad0, slope0, initial_step):
+    """The :class:`LineSearchFn` of :func:`golden_section_linesearch`."""
+    dtype = jnp.result_type(value0)
 
-        init = _golden_start(initial_step, value0, grad0, slope0, dtype)
-        final = lax.while_loop(cond, body, init)
-        return LineSearchResult(
-            step=jnp.where(final.has_b, final.b, jnp.zeros([], dtype)),
-            value=final.value_b,
-            grad=final.grad_b,
-            slope=final.slope_b,
-            evaluations=final.evaluations,
-            failed=~final.has_b,
-            converged=final.done,
-        )
+    def cond(s: _GoldenLoop):
+        return (~s.done) & (s.evaluations < max_evaluations)
 
-    return LineSearch("golden", search)
+    def body(s: _GoldenLoop):
+        return _golden_iteration(tolerance, s, evaluate, dtype)
+
+    init = _golden_start(initial_step, value0, grad0, slope0, dtype)
+    final = lax.while_loop(cond, body, init)
+    return LineSearchResult(
+        step=jnp.where(final.has_b, final.b, jnp.zeros([], dtype)),
+        value=final.value_b,
+        grad=final.grad_b,
+        slope=final.slope_b,
+        evaluations=final.evaluations,
+        failed=~final.has_b,
+        converged=final.done,
+    )
+
+
+def _golden_iteration(tolerance, s: _GoldenLoop, evaluate, dtype):
+    """One trial of the golden-section search: evaluate, move the bracket's
+    ends and the best point, choose the next trial."""
+    x = s.trial
+    value, grad, slope, finite = _evaluate_trial(evaluate, x, dtype)
+    value = jnp.where(finite, value, jnp.asarray(jnp.inf, dtype))
+    better = value < jnp.where(s.has_b, s.value_b, s.value_a)
+    s = _golden_ends(s, x, value, better)
+    # Best point.
+    s = s._replace(
+        b=jnp.where(better, x, s.b),
+        value_b=jnp.where(better, value, s.value_b),
+        slope_b=jnp.where(better, slope, s.slope_b),
+        grad_b=jax.tree.map(lambda g, gb: jnp.where(better, g, gb), grad, s.grad_b),
+        has_b=s.has_b | better,
+    )
+    return s._replace(
+        trial=_golden_next_trial(s),
+        done=s.has_b & s.has_c & ((s.c - s.a) <= tolerance * s.b),
+        evaluations=s.evaluations + 1,
+    )
 
 
 # Stages of the golden-section search.

@@ -5,19 +5,68 @@ approximately by linear conjugate gradient on Hessian-vector products (never
 forming ``H``), then searches along ``p`` with a Wolfe line search, and adapts
 the damping ``lambda`` from how well the quadratic model predicted the decrease.
 
-Stages of one ``update`` call (each a small function below):
+Stages of one ``update`` call (module-level functions, each testable alone):
 
-1. *evaluate*: the value and gradient at the current point (cached from the
-   previous call's line search, as :func:`twophase.nonlinear_cg` does);
+1. *evaluate*: the value and gradient at the current point, cached from the
+   previous call's line search (:func:`twophase.second_phase.common.value_here`);
 2. *forcing term* ``eta``: the inner solve stops at ``||r|| <= eta ||g||``
    (:func:`forcing_term`);
-3. *inner solve* (:func:`truncated_cg`): preconditioned linear CG on
-   ``H + lambda I``, stopped by the forcing rule, the iteration cap, negative
-   curvature (Steihaug-style) or a non-finite product;
+3. *inner solve* (:func:`inner_solve_stage`, :func:`truncated_cg`):
+   preconditioned linear CG on ``H + lambda I`` (with the Nystrom sketch,
+   :func:`nystrom_stage`), stopped by the forcing rule, the iteration cap,
+   negative curvature (Steihaug-style) or a non-finite product;
 4. *line search* along ``p`` from the Newton step ``1`` (or the shorter step
-   that the last decrease suggests, as scipy's Newton-CG);
+   that the last decrease suggests, as scipy's Newton-CG) (:func:`search_stage`);
 5. *damping* (:func:`adapt_damping`): Levenberg-Marquardt's rule on the ratio
-   ``rho`` of actual to predicted decrease.
+   ``rho`` of actual to predicted decrease (:func:`after_newton_step`).
+
+**Calling convention and contract:** as :func:`twophase.nonlinear_cg`. Call
+``update(updates, state, params, value_fn=f)`` with ``f(params)`` the full
+objective (a scalar); ``updates`` are ignored. The value and gradient at
+the accepted point are cached in the state and reused by the next call,
+which therefore assumes the parameters were advanced by exactly the
+returned update and the objective did not change (else re-``init``).
+
+**Inner solve.** Forcing (``forcing``, :func:`forcing_term`): stop at
+``||r|| <= eta ||g||`` (Nocedal & Wright 2006, (7.3); Eisenstat & Walker
+1996), or after ``max_inner_iterations`` products. Negative curvature
+(``<d, (H + lambda I) d> <= 0``, Steihaug-style): stop and use the last
+iterate, or scaled steepest descent at the first inner iteration; counted
+in ``negative_curvature``.
+
+**Damping** (Levenberg-Marquardt): ``rho`` = actual decrease / decrease
+predicted by the undamped model ``m(a p) = f + a <g, p> + a^2/2 <p, H p>`` at
+the accepted step ``a``; ``rho > 0.75`` divides ``lambda`` by 3, ``rho <
+0.25`` doubles it, a failed or rejected step multiplies it by 4, within
+``[min_damping, max_damping]``; after negative curvature, ``lambda`` is at
+least the magnitude of the curvature found.
+
+**Rejected steps:** a non-finite curvature product, step or slope, a direction
+that is not a descent direction, or a ``state.damping`` that is not
+positive and finite: the update is zero, ``rejected_steps`` and
+``consecutive_failures`` count it (``nonfinite_events`` too when
+something was not finite), nothing is evaluated; a bad damping is reset
+to ``damping``. A non-finite value or gradient at the current point gives a
+zero update as well (``nonfinite_events``). A failed line search leaves the
+parameters where they are and raises the damping, so that the next call
+tries a different (shorter, more gradient-like) step.
+
+**Cost** per outer iteration: the inner solve's products
+(``hessian_vector_products``, each about :data:`HVP_COST` evaluations of
+wall time) plus the line search's evaluations (usually 1: the Newton step
+is accepted).
+
+**Memory:** one parameter-sized buffer in the state (two with a stored
+diagonal preconditioner), four more transiently in the inner solve; see
+:class:`NewtonCGState`. The Nystrom preconditioner adds ``sketch_size``
+parameter-sized columns to the state, and its sketch holds three
+``(n, sketch_size)`` matrices transiently (the test matrix, the products,
+the SVD's factor).
+
+**Scale.** The inner solve runs on the gradient multiplied by a power of two
+that brings its largest entry near 1 (exact, and the solve is linear in ``g``),
+so that ``<d, H d>``, which grows like the objective's scale cubed, stays inside
+float32's range for objectives scaled by ``2**40`` or ``1e-12``.
 
 References:
   * Nocedal & Wright, *Numerical Optimization* (2006): chapter 7.1 (line-search
@@ -36,6 +85,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -56,37 +106,38 @@ from twophase._checks import (
     concrete,
     require_update_args,
 )
+from twophase._numerics import finite_and_norm
+from twophase.second_phase import common
 from twophase.second_phase import linesearch as _ls
 from twophase.second_phase import nystrom as _nys
-from twophase.second_phase.cg import (
-    _resolve_linesearch,
-    _scalar_dtype,
-    _scaled_update,
-    _select,
-    _to_compute,
-    _vdot,
-    _zero_if_nonfinite,
-    compute_dtype,
-    held,
-    initial_preconditioner,
-    preconditioner_scales,
-    value_here,
-)
+from twophase.second_phase.common import select, vdot
 from twophase.second_phase.contract import HVP_COST
 
 __all__ = [
     "CURVATURES",
     "FORCING_RULES",
     "HVP_COST",
+    "INITIAL_STEPS",
     "PRECONDITIONERS",
     "GaussNewtonObjective",
     "InnerSolve",
     "NewtonCGState",
+    "NewtonOptions",
     "adapt_damping",
+    "after_newton_step",
+    "curvature_product",
     "forcing_term",
     "gauss_newton_objective",
+    "hessian_product",
+    "init_state",
+    "inner_cg_step",
+    "inner_solve_stage",
     "newton_cg",
+    "nystrom_stage",
+    "rejected_state",
+    "search_stage",
     "truncated_cg",
+    "update",
 ]
 
 PyTree = Any
@@ -97,6 +148,9 @@ CURVATURES = ("hessian", "gauss_newton")
 FORCING_RULES = ("sqrt", "eisenstat_walker")
 
 PRECONDITIONERS = ("state", "nystrom")
+
+INITIAL_STEPS = ("unit", "quadratic")
+"""The ``initial_step`` rules :func:`newton_cg` accepts."""
 
 # Levenberg-Marquardt adaptation (Nocedal & Wright 2006, Algorithm 4.1's
 # thresholds; Martens 2010 uses factors 2/3 and 3/2).
@@ -121,12 +175,9 @@ class NewtonCGState(NamedTuple):
     ``d`` and the product ``(H + lambda I) d``; XLA fuses the preconditioned
     residual ``z = P r`` into its uses), plus what the objective's
     Hessian-vector product needs, and the line search its own (trial point and
-    gradients); none of them is kept between calls. Measured by
-    ``benchmarks/second_phase_memory.py`` (XLA's memory analysis of the compiled
-    ``update``): peak scratch 6.5 parameter vectors on a separable objective, of
-    which the inner solve's own 4.0. Buffers are in the arithmetic dtype, float32
+    gradients); none of them is kept between calls. Buffers are in the arithmetic dtype, float32
     for parameters of lower precision (bfloat16, float16), the parameters'
-    dtype otherwise (:func:`twophase.second_phase.cg.compute_dtype`).
+    dtype otherwise (:func:`twophase.second_phase.common.compute_dtype`).
 
     The fields ``value``, ``grad``, ``value_and_grad_evals``,
     ``hessian_vector_products``, ``consecutive_failures``,
@@ -222,7 +273,7 @@ class GaussNewtonObjective:
 
     def __call__(self, params: PyTree) -> jax.Array:
         leaves = jax.tree.leaves(self.residual_fn(params))
-        dtype = compute_dtype(jnp.result_type(*leaves)) if leaves else jnp.float32
+        dtype = common.compute_dtype(jnp.result_type(*leaves)) if leaves else jnp.float32
         total = sum((jnp.sum(jnp.square(r.astype(dtype))) for r in leaves), jnp.zeros([], dtype))
         return total * self.weight(params) / 2
 
@@ -345,7 +396,9 @@ class InnerSolve(NamedTuple):
     rayleigh: jax.Array
 
 
-class _InnerLoop(NamedTuple):
+class InnerLoop(NamedTuple):
+    """The carry of :func:`truncated_cg`'s loop (see :func:`inner_cg_step`)."""
+
     step: PyTree  # p_j
     residual: PyTree  # r_j = A p_j + g
     direction: PyTree  # d_j
@@ -368,7 +421,11 @@ def truncated_cg(product, grad, damping, tolerance, max_iterations, apply_scales
     ``<d, A d> <= 0`` (keep the last iterate; at the first iteration, the
     steepest-descent direction scaled by ``<g, Pg> / |<d, A d>|`` as scipy's
     Newton-CG). A non-finite product stops the loop and sets ``nonfinite``.
-    One ``lax.while_loop``, one product per iteration.
+    One ``lax.while_loop``, one product per iteration (:func:`inner_cg_step`).
+
+    The loop runs on ``c g`` with ``c`` a power of two that brings ``max|g|``
+    near 1 (:func:`~twophase.second_phase.common.unit_pow2`): exact, the solve
+    is linear in ``g``, and ``<d, A d>`` stays in range at any objective scale.
 
     Args:
       product: ``v -> H v`` (pytree to pytree).
@@ -383,62 +440,16 @@ def truncated_cg(product, grad, damping, tolerance, max_iterations, apply_scales
     """
     precondition = (lambda t: t) if apply_scales is None else apply_scales
     dtype = jnp.result_type(damping)
-    zeros = optax.tree.zeros_like(grad)
+    unit = common.unit_pow2(grad).astype(dtype)
+    grad = common.scale_tree(unit, grad)
+    tolerance = tolerance * unit
     z0 = precondition(grad)
-    rz0 = _vdot(grad, z0).astype(dtype)
-    norm0 = jnp.sqrt(_vdot(grad, grad)).astype(dtype)
-
-    def damped(d):
-        hd = product(d)
-        return jax.tree.map(lambda h, d_: (h + damping * d_).astype(d_.dtype), hd, d)
-
-    tiny = jnp.finfo(dtype).tiny
-
-    def cond(s: _InnerLoop):
-        return ~s.done
-
-    def body(s: _InnerLoop):
-        ad = damped(s.direction)
-        dad = _vdot(s.direction, ad).astype(dtype)
-        nonfinite = ~jnp.isfinite(dad)
-        nonpositive = ~nonfinite & ~(dad > 0)
-        alpha = s.rz / jnp.where(dad > 0, dad, 1)
-        step = _add_scaled(s.step, alpha, s.direction)
-        residual = _add_scaled(s.residual, alpha, ad)
-        z = precondition(residual)
-        rz = _vdot(residual, z).astype(dtype)
-        beta = rz / jnp.where(s.rz > 0, s.rz, 1)
-        direction = jax.tree.map(lambda z_, d: (beta * d - z_).astype(d.dtype), z, s.direction)
-        residual_norm = jnp.sqrt(_vdot(residual, residual)).astype(dtype)
-        curvature = s.curvature + alpha * s.rz  # alpha^2 <d, A d>, A-conjugacy
-        stop = nonfinite | nonpositive
-        # Negative curvature at the very first direction: scaled steepest descent.
-        fallback = nonpositive & (s.iteration == 0)
-        scale = jnp.where(jnp.abs(dad) > tiny, s.rz / jnp.abs(dad), 1)
-        stopped_step = _select(fallback, _scale(scale, s.direction), s.step)
-        step = _select(stop, stopped_step, step)
-        stopped_curvature = jnp.where(fallback, scale * scale * dad, s.curvature)
-        curvature = jnp.where(stop, stopped_curvature, curvature)
-        iteration = s.iteration + 1
-        converged = residual_norm <= tolerance
-        return _InnerLoop(
-            step=step,
-            residual=_select(stop, s.residual, residual),
-            direction=_select(stop, s.direction, direction),
-            rz=jnp.where(stop, s.rz, rz),
-            curvature=curvature,
-            residual_norm=jnp.where(stop, s.residual_norm, residual_norm),
-            iteration=iteration,
-            done=stop | converged | (iteration >= max_iterations),
-            negative_curvature=nonpositive,
-            nonfinite=nonfinite,
-            rayleigh=dad / jnp.maximum(_vdot(s.direction, s.direction), tiny).astype(dtype),
-        )
-
-    init = _InnerLoop(
-        step=zeros,
+    rz0 = vdot(grad, z0).astype(dtype)
+    norm0 = jnp.sqrt(vdot(grad, grad)).astype(dtype)
+    init = InnerLoop(
+        step=optax.tree.zeros_like(grad),
         residual=grad,
-        direction=_scale(-1.0, z0),
+        direction=common.scale_tree(-1.0, z0),
         rz=rz0,
         curvature=jnp.zeros([], dtype),
         residual_norm=norm0,
@@ -448,26 +459,63 @@ def truncated_cg(product, grad, damping, tolerance, max_iterations, apply_scales
         nonfinite=~jnp.isfinite(rz0),
         rayleigh=jnp.zeros([], dtype),
     )
-    final = lax.while_loop(cond, body, init)
+
+    def body(s):
+        return inner_cg_step(s, product, damping, precondition, tolerance, max_iterations)
+
+    final = lax.while_loop(lambda s: ~s.done, body, init)
     return InnerSolve(
-        step=final.step,
-        curvature=final.curvature,
+        step=common.scale_tree(1 / unit, final.step),
+        curvature=final.curvature / (unit * unit),
         products=final.iteration,
         negative_curvature=final.negative_curvature,
         nonfinite=final.nonfinite,
-        residual_norm=final.residual_norm,
+        residual_norm=final.residual_norm / unit,
         rayleigh=final.rayleigh - damping,
     )
 
 
-def _scale(factor, tree):
-    """``factor * tree``, each leaf keeping its dtype."""
-    return jax.tree.map(lambda x: (factor * x).astype(x.dtype), tree)
-
-
-def _add_scaled(tree, factor, other):
-    """``tree + factor * other``, each leaf keeping ``tree``'s dtype."""
-    return jax.tree.map(lambda x, y: (x + factor * y).astype(x.dtype), tree, other)
+def inner_cg_step(s: InnerLoop, product, damping, precondition, tolerance, max_iterations):
+    """One iteration of :func:`truncated_cg`'s loop: a product ``A d``, the CG
+    update of step, residual and direction, and the stopping tests."""
+    dtype = jnp.result_type(damping)
+    tiny = jnp.finfo(dtype).tiny
+    ad = jax.tree.map(
+        lambda h, d_: (h + damping * d_).astype(d_.dtype), product(s.direction), s.direction
+    )
+    dad = vdot(s.direction, ad).astype(dtype)
+    nonfinite = ~jnp.isfinite(dad)
+    nonpositive = ~nonfinite & ~(dad > 0)
+    alpha = s.rz / jnp.where(dad > 0, dad, 1)
+    step = common.add_scaled(s.step, alpha, s.direction)
+    residual = common.add_scaled(s.residual, alpha, ad)
+    rz = vdot(residual, precondition(residual)).astype(dtype)
+    beta = rz / jnp.where(s.rz > 0, s.rz, 1)
+    direction = jax.tree.map(
+        lambda z_, d: (beta * d - z_).astype(d.dtype), precondition(residual), s.direction
+    )
+    residual_norm = jnp.sqrt(vdot(residual, residual)).astype(dtype)
+    curvature = s.curvature + alpha * s.rz  # alpha^2 <d, A d>, A-conjugacy
+    stop = nonfinite | nonpositive
+    # Negative curvature at the very first direction: scaled steepest descent.
+    fallback = nonpositive & (s.iteration == 0)
+    scale = jnp.where(jnp.abs(dad) > tiny, s.rz / jnp.abs(dad), 1)
+    stopped_step = select(fallback, common.scale_tree(scale, s.direction), s.step)
+    stopped_curvature = jnp.where(fallback, scale * scale * dad, s.curvature)
+    iteration = s.iteration + 1
+    return InnerLoop(
+        step=select(stop, stopped_step, step),
+        residual=select(stop, s.residual, residual),
+        direction=select(stop, s.direction, direction),
+        rz=jnp.where(stop, s.rz, rz),
+        curvature=jnp.where(stop, stopped_curvature, curvature),
+        residual_norm=jnp.where(stop, s.residual_norm, residual_norm),
+        iteration=iteration,
+        done=stop | (residual_norm <= tolerance) | (iteration >= max_iterations),
+        negative_curvature=nonpositive,
+        nonfinite=nonfinite,
+        rayleigh=dad / jnp.maximum(vdot(s.direction, s.direction), tiny).astype(dtype),
+    )
 
 
 def adapt_damping(
@@ -501,15 +549,36 @@ def adapt_damping(
 
 # --------------------------------------------------------------------------- transformation
 
-_LINESEARCHES: dict[str, Callable[[], _ls.LineSearch]] = {
-    # Newton steps want the loose curvature condition of quasi-Newton methods
-    # (Nocedal & Wright 2006, section 3.1: c2 = 0.9).
-    "wolfe": lambda: _ls.wolfe_linesearch(c2=0.9),
-    "golden": _ls.golden_section_linesearch,
-}
 
+class NewtonOptions(NamedTuple):
+    """The checked options of one :func:`newton_cg` (names as its arguments).
 
-_INITIAL_STEP_RULES = ("unit", "quadratic")
+    Attributes:
+      search: the :class:`~twophase.second_phase.linesearch.LineSearch`.
+      curvature: one of :data:`CURVATURES`.
+      forcing: a name in :data:`FORCING_RULES` or a float in ``(0, 1)``.
+      eta_max, damping, min_damping, max_damping, grad_tol: floats.
+      max_inner_iterations, sketch_size, sketch_refresh, seed: ints.
+      preconditioner: as the argument (``"nystrom"`` sets ``nystrom``).
+      nystrom: whether the Nystrom sketch preconditions the inner solve.
+      initial_step: one of :data:`INITIAL_STEPS`.
+    """
+
+    search: _ls.LineSearch
+    curvature: str
+    forcing: str | float
+    eta_max: float
+    max_inner_iterations: int
+    damping: float
+    min_damping: float
+    max_damping: float
+    preconditioner: Any
+    nystrom: bool
+    grad_tol: float
+    initial_step: str
+    sketch_size: int
+    sketch_refresh: int
+    seed: int
 
 
 def newton_cg(
@@ -531,54 +600,13 @@ def newton_cg(
 ) -> optax.GradientTransformationExtraArgs:
     """Full-batch Hessian-free Newton-CG with damping and a line search.
 
-    Each ``update`` call is one outer iteration: an inexact solve of
-    ``(H + lambda I) p = -g`` by (preconditioned) linear CG on Hessian-vector
-    products (:func:`truncated_cg`), a line search along ``p`` from the Newton
-    step ``1``, an update of ``lambda`` (:func:`adapt_damping`), and the
-    returned update ``step * p`` to add with :func:`optax.apply_updates`.
-
-    Calling convention and contract: as :func:`twophase.nonlinear_cg`. Call
-    ``update(updates, state, params, value_fn=f)`` with ``f(params)`` the full
-    objective (a scalar); ``updates`` are ignored. The value and gradient at
-    the accepted point are cached in the state and reused by the next call,
-    which therefore assumes the parameters were advanced by exactly the
-    returned update and the objective did not change (else re-``init``).
-
-    Inner solve. Forcing (``forcing``, :func:`forcing_term`): stop at
-    ``||r|| <= eta ||g||`` (Nocedal & Wright 2006, (7.3); Eisenstat & Walker
-    1996), or after ``max_inner_iterations`` products. Negative curvature
-    (``<d, (H + lambda I) d> <= 0``, Steihaug-style): stop and use the last
-    iterate, or scaled steepest descent at the first inner iteration; counted
-    in ``negative_curvature``.
-
-    Damping (Levenberg-Marquardt): ``rho`` = actual decrease / decrease
-    predicted by the undamped model ``m(a p) = f + a <g, p> + a^2/2 <p, H p>`` at
-    the accepted step ``a``; ``rho > 0.75`` divides ``lambda`` by 3, ``rho <
-    0.25`` doubles it, a failed or rejected step multiplies it by 4, within
-    ``[min_damping, max_damping]``; after negative curvature, ``lambda`` is at
-    least the magnitude of the curvature found.
-
-    Rejected steps: a non-finite curvature product, step or slope, a direction
-    that is not a descent direction, or a ``state.damping`` that is not
-    positive and finite: the update is zero, ``rejected_steps`` and
-    ``consecutive_failures`` count it (``nonfinite_events`` too when
-    something was not finite), nothing is evaluated; a bad damping is reset
-    to ``damping``. A non-finite value or gradient at the current point gives a
-    zero update as well (``nonfinite_events``). A failed line search leaves the
-    parameters where they are and raises the damping, so that the next call
-    tries a different (shorter, more gradient-like) step.
-
-    Cost per outer iteration: the inner solve's products
-    (``hessian_vector_products``, each about :data:`HVP_COST` evaluations of
-    wall time) plus the line search's evaluations (usually 1: the Newton step
-    is accepted).
-
-    Memory: one parameter-sized buffer in the state (two with a stored
-    diagonal preconditioner), four more transiently in the inner solve; see
-    :class:`NewtonCGState`. The Nystrom preconditioner adds ``sketch_size``
-    parameter-sized columns to the state, and its sketch holds three
-    ``(n, sketch_size)`` matrices transiently (the test matrix, the products,
-    the SVD's factor).
+    Each ``update`` call is one outer iteration (see the module docstring): an
+    inexact solve of ``(H + lambda I) p = -g`` by (preconditioned) linear CG on
+    Hessian-vector products (:func:`truncated_cg`), a line search along ``p``
+    from the Newton step ``1``, an update of ``lambda`` (:func:`adapt_damping`),
+    and the returned update ``step * p`` to add with :func:`optax.apply_updates`.
+    Call ``update(updates, state, params, value_fn=f)``, as for
+    :func:`twophase.nonlinear_cg`.
 
     Args:
       linesearch: ``"wolfe"`` (:func:`twophase.wolfe_linesearch` with ``c2=0.9``,
@@ -589,14 +617,12 @@ def newton_cg(
       forcing: ``"sqrt"``, ``"eisenstat_walker"`` or a constant in ``(0, 1)``
         (see :func:`forcing_term`).
       eta_max: largest forcing term, in ``(0, 1)``.
-      max_inner_iterations: cap on products per inner solve, an int ``>= 1``
-        (how the default was chosen: ``benchmarks/RESULTS.md``, section 6).
+      max_inner_iterations: cap on products per inner solve, an int ``>= 1``.
       damping: initial ``lambda > 0``. It is an absolute shift of the Hessian's
         eigenvalues, so its right size depends on the objective's scale; the
         adaptation corrects it within a few iterations (a factor 3 down per
-        good step). The default 1e-3 is a compromise between the problems of
-        ``benchmarks/cg_suite.py --newton-cg`` (``benchmarks/RESULTS.md``,
-        section 6).
+        good step). The default 1e-3 is a compromise over the benchmark
+        problems (`benchmarks/RESULTS.md <../benchmarks/RESULTS.md>`_).
       min_damping: lower bound of ``lambda``, ``0 < min_damping <= damping``.
       max_damping: upper bound, ``>= damping``.
       preconditioner: ``None``; a pytree of positive scales ``P`` (an
@@ -617,9 +643,8 @@ def newton_cg(
       initial_step: first trial step of the line search. ``"unit"``: the
         Newton step ``1``; ``"quadratic"`` (default, as scipy's Newton-CG):
         ``min(1, 1.01 * 2 (f_{k-1} - f_k) / -<g_k, p_k>)``, which saves
-        line-search evaluations on long Newton steps across a curved valley
-        (``benchmarks/RESULTS.md``, section 6) and still tries ``1`` near a
-        minimiser, where the ratio tends to 2.
+        line-search evaluations on long Newton steps across a curved valley and
+        still tries ``1`` near a minimiser, where the ratio tends to 2.
       sketch_size: rank of the Nystrom sketch (``preconditioner="nystrom"``
         only), an int ``>= 1``; capped at the number of parameters.
       sketch_refresh: outer iterations between sketches, an int ``>= 1``.
@@ -640,268 +665,309 @@ def newton_cg(
       TypeError: ``update`` called without ``value_fn``, or with one that is not
         a :func:`gauss_newton_objective` under ``curvature="gauss_newton"``.
     """
-    search = _resolve_linesearch(linesearch, _LINESEARCHES)
-    if curvature not in CURVATURES:
-        raise ValueError(f"`curvature` must be one of {list(CURVATURES)}, got {curvature!r}.")
-    if isinstance(forcing, str):
-        if forcing not in FORCING_RULES:
-            raise ValueError(
-                f"`forcing` must be one of {list(FORCING_RULES)} or a number in (0, 1), "
-                f"got {forcing!r}."
-            )
-        forcing_rule: str | float = forcing
-    else:
-        forcing_rule = as_open_unit("forcing", forcing)
-    eta_cap = as_open_unit("eta_max", eta_max)
-    inner_cap = concrete(max_inner_iterations)
+    options = _check_options(
+        linesearch=linesearch, curvature=curvature, forcing=forcing, eta_max=eta_max,
+        max_inner_iterations=max_inner_iterations, damping=damping,
+        min_damping=min_damping, max_damping=max_damping, preconditioner=preconditioner,
+        grad_tol=grad_tol, initial_step=initial_step, sketch_size=sketch_size,
+        sketch_refresh=sketch_refresh, seed=seed,
+    )  # fmt: skip
+    return common.second_phase_transformation(
+        functools.partial(init_state, options), functools.partial(update, options)
+    )
+
+
+def _check_options(**kw) -> NewtonOptions:
+    """:class:`NewtonOptions` from :func:`newton_cg`'s arguments, or the
+    ValueError its docstring lists."""
+    if kw["curvature"] not in CURVATURES:
+        raise ValueError(f"`curvature` must be one of {list(CURVATURES)}, got {kw['curvature']!r}.")
+    forcing = kw["forcing"]
+    if isinstance(forcing, str) and forcing not in FORCING_RULES:
+        raise ValueError(
+            f"`forcing` must be one of {list(FORCING_RULES)} or a number in (0, 1), "
+            f"got {forcing!r}."
+        )
+    inner_cap = concrete(kw["max_inner_iterations"])
     if not isinstance(inner_cap, int) or isinstance(inner_cap, bool) or inner_cap < 1:
         raise ValueError(
-            f"`max_inner_iterations` must be an int >= 1, got {max_inner_iterations!r}."
+            f"`max_inner_iterations` must be an int >= 1, got {kw['max_inner_iterations']!r}."
         )
-    lam0 = as_positive_finite("damping", damping)
-    lam_min = as_positive_finite("min_damping", min_damping)
-    lam_max = as_positive_finite("max_damping", max_damping)
-    if not lam_min <= lam0 <= lam_max:
+    lams = [
+        as_positive_finite(name, kw[name]) for name in ("damping", "min_damping", "max_damping")
+    ]
+    if not lams[1] <= lams[0] <= lams[2]:
         raise ValueError(
             "`damping` must lie in [`min_damping`, `max_damping`], got "
-            f"damping={damping!r}, min_damping={min_damping!r}, max_damping={max_damping!r}."
+            f"damping={kw['damping']!r}, min_damping={kw['min_damping']!r}, "
+            f"max_damping={kw['max_damping']!r}."
         )
-    tol = concrete(grad_tol)
+    tol = concrete(kw["grad_tol"])
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
-        raise ValueError(f"`grad_tol` must be a finite number >= 0, got {grad_tol!r}.")
+        raise ValueError(f"`grad_tol` must be a finite number >= 0, got {kw['grad_tol']!r}.")
+    preconditioner = kw["preconditioner"]
     if isinstance(preconditioner, str) and preconditioner not in PRECONDITIONERS:
         raise ValueError(
             "`preconditioner` must be None, 'state', 'nystrom', a pytree or a callable, "
             f"got {preconditioner!r}."
         )
-    nystrom = isinstance(preconditioner, str) and preconditioner == "nystrom"
-    rank_cap = as_positive_int("sketch_size", sketch_size)
-    refresh = as_positive_int("sketch_refresh", sketch_refresh)
-    sketch_seed = as_non_negative_int("seed", seed)
-    if initial_step not in _INITIAL_STEP_RULES:
-        raise ValueError(
-            f"`initial_step` must be one of {list(_INITIAL_STEP_RULES)}, got {initial_step!r}."
+    common.check_initial_step(kw["initial_step"], INITIAL_STEPS)
+    return NewtonOptions(
+        # Newton steps want the loose curvature condition of quasi-Newton methods
+        # (Nocedal & Wright 2006, section 3.1: c2 = 0.9).
+        search=common.resolve_linesearch(kw["linesearch"], c2=0.9),
+        curvature=kw["curvature"],
+        forcing=forcing if isinstance(forcing, str) else as_open_unit("forcing", forcing),
+        eta_max=as_open_unit("eta_max", kw["eta_max"]),
+        max_inner_iterations=inner_cap,
+        damping=lams[0],
+        min_damping=lams[1],
+        max_damping=lams[2],
+        preconditioner=preconditioner,
+        nystrom=isinstance(preconditioner, str) and preconditioner == "nystrom",
+        grad_tol=kw["grad_tol"],
+        initial_step=kw["initial_step"],
+        sketch_size=as_positive_int("sketch_size", kw["sketch_size"]),
+        sketch_refresh=as_positive_int("sketch_refresh", kw["sketch_refresh"]),
+        seed=as_non_negative_int("seed", kw["seed"]),
+    )
+
+
+def init_state(options: NewtonOptions, params: PyTree) -> NewtonCGState:
+    """A fresh :class:`NewtonCGState` for ``params`` (with an empty, due
+    Nystrom sketch under ``preconditioner="nystrom"``)."""
+    dtype = common.scalar_dtype(params)
+    sketch = None
+    if options.nystrom:
+        flat = jax.eval_shape(lambda p: ravel_pytree(common.to_compute(p))[0], params)
+        rank = max(min(options.sketch_size, flat.shape[0]), 1)
+        sketch = _nys.empty_sketch(flat.shape[0], rank, flat.dtype, age=options.sketch_refresh)
+    int_zero = jnp.zeros([], jnp.int32)
+    return NewtonCGState(
+        value=jnp.asarray(jnp.inf, dtype),
+        grad=common.to_compute(optax.tree.zeros_like(params)),
+        preconditioner=(
+            None
+            if options.nystrom
+            else common.initial_preconditioner(options.preconditioner, params)
+        ),
+        damping=jnp.asarray(options.damping, dtype),
+        eta=jnp.asarray(options.eta_max, dtype),
+        grad_norm_prev=jnp.asarray(jnp.inf, dtype),
+        value_prev=jnp.asarray(jnp.inf, dtype),
+        step=jnp.zeros([], dtype),
+        ratio=jnp.zeros([], dtype),
+        iterations=int_zero,
+        value_and_grad_evals=int_zero,
+        hessian_vector_products=int_zero,
+        negative_curvature=int_zero,
+        linesearch_failures=int_zero,
+        rejected_steps=int_zero,
+        consecutive_failures=int_zero,
+        nonfinite_events=int_zero,
+        aux=None,
+        sketch=sketch,
+    )
+
+
+def update(options: NewtonOptions, updates, state, params=None, *, value_fn=None, **extra_args):
+    """One outer iteration: the ``update`` of :func:`newton_cg` with ``options``."""
+    del extra_args
+    require_update_args("newton_cg", updates, params, value_fn)
+    if options.curvature == "gauss_newton" and not isinstance(value_fn, GaussNewtonObjective):
+        raise TypeError(
+            "newton_cg(curvature='gauss_newton') requires `value_fn` built by "
+            f"twophase.gauss_newton_objective(residual_fn), got {value_fn!r}."
         )
+    dtype = state.value.dtype
+    state = _aux.prepare_aux(state, value_fn, params)
+    value_grad_aux = _aux.value_grad_and_aux(value_fn, params)
+    value, grad, aux, _, evals = common.value_here(state, value_grad_aux, params)
+    grad_finite, grad_norm = finite_and_norm(grad)
+    grad_norm = grad_norm.astype(dtype)
+    finite_here = jnp.isfinite(value) & grad_finite & jnp.isfinite(grad_norm)
+    converged = grad_norm <= jnp.asarray(options.grad_tol, dtype)
+    damping_ok = jnp.isfinite(state.damping) & (state.damping > 0)
+    here = (value, grad, aux, evals, grad_norm)
 
-    def flat_shape(params):
-        """Number of parameters, sketch rank and dtype of the flat arithmetic vector."""
-        flat = jax.eval_shape(lambda p: ravel_pytree(_to_compute(p))[0], params)
-        size = flat.shape[0]
-        return size, max(min(rank_cap, size), 1), flat.dtype
+    def newton_branch(_):
+        inner, sketch_products, sketch, eta = inner_solve_stage(
+            options, state, params, value_fn, grad, grad_norm
+        )
+        result, slope, usable = search_stage(options, state, params, value_grad_aux, here, inner)
+        step = jnp.where(usable & ~result.failed, result.step, 0).astype(dtype)
+        new_state = after_newton_step(
+            options, state, here, (inner, sketch, sketch_products, eta), (result, slope, usable)
+        )
+        return common.scaled_update(step, inner.step, params), new_state
 
-    def init_fn(params):
-        dtype = _scalar_dtype(params)
-        stored = None if nystrom else initial_preconditioner(preconditioner, params)
-        sketch = None
-        if nystrom:
-            sketch = _nys.empty_sketch(*flat_shape(params), age=refresh)
-        int_zero = jnp.zeros([], jnp.int32)
-        return NewtonCGState(
-            value=jnp.asarray(jnp.inf, dtype),
-            grad=_to_compute(optax.tree.zeros_like(params)),
-            preconditioner=stored,
-            damping=jnp.asarray(lam0, dtype),
-            eta=jnp.asarray(eta_cap, dtype),
-            grad_norm_prev=jnp.asarray(jnp.inf, dtype),
-            value_prev=jnp.asarray(jnp.inf, dtype),
+    def hold_branch(_):
+        # Converged, or nothing finite to work with: do not move.
+        new_state = common.held(state, finite_here, value, grad, aux, evals)
+        return optax.tree.zeros_like(params), new_state
+
+    def reject_branch(_):
+        return optax.tree.zeros_like(params), rejected_state(options, state, here)
+
+    branch = jnp.where(finite_here & ~converged, jnp.where(damping_ok, 2, 1), 0)
+    delta, new_state = lax.switch(branch, (hold_branch, reject_branch, newton_branch), None)
+    # A NaN never reaches the parameters.
+    return common.zero_if_nonfinite(delta), new_state
+
+
+def curvature_product(curvature: str, value_fn, params):
+    """``v -> H v`` (``curvature="hessian"``) or ``G v`` (``"gauss_newton"``) at
+    ``params``, in the arithmetic dtype, ``v`` cast to the parameters' dtypes on
+    the way in."""
+    raw = value_fn.product(params) if curvature == "gauss_newton" else None
+    raw = hessian_product(value_fn, params) if raw is None else raw
+
+    def product(v):
+        v = jax.tree.map(lambda t, p: t.astype(jnp.result_type(p)), v, params)
+        return common.to_compute(raw(v))
+
+    return product
+
+
+def nystrom_stage(options: NewtonOptions, state: NewtonCGState, product, grad, lam):
+    """Stage 3a (``preconditioner="nystrom"``): refresh the sketch when due;
+    returns the sketch, its products this call and ``tree -> P^{-1} tree``."""
+    sketch = state.sketch
+    flat_grad, unravel = ravel_pytree(grad)
+    size, rank = sketch.basis.shape
+
+    def flat_product(v):
+        return ravel_pytree(product(unravel(v)))[0].astype(flat_grad.dtype)
+
+    def take(_):
+        key = jax.random.fold_in(jax.random.key(options.seed), sketch.sketches)
+        basis, eigenvalues = _nys.nystrom_sketch(flat_product, key, size, rank, flat_grad.dtype)
+        fresh = _nys.NystromSketch(
+            basis, eigenvalues, jnp.zeros([], jnp.int32), sketch.sketches + 1
+        )
+        return fresh, jnp.asarray(rank, jnp.int32)
+
+    def keep(_):
+        return sketch, jnp.zeros([], jnp.int32)
+
+    sketch, products = lax.cond(sketch.age >= options.sketch_refresh, take, keep, None)
+    inverse = _nys.nystrom_inverse(sketch.basis, sketch.eigenvalues, lam.astype(flat_grad.dtype))
+    return sketch, products, lambda tree: unravel(inverse(ravel_pytree(tree)[0]))
+
+
+def inner_solve_stage(options: NewtonOptions, state, params, value_fn, grad, grad_norm):
+    """Stages 2-3: the forcing term and the inner solve (with the Nystrom sketch
+    when configured). Returns ``(InnerSolve, sketch products, sketch, eta)``."""
+    lam = state.damping
+    eta = forcing_term(options.forcing, options.eta_max, grad_norm, state.grad_norm_prev, state.eta)
+    product = curvature_product(options.curvature, value_fn, params)
+    sketch, sketch_products = state.sketch, jnp.zeros([], jnp.int32)
+    scales = common.preconditioner_scales(state, options.preconditioner, params)
+    inverse = None if scales is None else functools.partial(common.apply_scales, scales)
+    if options.nystrom:
+        sketch, sketch_products, inverse = nystrom_stage(options, state, product, grad, lam)
+    inner = truncated_cg(product, grad, lam, eta * grad_norm, options.max_inner_iterations, inverse)
+    return inner, sketch_products, sketch, eta
+
+
+def search_stage(options: NewtonOptions, state, params, value_grad_aux, here, inner):
+    """Stage 4: the line search along the inner solve's step from the Newton
+    step 1 (or the ``"quadratic"`` guess, at most 1), skipped (a failed
+    result, nothing evaluated) when the step is not a finite descent direction.
+    Returns ``(LineSearchResult, slope <g, p>, usable)``."""
+    value, grad, aux, _, _ = here
+    dtype = state.value.dtype
+    direction = inner.step
+    slope = vdot(grad, direction).astype(dtype)
+    usable = _finite_step(inner, state.damping, slope) & (slope < 0)
+    one = jnp.ones([], dtype)
+    guess = common.warm_step(options.initial_step, value, state.value_prev, slope, one, -one)
+    trial = jnp.where(jnp.isfinite(guess) & (guess > 0), jnp.minimum(one, guess), one)
+    evaluate = common.line_function(value_grad_aux, params, direction, dtype)
+
+    def search_branch(_):
+        return options.search.search(evaluate, value, (grad, aux), slope, trial.astype(dtype))
+
+    def skip_branch(_):
+        return _ls.LineSearchResult(
             step=jnp.zeros([], dtype),
-            ratio=jnp.zeros([], dtype),
-            iterations=int_zero,
-            value_and_grad_evals=int_zero,
-            hessian_vector_products=int_zero,
-            negative_curvature=int_zero,
-            linesearch_failures=int_zero,
-            rejected_steps=int_zero,
-            consecutive_failures=int_zero,
-            nonfinite_events=int_zero,
-            aux=None,
-            sketch=sketch,
+            value=value,
+            grad=(grad, aux),
+            slope=jnp.where(jnp.isfinite(slope), slope, 0).astype(dtype),
+            evaluations=jnp.zeros([], jnp.int32),
+            failed=jnp.asarray(True),
+            converged=jnp.asarray(False),
         )
 
-    def nystrom_stage(state, product, grad, lam):
-        """Stage 3a (``preconditioner="nystrom"``): refresh the sketch when due;
-        returns the sketch, its products this call and ``tree -> P^{-1} tree``."""
-        sketch = state.sketch
-        flat_grad, unravel = ravel_pytree(grad)
-        size, rank = sketch.basis.shape
+    return lax.cond(usable, search_branch, skip_branch, None), slope, usable
 
-        def flat_product(v):
-            return ravel_pytree(product(unravel(v)))[0].astype(flat_grad.dtype)
 
-        def take(_):
-            key = jax.random.fold_in(jax.random.key(sketch_seed), sketch.sketches)
-            basis, eigenvalues = _nys.nystrom_sketch(flat_product, key, size, rank, flat_grad.dtype)
-            fresh = _nys.NystromSketch(
-                basis, eigenvalues, jnp.zeros([], jnp.int32), sketch.sketches + 1
-            )
-            return fresh, jnp.asarray(rank, jnp.int32)
+def _model_curvature(inner: InnerSolve, damping) -> jax.Array:
+    """``<p, H p>`` of the undamped model, from the solve's ``<p, (H + lambda I) p>``."""
+    dtype = jnp.result_type(damping)
+    return inner.curvature - damping * vdot(inner.step, inner.step).astype(dtype)
 
-        def keep(_):
-            return sketch, jnp.zeros([], jnp.int32)
 
-        sketch, products = lax.cond(sketch.age >= refresh, take, keep, None)
-        inverse = _nys.nystrom_inverse(
-            sketch.basis, sketch.eigenvalues, lam.astype(flat_grad.dtype)
-        )
-        return sketch, products, lambda tree: unravel(inverse(ravel_pytree(tree)[0]))
+def _finite_step(inner: InnerSolve, damping, slope) -> jax.Array:
+    """Whether the inner solve's products, the slope and the model are finite."""
+    model = _model_curvature(inner, damping)
+    return ~inner.nonfinite & jnp.isfinite(slope) & jnp.isfinite(model)
 
-    def curvature_product(value_fn, params):
-        """``v -> H v`` (or ``G v``) in the arithmetic dtype, ``v`` cast to the
-        parameters' dtypes on the way in."""
-        if curvature == "gauss_newton":
-            raw = value_fn.product(params)
-        else:
-            raw = hessian_product(value_fn, params)
 
-        def product(v):
-            v = jax.tree.map(lambda t, p: t.astype(jnp.result_type(p)), v, params)
-            return _to_compute(raw(v))
+def after_newton_step(options: NewtonOptions, state, here, solved, searched) -> NewtonCGState:
+    """Stage 5: the state after an outer iteration, with the damping adapted from
+    the reduction ratio. ``here = (value, grad, aux, evals, grad_norm)`` before it,
+    ``solved = (inner, sketch, sketch products, eta)``, ``searched = (result,
+    slope, usable)``."""
+    value, grad, aux, evals, grad_norm = here
+    inner, sketch, sketch_products, eta = solved
+    result, slope, usable = searched
+    dtype = state.value.dtype
+    moved = usable & ~result.failed
+    step = jnp.where(moved, result.step, 0).astype(dtype)
+    predicted = -(step * slope + 0.5 * step * step * _model_curvature(inner, state.damping))
+    ratio = jnp.where(moved & (predicted > 0), (value - result.value) / predicted, 0).astype(dtype)
+    new_damping = adapt_damping(
+        state.damping, ratio, predicted, moved, options.min_damping, options.max_damping,
+        negative_curvature=jnp.where(inner.negative_curvature, -inner.rayleigh, 0),
+    )  # fmt: skip
+    result_grad, result_aux = result.grad
+    return state._replace(
+        value=jnp.where(moved, result.value, value).astype(dtype),
+        grad=select(moved, result_grad, grad),
+        aux=select(moved, result_aux, aux),
+        value_prev=jnp.where(moved, value, state.value_prev).astype(dtype),
+        damping=new_damping,
+        eta=eta,
+        grad_norm_prev=grad_norm,
+        step=step,
+        ratio=ratio,
+        iterations=state.iterations + 1,
+        value_and_grad_evals=evals + result.evaluations,
+        hessian_vector_products=state.hessian_vector_products + inner.products + sketch_products,
+        sketch=None if sketch is None else sketch._replace(age=sketch.age + 1),
+        negative_curvature=state.negative_curvature + inner.negative_curvature.astype(jnp.int32),
+        linesearch_failures=state.linesearch_failures + (usable & result.failed).astype(jnp.int32),
+        rejected_steps=state.rejected_steps + (~usable).astype(jnp.int32),
+        consecutive_failures=jnp.where(moved, 0, state.consecutive_failures + 1),
+        nonfinite_events=state.nonfinite_events
+        + (~_finite_step(inner, state.damping, slope)).astype(jnp.int32),
+    )
 
-        return product
 
-    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        del extra_args
-        require_update_args("newton_cg", updates, params, value_fn)
-        if curvature == "gauss_newton" and not isinstance(value_fn, GaussNewtonObjective):
-            raise TypeError(
-                "newton_cg(curvature='gauss_newton') requires `value_fn` built by "
-                f"twophase.gauss_newton_objective(residual_fn), got {value_fn!r}."
-            )
-        del updates
-        dtype = state.value.dtype
-        state = _aux.prepare_aux(state, value_fn, params)
-        value_grad_aux = _aux.value_grad_and_aux(value_fn, params)
-        int_zero = jnp.zeros([], jnp.int32)
-
-        # Stage 1: value and gradient here (cached by the previous line search).
-        value, grad, aux, _, evals = value_here(state, value_grad_aux, params)
-        scales = preconditioner_scales(state, preconditioner, params)
-        apply_scales = None if scales is None else (lambda t: optax.tree.mul(scales, t))
-
-        grad_norm = jnp.sqrt(_vdot(grad, grad)).astype(dtype)
-        finite_here = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-        converged = grad_norm <= jnp.asarray(grad_tol, dtype)
-        damping_ok = jnp.isfinite(state.damping) & (state.damping > 0)
-
-        def newton_branch(_):
-            lam = state.damping
-            # Stage 2: forcing term.
-            eta = forcing_term(forcing_rule, eta_cap, grad_norm, state.grad_norm_prev, state.eta)
-            product = curvature_product(value_fn, params)
-            sketch, sketch_products = state.sketch, jnp.zeros([], jnp.int32)
-            inverse = apply_scales
-            if nystrom:
-                sketch, sketch_products, inverse = nystrom_stage(state, product, grad, lam)
-            # Stage 3: inner solve.
-            inner = truncated_cg(product, grad, lam, eta * grad_norm, inner_cap, inverse)
-            direction = inner.step
-            slope = _vdot(grad, direction).astype(dtype)
-            model_curvature = inner.curvature - lam * _vdot(direction, direction).astype(dtype)
-            finite_step = ~inner.nonfinite & jnp.isfinite(slope) & jnp.isfinite(model_curvature)
-            usable = finite_step & (slope < 0)
-
-            # Stage 4: line search from the Newton step.
-            def evaluate(step):
-                # The auxiliary output rides with the gradient, which the line
-                # search only carries: it comes back for the accepted point.
-                delta = _scaled_update(step, direction, params)
-                f, g, a = value_grad_aux(optax.apply_updates(params, delta))
-                g = _to_compute(g)
-                return f.astype(dtype), (g, a), _vdot(g, direction).astype(dtype)
-
-            one = jnp.ones([], dtype)
-            if initial_step == "quadratic":
-                guess = 1.01 * 2.0 * (state.value_prev - value) / -slope
-                trial = jnp.where(jnp.isfinite(guess) & (guess > 0), jnp.minimum(one, guess), one)
-            else:
-                trial = one
-
-            def search_branch(_):
-                return search.search(evaluate, value, (grad, aux), slope, trial.astype(dtype))
-
-            def skip_branch(_):
-                return _ls.LineSearchResult(
-                    step=jnp.zeros([], dtype),
-                    value=value,
-                    grad=(grad, aux),
-                    slope=jnp.where(jnp.isfinite(slope), slope, 0).astype(dtype),
-                    evaluations=int_zero,
-                    failed=jnp.asarray(True),
-                    converged=jnp.asarray(False),
-                )
-
-            result = lax.cond(usable, search_branch, skip_branch, None)
-            result_grad, result_aux = result.grad
-            moved = usable & ~result.failed
-            step = jnp.where(moved, result.step, 0).astype(dtype)
-
-            # Stage 5: damping from the reduction ratio.
-            predicted = -(step * slope + 0.5 * step * step * model_curvature)
-            actual = value - result.value
-            ratio = jnp.where(moved & (predicted > 0), actual / predicted, 0).astype(dtype)
-            new_damping = adapt_damping(
-                lam,
-                ratio,
-                predicted,
-                moved,
-                lam_min,
-                lam_max,
-                negative_curvature=jnp.where(inner.negative_curvature, -inner.rayleigh, 0),
-            )
-
-            delta = _scaled_update(step, direction, params)
-            failed = ~moved
-            new_state = state._replace(
-                value=jnp.where(moved, result.value, value).astype(dtype),
-                grad=_select(moved, result_grad, grad),
-                aux=_select(moved, result_aux, aux),
-                value_prev=jnp.where(moved, value, state.value_prev).astype(dtype),
-                damping=new_damping,
-                eta=eta,
-                grad_norm_prev=grad_norm,
-                step=step,
-                ratio=ratio,
-                iterations=state.iterations + 1,
-                value_and_grad_evals=evals + result.evaluations,
-                hessian_vector_products=state.hessian_vector_products
-                + inner.products
-                + sketch_products,
-                sketch=None if sketch is None else sketch._replace(age=sketch.age + 1),
-                negative_curvature=state.negative_curvature
-                + inner.negative_curvature.astype(jnp.int32),
-                linesearch_failures=state.linesearch_failures
-                + (usable & result.failed).astype(jnp.int32),
-                rejected_steps=state.rejected_steps + (~usable).astype(jnp.int32),
-                consecutive_failures=jnp.where(failed, state.consecutive_failures + 1, 0),
-                nonfinite_events=state.nonfinite_events + (~finite_step).astype(jnp.int32),
-            )
-            return delta, new_state
-
-        def hold_branch(_):
-            # Converged, or nothing finite to work with: do not move.
-            new_state = held(state, finite_here, value, grad, aux, evals)
-            return optax.tree.zeros_like(params), new_state
-
-        def reject_branch(_):
-            # The damping in the state is not positive and finite (set from outside):
-            # reject this step, count it, and restart the damping from its initial value.
-            new_state = state._replace(
-                value=value,
-                grad=grad,
-                aux=aux,
-                damping=jnp.asarray(lam0, dtype),
-                value_and_grad_evals=evals,
-                iterations=state.iterations + 1,
-                rejected_steps=state.rejected_steps + 1,
-                consecutive_failures=state.consecutive_failures + 1,
-                nonfinite_events=state.nonfinite_events
-                + (~jnp.isfinite(state.damping)).astype(jnp.int32),
-            )
-            return optax.tree.zeros_like(params), new_state
-
-        branch = jnp.where(finite_here & ~converged, jnp.where(damping_ok, 2, 1), 0)
-        delta, new_state = lax.switch(branch, (hold_branch, reject_branch, newton_branch), None)
-        # A NaN never reaches the parameters.
-        return _zero_if_nonfinite(delta), new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+def rejected_state(options: NewtonOptions, state: NewtonCGState, here) -> NewtonCGState:
+    """The state when ``state.damping`` is not positive and finite (set from
+    outside): the step is rejected and counted, and the damping restarts from
+    its initial value. ``here = (value, grad, aux, evals, grad_norm)``."""
+    value, grad, aux, evals, _ = here
+    return state._replace(
+        value=value,
+        grad=grad,
+        aux=aux,
+        damping=jnp.asarray(options.damping, state.value.dtype),
+        value_and_grad_evals=evals,
+        iterations=state.iterations + 1,
+        rejected_steps=state.rejected_steps + 1,
+        consecutive_failures=state.consecutive_failures + 1,
+        nonfinite_events=state.nonfinite_events + (~jnp.isfinite(state.damping)).astype(jnp.int32),
+    )
