@@ -71,7 +71,7 @@ def test_nnx_optimizer_donates():
     @nnx.jit(donate_argnums=(0, 1))
     def train_step(model, optimizer):
         value, grads = nnx.value_and_grad(loss)(model)
-        graphdef, state = nnx.split(model)
+        graphdef, _ = nnx.split(model)
 
         def value_fn(params):
             return loss(nnx.merge(graphdef, params))

@@ -12,7 +12,7 @@ import pytest
 import twophase as tp
 
 DTYPES = {
-    "float16": (jnp.float16, 2e-3),
+    "float16": (jnp.float16, 5e-3),
     "bfloat16": (jnp.bfloat16, 1e-2),
     "float32": (jnp.float32, 1e-6),
     "float64": (jnp.float64, 1e-12),
@@ -121,7 +121,7 @@ def test_float16_large_gradient_square_does_not_overflow():
     params = jnp.ones(3, jnp.float16)
     opt = tp.adam_cg(1e-3, policy=tp.switch_at(100))
     g = jnp.full(3, 1000.0, jnp.float16)  # 1000**2 overflows float16
-    u, state = opt.update(g, opt.init(params), params, value=jnp.float16(1.0), value_fn=_abs2)
+    u, _ = opt.update(g, opt.init(params), params, value=jnp.float16(1.0), value_fn=_abs2)
     np.testing.assert_allclose(np.asarray(u, np.float32), -1e-3, rtol=1e-2)
 
 

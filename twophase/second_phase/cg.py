@@ -27,6 +27,7 @@ from jax import lax
 
 from twophase import auxiliary as _aux
 from twophase._checks import concrete, require_update_args
+from twophase._control import eager_jit, owning_init
 from twophase._numerics import finite_and_norm, max_abs, pow2_scale
 from twophase.second_phase import linesearch as _ls
 
@@ -570,7 +571,7 @@ def nonlinear_cg(
         delta = _zero_if_nonfinite(delta)
         return delta, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(owning_init(init_fn), eager_jit(update_fn))
 
 
 def value_here(state, value_grad_aux, params):

@@ -43,7 +43,7 @@ import optax.tree
 from jax import lax
 
 from twophase import auxiliary as _aux
-from twophase._control import run_if
+from twophase._control import eager_jit, owning_init, run_if
 from twophase.objectives import as_value_and_grad
 
 __all__ = [
@@ -300,7 +300,7 @@ def evaluating(inner: optax.GradientTransformation) -> optax.GradientTransformat
             ),
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(owning_init(init_fn), eager_jit(update_fn))
 
 
 def _all_finite(tree: PyTree) -> jax.Array:

@@ -56,6 +56,7 @@ from twophase._checks import (
     concrete,
     require_update_args,
 )
+from twophase._control import eager_jit, owning_init
 from twophase.second_phase import linesearch as _ls
 from twophase.second_phase import nystrom as _nys
 from twophase.second_phase.cg import (
@@ -904,4 +905,4 @@ def newton_cg(
         # A NaN never reaches the parameters.
         return _zero_if_nonfinite(delta), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(owning_init(init_fn), eager_jit(update_fn))
