@@ -323,11 +323,13 @@ def test_jit_init_of_injected_adam_cg():
 
 
 def test_injected_b1_change_after_init_matches_optax_adam():
-    def adam_cg(learning_rate, b1):
-        return tp.two_phase(tp.gated_adam(learning_rate, b1), tp.nonlinear_cg(), tp.safe_resort())
+    def adam_cg(learning_rate, b1, b2, eps):
+        adam = tp.gated_adam(learning_rate, b1, b2, eps)
+        return tp.two_phase(adam, tp.nonlinear_cg(), tp.safe_resort())
 
-    opt = optax.inject_hyperparams(adam_cg)(learning_rate=0.1, b1=0.9)
-    ref = optax.inject_hyperparams(optax.adam)(learning_rate=0.1, b1=0.9)
+    hyper = dict(learning_rate=0.1, b1=0.9, b2=0.999, eps=1e-8)  # all injected, as optax's
+    opt = optax.inject_hyperparams(adam_cg)(**hyper)
+    ref = optax.inject_hyperparams(optax.adam)(**hyper)
     x = jnp.ones(3, F32)
     state, ref_state = opt.init(x), ref.init(x)
     state.hyperparams["b1"] = ref_state.hyperparams["b1"] = jnp.asarray(0.5, F32)
