@@ -407,7 +407,7 @@ def test_train_with_wrapped_adam_cg_switches_and_runs_cg(wrap):
 
 
 def test_train_with_injected_adam_cg():
-    opt = optax.inject_hyperparams(tp.adam_cg, static_args=("detector",))(
+    opt = optax.inject_hyperparams(tp.adam_cg, static_args=("policy",))(
         learning_rate=0.05, policy=tp.switch_at(8)
     )
     result = tp.train(
