@@ -504,13 +504,19 @@ def fused_step(ctx: StepContext, grad: PyTree, state: TwoPhaseState) -> tuple:
 
 
 def guard_output(updates: PyTree, state: TwoPhaseState, in_first: jax.Array) -> tuple:
-    """Non-finite values never leave :func:`two_phase`: a phase-0 update with a
-    non-finite entry (from finite inputs: an overflow) is replaced by zeros and
-    counted in ``skipped_steps``. Phase-1 updates are already guarded."""
+    """Non-finite values never leave :func:`two_phase`: the non-finite entries of
+    a phase-0 update (from finite inputs: an overflow) are replaced by zeros;
+    with float16 leaves the step is also counted in ``skipped_steps``. Phase-1
+    updates are already guarded (wholly zeroed) and counted."""
+    # Per entry: the select stays fused with the caller's apply_updates. The
+    # count costs a pass over the update, so it is taken only where finite inputs
+    # overflow in practice (float16 leaves); wider dtypes are zeroed uncounted.
+    guarded = jax.tree.map(lambda u: jnp.where(jnp.isfinite(u), u, jnp.zeros_like(u)), updates)
+    if not any(jnp.result_type(u) == jnp.float16 for u in jax.tree.leaves(updates)):
+        return guarded, state
     finite = all_finite(updates)
-    updates = optax.tree.where(finite, updates, optax.tree.zeros_like(updates))
     skipped = state.skipped_steps + (in_first & ~finite).astype(jnp.int32)
-    return updates, state._replace(skipped_steps=skipped)
+    return guarded, state._replace(skipped_steps=skipped)
 
 
 def select_phase(ctx: StepContext, grad: PyTree, state: TwoPhaseState) -> tuple:
