@@ -4,7 +4,7 @@ On ``teacher-student-small`` (49 parameters, ``_problems.py``) at a budget of 10
 epoch-equivalents, ``benchmarks/switching.py`` found that CG started from Adam's point after
 some epochs drives the loss to ~1e-8 (four orders of magnitude below Adam), and from others
 ends just below Adam. This script reruns those fixed splits (``tp.adam_cg(lr,
-detector=tp.switch_at(k epochs))`` through ``tp.train(..., strict_budget=True)`` with
+policy=tp.switch_at(k epochs))`` through ``tp.train(..., strict_budget=True)`` with
 ``_problems.train_run``, as ``switching.py`` does: the same Adam learning rate and mini-batch
 shuffles for every row; a last row never switches) and, at each run's
 final point, computes the full-batch loss, gradient norm and the eigenvalues of the full-batch
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     rows = []
     never = args.budget + 1
     for split in [*args.splits, never]:
-        optimizer = tp.adam_cg(args.lr, window=spe, detector=tp.switch_at(split * spe))
+        optimizer = tp.adam_cg(args.lr, policy=tp.switch_at(split * spe))
         run = train_run(problem, optimizer, args.budget)
         loss, grad_norm, eig = end_point_spectrum(run.params, data)
         negative = int(np.sum(eig < -1e-6 * eig[-1]))

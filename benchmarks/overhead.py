@@ -12,7 +12,7 @@ MSE on one-hot targets (random seeded data; a 1024-example set serves as the ful
   switch_at(10**9))`` (the switch machinery without CG's state); ``two_phase(adam, nonlinear_cg(),
   switch_at(10**9))`` (plus CG's two buffers carried, untouched, through phase 0);
   ``two_phase(adam, nonlinear_cg(), grad_norm_peak())`` (plus the paper's detector);
-  ``tp.adam_cg(detector=switch_at(10**9))`` (the same optimizer as the second variant with
+  ``tp.adam_cg(policy=switch_at(10**9))`` (the same optimizer as the second variant with
   Adam's step fused, as ``tp.adam_cg`` runs it); and ``tp.adam_cg`` (default detector
   ``loss_plateau``). All stay in phase 0.
 
@@ -66,8 +66,8 @@ def variants() -> dict[str, Callable[[], optax.GradientTransformationExtraArgs]]
         "two_phase(adam, CG, grad_norm_peak)": lambda: tp.two_phase(
             optax.adam(LR), tp.nonlinear_cg(), tp.grad_norm_peak(0.9, window=100)
         ),
-        "tp.adam_cg(switch_at): Adam fused": lambda: tp.adam_cg(LR, detector=tp.switch_at(never)),
-        "tp.adam_cg (default detector)": lambda: tp.adam_cg(LR, window=100),
+        "tp.adam_cg(switch_at): Adam fused": lambda: tp.adam_cg(LR, policy=tp.switch_at(never)),
+        "tp.adam_cg (default detector)": lambda: tp.adam_cg(LR, steps_per_epoch=100),
     }
 
 

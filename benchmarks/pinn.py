@@ -42,7 +42,7 @@ left (``LBFGS_SHARE``; ``--lbfgs-share``), also with the anchor's damping grid's
 is one epoch).
 
 Three stages are a nested ``tp.two_phase``: the outer first transformation is
-``tp.adam_lbfgs(lr, detector=tp.switch_at(k1))``, the outer second ``tp.newton_cg()``, the
+``tp.adam_lbfgs(lr, policy=tp.switch_at(k1))``, the outer second ``tp.newton_cg()``, the
 outer detector ``tp.switch_at(k2)``, whose step count includes L-BFGS's steps. Why nesting:
 it needs nothing new in the core (two_phase takes any transformation as its first, and an
 inner two_phase ignores the incoming gradient in its own second phase), the whole chain is
@@ -126,14 +126,18 @@ def lbfgs(h: Hyperparams) -> optax.GradientTransformation:
 
 
 def adam_lbfgs_at(h: Hyperparams) -> optax.GradientTransformation:
-    return tp.adam_lbfgs(h["lr"], memory_size=LBFGS_MEMORY, detector=tp.switch_at(h["switch"]))
+    return tp.adam_lbfgs(
+        h["lr"], second=optax.lbfgs(memory_size=LBFGS_MEMORY), policy=tp.switch_at(h["switch"])
+    )
 
 
 def adam_lbfgs_memory_at(memory: int) -> Callable[[Hyperparams], optax.GradientTransformation]:
     """Adam->L-BFGS with ``memory`` pairs (static, so one function per memory)."""
 
     def make(h: Hyperparams) -> optax.GradientTransformation:
-        return tp.adam_lbfgs(h["lr"], memory_size=memory, detector=tp.switch_at(h["switch"]))
+        return tp.adam_lbfgs(
+            h["lr"], second=optax.lbfgs(memory_size=memory), policy=tp.switch_at(h["switch"])
+        )
 
     return make
 
@@ -154,42 +158,46 @@ def adam_lbfgs_backtracking_at(h: Hyperparams) -> optax.GradientTransformation:
 
 
 def adam_cg_at(h: Hyperparams) -> optax.GradientTransformation:
-    return tp.adam_cg(h["lr"], detector=tp.switch_at(h["switch"]))
+    return tp.adam_cg(h["lr"], policy=tp.switch_at(h["switch"]))
 
 
 def adam_cg_precond_at(h: Hyperparams) -> optax.GradientTransformation:
-    return tp.adam_cg(h["lr"], detector=tp.switch_at(h["switch"]), precondition=True)
+    return tp.adam_cg(h["lr"], policy=tp.switch_at(h["switch"]), precondition=True)
 
 
 SHORT_INNER = 10
 
 
 def adam_newton_cg_at(h: Hyperparams) -> optax.GradientTransformation:
-    return tp.adam_newton_cg(h["lr"], detector=tp.switch_at(h["switch"]))
+    return tp.adam_newton_cg(h["lr"], policy=tp.switch_at(h["switch"]))
 
 
 def adam_newton_cg_precond_at(h: Hyperparams) -> optax.GradientTransformation:
-    return tp.adam_newton_cg(h["lr"], detector=tp.switch_at(h["switch"]), precondition=True)
+    return tp.adam_newton_cg(h["lr"], policy=tp.switch_at(h["switch"]), precondition=True)
 
 
 def adam_newton_cg_nystrom_at(h: Hyperparams) -> optax.GradientTransformation:
     # Rathore et al.'s NNCG preconditioner: a rank-60 Nystrom sketch of the Hessian, taken
     # every 20 outer iterations (60 products each, counted), applied with the damping.
-    return tp.adam_newton_cg(h["lr"], detector=tp.switch_at(h["switch"]), precondition="nystrom")
+    return tp.adam_newton_cg(
+        h["lr"], second=tp.newton_cg(preconditioner="nystrom"), policy=tp.switch_at(h["switch"])
+    )
 
 
 def adam_newton_cg_short_at(h: Hyperparams) -> optax.GradientTransformation:
     # Cheaper outer iterations: at most SHORT_INNER products per inner solve (default 100).
     return tp.adam_newton_cg(
         h["lr"],
-        detector=tp.switch_at(h["switch"]),
+        second=tp.newton_cg(max_inner_iterations=SHORT_INNER),
+        policy=tp.switch_at(h["switch"]),
         precondition=True,
-        max_inner_iterations=SHORT_INNER,
     )
 
 
 def adam_newton_cg_gn_at(h: Hyperparams) -> optax.GradientTransformation:
-    return tp.adam_newton_cg(h["lr"], detector=tp.switch_at(h["switch"]), curvature="gauss_newton")
+    return tp.adam_newton_cg(
+        h["lr"], second=tp.newton_cg(curvature="gauss_newton"), policy=tp.switch_at(h["switch"])
+    )
 
 
 def newton_cg_step(budget: float, j: int, share: float = LBFGS_SHARE) -> int:
@@ -206,7 +214,7 @@ def adam_lbfgs_then(h: Hyperparams, third: optax.GradientTransformation):
     (its own switch_at counts Adam's steps), the outer second is ``third``, and the outer
     switch_at counts every step of the inner chain (Adam's and L-BFGS's)."""
     adam_then_lbfgs = tp.adam_lbfgs(
-        h["lr"], memory_size=LBFGS_MEMORY, detector=tp.switch_at(h["switch"])
+        h["lr"], second=optax.lbfgs(memory_size=LBFGS_MEMORY), policy=tp.switch_at(h["switch"])
     )
     return tp.two_phase(adam_then_lbfgs, third, tp.switch_at(h["switch2"]))
 
@@ -231,19 +239,26 @@ def adam_lbfgs_newton_cg_nystrom_damped_at(h: Hyperparams) -> optax.GradientTran
 
 def adam_lbfgs_default(h: Hyperparams) -> optax.GradientTransformation:
     # Full batch: one Adam step is one epoch; the default policy is told the budget.
-    return tp.adam_lbfgs(h["lr"], memory_size=LBFGS_MEMORY, window=1, budget=h["budget"])
+    return tp.adam_lbfgs(
+        h["lr"], second=optax.lbfgs(memory_size=LBFGS_MEMORY), steps_per_epoch=1, budget=h["budget"]
+    )
 
 
 def adam_cg_default(h: Hyperparams) -> optax.GradientTransformation:
-    return tp.adam_cg(h["lr"], window=1, budget=h["budget"])
+    return tp.adam_cg(h["lr"], steps_per_epoch=1, budget=h["budget"])
 
 
 def adam_newton_cg_default(h: Hyperparams) -> optax.GradientTransformation:
-    return tp.adam_newton_cg(h["lr"], window=1, budget=h["budget"])
+    return tp.adam_newton_cg(h["lr"], steps_per_epoch=1, budget=h["budget"])
 
 
 def adam_newton_cg_nystrom_default(h: Hyperparams) -> optax.GradientTransformation:
-    return tp.adam_newton_cg(h["lr"], window=1, budget=h["budget"], precondition="nystrom")
+    return tp.adam_newton_cg(
+        h["lr"],
+        second=tp.newton_cg(preconditioner="nystrom"),
+        steps_per_epoch=1,
+        budget=h["budget"],
+    )
 
 
 METHODS: list[Method] = [

@@ -7,12 +7,12 @@ in epoch-equivalents (a mini-batch epoch costs 1, a full-batch value+grad evalua
 
 * ``adam``: ``optax.adam`` at the best learning rate of the problem's sweep (used by every
   method; ``--sweep-budget B`` sweeps once at budget B and reuses the rate at every budget);
-* ``best split``: ``tp.adam_cg(detector=switch_at(k epochs))`` for k on a geometric grid from 1
+* ``best split``: ``tp.adam_cg(policy=switch_at(k epochs))`` for k on a geometric grid from 1
   epoch to 90% of the budget, the best in hindsight (an oracle); ``best split precond``: the
   same with ``precondition=True`` at that split and at 90%, the better of the two;
 * ``paper rule``: ``grad_norm_peak(0.9)`` on the exact full-batch norm once per epoch (Algorithm 1);
 * ``old default``: ``loss_plateau`` (the previous default, one-way);
-* ``new default``: ``tp.adam_cg(lr, window=steps per epoch)`` with no detector, i.e.
+* ``new default``: ``tp.adam_cg(lr, steps_per_epoch=steps per epoch)`` with no detector, i.e.
   ``tp.safe_resort``, told the budget by ``tp.train``; with ``--lbfgs`` also ``tp.adam_lbfgs``'s.
 
 Two cost axes. The primary ratio is the final full-batch training loss over Adam's at equal
@@ -118,14 +118,12 @@ def methods(
     lr: float, spe: int, lbfgs: bool
 ) -> dict[str, Callable[[], optax.GradientTransformation]]:
     chosen = {
-        "paper rule": lambda: tp.adam_cg(lr, window=spe, detector=tp.grad_norm_peak(0.9, spe)),
+        "paper rule": lambda: tp.adam_cg(lr, policy=tp.grad_norm_peak(0.9, spe)),
         "old default": lambda: tp.adam_cg(
-            lr,
-            window=spe,
-            detector=tp.loss_plateau(spe, patience=5, history=10, z_score=1.0),
+            lr, policy=tp.loss_plateau(spe, patience=5, history=10, z_score=1.0)
         ),
-        "new default": lambda: tp.adam_cg(lr, window=spe),
-        "new default (L-BFGS)": lambda: tp.adam_lbfgs(lr, window=spe),
+        "new default": lambda: tp.adam_cg(lr, steps_per_epoch=spe),
+        "new default (L-BFGS)": lambda: tp.adam_lbfgs(lr, steps_per_epoch=spe),
     }
     if not lbfgs:
         del chosen["new default (L-BFGS)"]
@@ -144,10 +142,10 @@ def evaluate(
     lr = min(adam, key=lambda k: adam[k]["loss"])
     results = {"adam": adam[lr]}
     if default_only:
-        results["new default"] = run(problem, tp.adam_cg(lr, window=spe), budget)
+        results["new default"] = run(problem, tp.adam_cg(lr, steps_per_epoch=spe), budget)
         return _report(problem, budget, lr, results, start)
     splits = {
-        k: run(problem, tp.adam_cg(lr, window=spe, detector=tp.switch_at(k * spe)), budget)
+        k: run(problem, tp.adam_cg(lr, policy=tp.switch_at(k * spe)), budget)
         for k in split_epochs(budget, n_splits)
     }
     best = min(splits, key=lambda k: splits[k]["loss"])
@@ -155,7 +153,7 @@ def evaluate(
     pre = {
         k: run(
             problem,
-            tp.adam_cg(lr, window=spe, detector=tp.switch_at(k * spe), precondition=True),
+            tp.adam_cg(lr, policy=tp.switch_at(k * spe), precondition=True),
             budget,
         )
         for k in sorted({best, round(0.9 * budget)})

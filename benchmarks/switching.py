@@ -104,39 +104,39 @@ def methods(lr: float, spe: int) -> dict[str, Method]:
     return {
         "default": Method(
             "Adam->CG, default (safe_resort, window 1 epoch)",
-            lambda s: tp.adam_cg(lr, window=spe),
+            lambda s: tp.adam_cg(lr, steps_per_epoch=spe),
         ),
         "slope_exact": Method(
             f"Adam->CG, norm_loss_slope(exact, window {DETECTOR_EPOCHS} epochs)",
-            lambda s: tp.adam_cg(lr, window=window, detector=slope_exact),
+            lambda s: tp.adam_cg(lr, policy=slope_exact),
         ),
         "peak": Method(
             "Adam->CG, grad_norm_peak(0.9, window estimate)",
-            lambda s: tp.adam_cg(lr, window=spe, detector=peak),
+            lambda s: tp.adam_cg(lr, policy=peak),
         ),
         "peak_exact": Method(
             "Adam->CG, grad_norm_peak(0.9, exact) = Algorithm 1",
-            lambda s: tp.adam_cg(lr, window=spe, detector=exact),
+            lambda s: tp.adam_cg(lr, policy=exact),
         ),
         "split": Method(
             "Adam->CG, best fixed split",
-            lambda s: tp.adam_cg(lr, window=spe, detector=tp.switch_at(s)),
+            lambda s: tp.adam_cg(lr, policy=tp.switch_at(s)),
         ),
         "pre_split": Method(
             "Adam->CG precond, best fixed split",
-            lambda s: tp.adam_cg(lr, window=spe, detector=tp.switch_at(s), precondition=True),
+            lambda s: tp.adam_cg(lr, policy=tp.switch_at(s), precondition=True),
         ),
         "pre_default": Method(
             "Adam->CG precond, default detector",
-            lambda s: tp.adam_cg(lr, window=spe, precondition=True),
+            lambda s: tp.adam_cg(lr, steps_per_epoch=spe, precondition=True),
         ),
         "lbfgs_default": Method(
             "Adam->L-BFGS, default detector",
-            lambda s: tp.adam_lbfgs(lr, window=spe),
+            lambda s: tp.adam_lbfgs(lr, steps_per_epoch=spe),
         ),
         "lbfgs_split": Method(
             "Adam->L-BFGS, best fixed split",
-            lambda s: tp.adam_lbfgs(lr, window=spe, detector=tp.switch_at(s)),
+            lambda s: tp.adam_lbfgs(lr, policy=tp.switch_at(s)),
         ),
     }
 

@@ -119,7 +119,7 @@ def main(args: argparse.Namespace) -> None:
         loss_fn,
         params,
         data,
-        tp.adam_cg(1e-2, detector=tp.switch_at(2 * steps_per_epoch)),  # CG from epoch 3
+        tp.adam_cg(1e-2, policy=tp.switch_at(2 * steps_per_epoch)),  # CG from epoch 3
         batch_size=BATCH,
         full_batch_size=CHUNK,
         max_epochs=args.max_epochs,

@@ -153,9 +153,9 @@ def main():
     out = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     if TASK == "steps":
         data = global_data()
-        out["adam_cg"] = run_steps(tp.adam_cg(1e-2, detector=tp.switch_at(SWITCH)), data)
+        out["adam_cg"] = run_steps(tp.adam_cg(1e-2, policy=tp.switch_at(SWITCH)), data)
         out["adam_lbfgs"] = run_steps(
-            tp.adam_lbfgs(1e-2, detector=tp.switch_at(SWITCH)),
+            tp.adam_lbfgs(1e-2, policy=tp.switch_at(SWITCH)),
             data,
             os.path.join(OUT_DIR, "checkpoint") if NUM_PROCESSES > 1 else None,
         )

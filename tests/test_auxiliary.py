@@ -74,9 +74,9 @@ def test_aux_is_none_without_one():
 @pytest.mark.parametrize(
     "preset",
     [
-        lambda: tp.adam_cg(0.05, detector=tp.switch_at(3)),
-        lambda: tp.adam_lbfgs(0.05, detector=tp.switch_at(3)),
-        lambda: tp.adam_newton_cg(0.05, detector=tp.switch_at(3)),
+        lambda: tp.adam_cg(0.05, policy=tp.switch_at(3)),
+        lambda: tp.adam_lbfgs(0.05, policy=tp.switch_at(3)),
+        lambda: tp.adam_newton_cg(0.05, policy=tp.switch_at(3)),
     ],
     ids=["adam_cg", "adam_lbfgs", "adam_newton_cg"],
 )
@@ -113,7 +113,7 @@ def test_two_phase_with_aux_in_a_scan_compiles_once(preset, count_traces):
 
 
 def test_two_phase_without_prepare_aux_retraces_once_then_never(count_traces):
-    opt = tp.adam_cg(0.05, detector=tp.switch_at(2))
+    opt = tp.adam_cg(0.05, policy=tp.switch_at(2))
 
     @jax.jit
     @count_traces
@@ -155,7 +155,7 @@ def test_returns_to_adam_keep_the_aux_structure():
     def bad_terms(p):
         return wrong(p), terms(p)[1]
 
-    opt = tp.adam_cg(0.05, detector=tp.switch_at(2), fallback=1)
+    opt = tp.adam_cg(0.05, policy=tp.from_detector(tp.switch_at(2), fallback=1))
     params, state = PARAMS, tp.prepare_aux(opt.init(PARAMS), bad_terms, PARAMS)
 
     @jax.jit
@@ -194,7 +194,7 @@ def test_zero_steps_are_counted_and_never_move_uphill(name):
 
 def test_zero_steps_are_counted_over_trials_in_two_phase():
     bad = _wrong_gradient(scalar)
-    opt = tp.adam_lbfgs(0.05, detector=tp.switch_at(2), fallback=2)
+    opt = tp.adam_lbfgs(0.05, policy=tp.from_detector(tp.switch_at(2), fallback=2))
 
     @jax.jit
     def step(params, state):

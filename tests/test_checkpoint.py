@@ -42,19 +42,17 @@ def loss_fn(p, batch):
 
 def make_optimizer(kind):
     if kind == "adam_cg":
-        return tp.adam_cg(1e-2, detector=tp.switch_at(SWITCH))
+        return tp.adam_cg(1e-2, policy=tp.switch_at(SWITCH))
     if kind == "adam_newton_cg":
-        return tp.adam_newton_cg(1e-2, detector=tp.switch_at(SWITCH))
+        return tp.adam_newton_cg(1e-2, policy=tp.switch_at(SWITCH))
     if kind == "adam_newton_cg_nystrom":
         # A sketch every second Newton step: the resumed run refreshes it after the restore.
         return tp.adam_newton_cg(
             1e-2,
-            detector=tp.switch_at(SWITCH),
-            precondition="nystrom",
-            sketch_size=4,
-            sketch_refresh=2,
+            second=tp.newton_cg(preconditioner="nystrom", sketch_size=4, sketch_refresh=2),
+            policy=tp.switch_at(SWITCH),
         )
-    return tp.adam_lbfgs(1e-2, detector=tp.switch_at(SWITCH))
+    return tp.adam_lbfgs(1e-2, policy=tp.switch_at(SWITCH))
 
 
 def make_run(kind, dtype):

@@ -88,7 +88,7 @@ def test_cg_moves_with_gradients_below_float32_squares():
 @pytest.mark.parametrize("fused", [True, False])
 def test_adam_phase_takes_huge_finite_steps_like_optax_adam(fused):
     if fused:
-        opt = tp.adam_cg(1e-2, detector=tp.switch_at(100))
+        opt = tp.adam_cg(1e-2, policy=tp.switch_at(100))
     else:
         opt = tp.two_phase(optax.adam(1e-2), tp.nonlinear_cg(), tp.switch_at(100))
     ref = optax.adam(1e-2)
@@ -142,7 +142,7 @@ PARAMS = {"w": jnp.zeros(3, F32), "emb": jnp.ones(2, F32)}
     ],
 )
 def test_train_rejects_transformations_chained_before_a_two_phase_optimizer(before):
-    opt = optax.chain(before, tp.adam_cg(0.05, detector=tp.switch_at(8)))
+    opt = optax.chain(before, tp.adam_cg(0.05, policy=tp.switch_at(8)))
     with pytest.raises(ValueError, match=r"partition.*with_weight_decay"):
         tp.train(_loss, PARAMS, _regression_data(), opt, progress=False)
 
@@ -155,7 +155,7 @@ def test_train_rejects_transformations_chained_after_cg():
 
 def test_frozen_leaf_stays_frozen_in_both_phases_with_partition():
     opt = optax.partition(
-        {"train": tp.adam_cg(0.05, detector=tp.switch_at(8)), "frozen": optax.set_to_zero()},
+        {"train": tp.adam_cg(0.05, policy=tp.switch_at(8)), "frozen": optax.set_to_zero()},
         {"w": "train", "emb": "frozen"},
     )
     result = tp.train(
@@ -173,7 +173,7 @@ def test_frozen_leaf_stays_frozen_in_both_phases_with_partition():
 def test_frozen_leaf_stays_frozen_in_own_loop_with_partition_and_fill_masked():
     data = _regression_data()
     opt = optax.partition(
-        {"train": tp.adam_cg(0.05, detector=tp.switch_at(3)), "frozen": optax.set_to_zero()},
+        {"train": tp.adam_cg(0.05, policy=tp.switch_at(3)), "frozen": optax.set_to_zero()},
         {"w": "train", "emb": "frozen"},
     )
     full = tp.full_batch(_loss, data)
@@ -195,7 +195,7 @@ def test_frozen_leaf_stays_frozen_in_own_loop_with_partition_and_fill_masked():
 
 def test_masked_tree_without_fill_masked_names_the_fix():
     data = _regression_data()
-    opt = optax.masked(tp.adam_cg(0.05, detector=tp.switch_at(1)), {"w": True, "emb": False})
+    opt = optax.masked(tp.adam_cg(0.05, policy=tp.switch_at(1)), {"w": True, "emb": False})
     state = opt.init(PARAMS)
     loss, grads = jax.value_and_grad(_loss)(PARAMS, data)
     with pytest.raises(TypeError, match="fill_masked"):
@@ -207,7 +207,7 @@ def test_weight_decay_in_the_loss_reaches_the_regularised_optimum_across_the_swi
     wd = 0.5
     loss = tp.with_weight_decay(_loss, wd, mask={"w": True, "emb": False})
     params = {"w": jnp.zeros(3, F32), "emb": jnp.zeros(1, F32)}
-    opt = tp.adam_cg(0.05, detector=tp.switch_at(16))
+    opt = tp.adam_cg(0.05, policy=tp.switch_at(16))
     result = tp.train(loss, params, data, opt, batch_size=16, max_epochs=12, progress=False)
     assert result.history[-1]["phase"] == 1
     # Closed form of mean((x w + c - y)^2) + wd/2 ||w||^2.
@@ -245,7 +245,7 @@ def test_with_weight_decay_rejects_bad_weight_decay(weight_decay):
 def _adam_cg_plateau(learning_rate, window, min_steps=0):
     """adam_cg with the loss_plateau detector built from the (injected) window."""
     detector = tp.loss_plateau(window, patience=5, history=10, z_score=1.0, min_steps=min_steps)
-    return tp.adam_cg(learning_rate, window=window, min_steps=min_steps, detector=detector)
+    return tp.adam_cg(learning_rate, policy=detector)
 
 
 def _switch_step_with_window(window_at_init, window_after, steps=40, name="window", **kwargs):
@@ -282,10 +282,10 @@ def test_injected_min_steps_takes_effect_after_init(at_init, after, switch_step)
 
 
 def test_injected_window_sets_the_default_policys_epoch_length():
-    opt = optax.inject_hyperparams(tp.adam_cg)(learning_rate=0.1, window=1)
+    opt = optax.inject_hyperparams(tp.adam_cg)(learning_rate=0.1, steps_per_epoch=1)
     x = jnp.zeros(3, F32)
     state = opt.init(x)
-    state.hyperparams["window"] = jnp.asarray(4)
+    state.hyperparams["steps_per_epoch"] = jnp.asarray(4)
     step = jax.jit(
         lambda x, s: opt.update(2 * (x - 1.0), s, x, value=jnp.asarray(1.0, F32), value_fn=jnp.sum)
     )
@@ -300,10 +300,10 @@ def test_injected_window_sets_the_default_policys_epoch_length():
 def test_injected_memory_size_fails_clearly_and_static_works():
     x = jnp.zeros(3, F32)
     opt = optax.inject_hyperparams(tp.adam_lbfgs)(learning_rate=0.1, memory_size=3)
-    with pytest.raises(ValueError, match=r"memory_size.*static_args"):
+    with pytest.raises(TypeError, match=r"memory_size.*second=optax.lbfgs"):
         opt.init(x)
-    static = optax.inject_hyperparams(tp.adam_lbfgs, static_args=("memory_size",))(
-        learning_rate=0.1, memory_size=3
+    static = optax.inject_hyperparams(tp.adam_lbfgs, static_args=("second",))(
+        learning_rate=0.1, second=optax.lbfgs(memory_size=3)
     )
     state = jax.jit(static.init)(x)
     jax.jit(lambda s: static.update(x, s, x, value=jnp.sum(x), value_fn=jnp.sum))(state)
@@ -311,7 +311,11 @@ def test_injected_memory_size_fails_clearly_and_static_works():
 
 def test_jit_init_of_injected_adam_cg():
     # optax#412: integer hyperparameters traced by jit(init).
-    opt = optax.inject_hyperparams(tp.adam_cg)(learning_rate=0.1, window=3, min_steps=2)
+    def adam_cg(learning_rate, steps_per_epoch, min_steps):
+        policy = tp.safe_resort(steps_per_epoch, min_steps=min_steps)
+        return tp.adam_cg(learning_rate, policy=policy)
+
+    opt = optax.inject_hyperparams(adam_cg)(learning_rate=0.1, steps_per_epoch=3, min_steps=2)
     x = jnp.zeros(3, F32)
     state = jax.jit(opt.init)(x)
     _, state = jax.jit(lambda s: opt.update(x, s, x, value=jnp.sum(x), value_fn=jnp.sum))(state)
@@ -319,8 +323,13 @@ def test_jit_init_of_injected_adam_cg():
 
 
 def test_injected_b1_change_after_init_matches_optax_adam():
-    opt = optax.inject_hyperparams(tp.adam_cg)(learning_rate=0.1, b1=0.9)
-    ref = optax.inject_hyperparams(optax.adam)(learning_rate=0.1, b1=0.9)
+    def adam_cg(learning_rate, b1, b2, eps):
+        adam = tp.gated_adam(learning_rate, b1, b2, eps)
+        return tp.two_phase(adam, tp.nonlinear_cg(), tp.safe_resort())
+
+    hyper = dict(learning_rate=0.1, b1=0.9, b2=0.999, eps=1e-8)  # all injected, as optax's
+    opt = optax.inject_hyperparams(adam_cg)(**hyper)
+    ref = optax.inject_hyperparams(optax.adam)(**hyper)
     x = jnp.ones(3, F32)
     state, ref_state = opt.init(x), ref.init(x)
     state.hyperparams["b1"] = ref_state.hyperparams["b1"] = jnp.asarray(0.5, F32)
@@ -334,7 +343,7 @@ def test_injected_b1_change_after_init_matches_optax_adam():
 def test_injected_precondition_flag_is_static():
     # bools are static in inject_hyperparams: precondition=True builds and runs.
     opt = optax.inject_hyperparams(tp.adam_cg)(
-        learning_rate=0.1, precondition=True, detector=tp.switch_at(1)
+        learning_rate=0.1, precondition=True, policy=tp.switch_at(1)
     )
     x = jnp.ones(3, F32)
     state = opt.init(x)
@@ -351,7 +360,7 @@ def test_injected_precondition_flag_is_static():
 
 def test_info_with_two_two_phase_states_names_info_all():
     opt = optax.partition(
-        {"a": tp.adam_cg(), "b": tp.adam_cg(detector=tp.switch_at(2))}, {"w": "a", "emb": "b"}
+        {"a": tp.adam_cg(), "b": tp.adam_cg(policy=tp.switch_at(2))}, {"w": "a", "emb": "b"}
     )
     state = opt.init(PARAMS)
     with pytest.raises(ValueError, match="info_all"):
@@ -364,8 +373,8 @@ def test_info_with_two_two_phase_states_names_info_all():
 def test_train_with_two_two_phase_optimizers_in_a_partition():
     opt = optax.partition(
         {
-            "a": tp.adam_cg(0.05, detector=tp.switch_at(8)),
-            "b": tp.adam_cg(0.05, detector=tp.switch_at(4)),
+            "a": tp.adam_cg(0.05, policy=tp.switch_at(8)),
+            "b": tp.adam_cg(0.05, policy=tp.switch_at(4)),
         },
         {"w": "a", "emb": "b"},
     )
@@ -389,7 +398,7 @@ def test_train_with_two_two_phase_optimizers_in_a_partition():
     ids=["multisteps", "masked", "plain"],
 )
 def test_train_with_wrapped_adam_cg_switches_and_runs_cg(wrap):
-    opt = wrap(tp.adam_cg(0.05, detector=tp.switch_at(8)))
+    opt = wrap(tp.adam_cg(0.05, policy=tp.switch_at(8)))
     result = tp.train(
         _loss, PARAMS, _regression_data(), opt, batch_size=16, max_epochs=4, progress=False
     )
@@ -398,8 +407,8 @@ def test_train_with_wrapped_adam_cg_switches_and_runs_cg(wrap):
 
 
 def test_train_with_injected_adam_cg():
-    opt = optax.inject_hyperparams(tp.adam_cg, static_args=("detector",))(
-        learning_rate=0.05, detector=tp.switch_at(8)
+    opt = optax.inject_hyperparams(tp.adam_cg, static_args=("policy",))(
+        learning_rate=0.05, policy=tp.switch_at(8)
     )
     result = tp.train(
         _loss, PARAMS, _regression_data(), opt, batch_size=16, max_epochs=4, progress=False
@@ -462,7 +471,7 @@ def test_derivative_through_a_cg_step_is_nan_not_wrong():
     f = _quadratic()
 
     def make(learning_rate):
-        return tp.adam_cg(learning_rate, detector=tp.switch_at(1))
+        return tp.adam_cg(learning_rate, policy=tp.switch_at(1))
 
     got = jax.grad(_meta_loss)(jnp.asarray(0.01, F32), make, f)
     assert np.isnan(float(got))
@@ -483,7 +492,7 @@ def test_vmap_over_learning_rates_matches_optax_adam():
 def test_vmap_over_an_ensemble_of_params_matches_optax_adam(order):
     f = _quadratic()
     xs = jnp.asarray(np.random.default_rng(2).normal(size=(4, 5)), F32)
-    opt, ref = tp.adam_cg(1e-2, detector=tp.switch_at(100)), optax.adam(1e-2)
+    opt, ref = tp.adam_cg(1e-2, policy=tp.switch_at(100)), optax.adam(1e-2)
 
     def step(opt, x, state):
         value, grad = jax.value_and_grad(f)(x)
@@ -508,7 +517,7 @@ def test_vmap_over_an_ensemble_of_params_matches_optax_adam(order):
 
 def test_apply_if_finite_around_adam_cg_runs_both_phases():
     f = _quadratic()
-    opt = optax.apply_if_finite(tp.adam_cg(0.1, detector=tp.switch_at(2)), 3)
+    opt = optax.apply_if_finite(tp.adam_cg(0.1, policy=tp.switch_at(2)), 3)
     x = jnp.ones(5, F32)
     state = opt.init(x)
     step = jax.jit(lambda x, s: opt.update(jax.grad(f)(x), s, x, value=f(x), value_fn=f))
@@ -565,7 +574,7 @@ def test_gradient_wrt_initial_params_through_rematerialised_steps():
 
 
 def test_bfloat16_params_with_huge_finite_gradients_step_like_optax_adam():
-    opt, ref = tp.adam_cg(1e-2, detector=tp.switch_at(100)), optax.adam(1e-2)
+    opt, ref = tp.adam_cg(1e-2, policy=tp.switch_at(100)), optax.adam(1e-2)
     x = jnp.ones(3, jnp.bfloat16)
     g = jnp.asarray([1e20, -3e19, 1.0], jnp.bfloat16)
     u, state = opt.update(

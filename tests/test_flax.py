@@ -93,7 +93,7 @@ def test_nnx_value_fn_matches_loss_and_takes_optimizer_params(digits):
 
 def test_nnx_phase0_equals_adam(digits):
     model_tp, model_adam = MLP(nnx.Rngs(0)), MLP(nnx.Rngs(0))
-    opt_tp = nnx.Optimizer(model_tp, tp.adam_cg(1e-2, detector=tp.switch_at(100)), wrt=nnx.Param)
+    opt_tp = nnx.Optimizer(model_tp, tp.adam_cg(1e-2, policy=tp.switch_at(100)), wrt=nnx.Param)
     opt_adam = nnx.Optimizer(model_adam, optax.adam(1e-2), wrt=nnx.Param)
     step = make_nnx_step([])
 
@@ -116,7 +116,7 @@ def test_nnx_phase0_equals_adam(digits):
 def test_nnx_switch_then_cg_decreases_full_batch_loss(digits):
     switch = 2 * STEPS_PER_EPOCH
     model = MLP(nnx.Rngs(1))
-    optimizer = nnx.Optimizer(model, tp.adam_cg(1e-2, detector=tp.switch_at(switch)), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, tp.adam_cg(1e-2, policy=tp.switch_at(switch)), wrt=nnx.Param)
     traces: list = []
     step = make_nnx_step(traces)
     losses = [full_loss(model, digits)]
@@ -141,7 +141,9 @@ def test_nnx_switch_then_cg_decreases_full_batch_loss(digits):
 
 def test_nnx_default_policy_epoch_window(digits):
     model = MLP(nnx.Rngs(2))
-    optimizer = nnx.Optimizer(model, tp.adam_cg(3e-2, window=STEPS_PER_EPOCH), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(
+        model, tp.adam_cg(3e-2, steps_per_epoch=STEPS_PER_EPOCH), wrt=nnx.Param
+    )
     traces: list = []
     step = make_nnx_step(traces)
     losses = [full_loss(model, digits)]
@@ -188,7 +190,7 @@ def test_linen_train_state_does_not_forward_kwargs(digits):
 
 def test_linen_apply_gradients_phase0_adam_then_cg(digits):
     switch = 2 * STEPS_PER_EPOCH
-    state = make_linen_state(tp.adam_cg(1e-2, detector=tp.switch_at(switch)))
+    state = make_linen_state(tp.adam_cg(1e-2, policy=tp.switch_at(switch)))
     adam_state = make_linen_state(optax.adam(1e-2))
     traces: list = []
 

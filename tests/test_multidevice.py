@@ -63,14 +63,12 @@ def run(sharded, ckpt_dir=None, newton=False):
     params = jax.device_put(PARAMS, replicated)
     if newton == "nystrom":
         # The sketch's vmapped products over the sharded objective, refreshed mid-run.
-        opt = tp.adam_newton_cg(
-            1e-2, detector=tp.switch_at(SWITCH), precondition="nystrom", sketch_size=8,
-            sketch_refresh=3,
-        )
+        second = tp.newton_cg(preconditioner="nystrom", sketch_size=8, sketch_refresh=3)
+        opt = tp.adam_newton_cg(1e-2, second=second, policy=tp.switch_at(SWITCH))
     elif newton:
-        opt = tp.adam_newton_cg(1e-2, detector=tp.switch_at(SWITCH))
+        opt = tp.adam_newton_cg(1e-2, policy=tp.switch_at(SWITCH))
     else:
-        opt = tp.adam_cg(1e-2, detector=tp.switch_at(SWITCH))
+        opt = tp.adam_cg(1e-2, policy=tp.switch_at(SWITCH))
     full = tp.full_batch(loss_fn, (x, y), batch_size=CHUNK)
     traces = {{"n": 0}}
 

@@ -59,7 +59,7 @@ def mlp_problem(seed, n=64, d=3, h=5):
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
 def test_nonfinite_minibatch_gradient_in_phase0_is_skipped(bad):
     params, full, *_ = mlp_problem(0)
-    opt = tp.adam_cg(1e-2, window=4)
+    opt = tp.adam_cg(1e-2, steps_per_epoch=4)
     state = opt.init(params)
     grad = jax.grad(full)(params)
     poisoned = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(bad), grad)
@@ -95,7 +95,7 @@ def test_nonfinite_objective_in_phase1(where, bad):
             r = optax.tree.norm(optax.tree.sub(p, start))
             return jnp.where(r < 0.05, full(p), bad)
 
-    opt = tp.adam_cg(detector=tp.switch_at(1))
+    opt = tp.adam_cg(policy=tp.switch_at(1))
     state = opt.init(params)
     step = jax.jit(
         lambda p, s: opt.update(
@@ -188,7 +188,7 @@ def test_noisy_objective_never_increases_in_phase1():
 @given(seed=st.integers(0, 10_000), switch=st.integers(1, 6), width=st.integers(2, 8))
 def test_property_full_batch_loss_non_increasing_over_phase1(seed, switch, width):
     params, full, loss, x, y = mlp_problem(seed, h=width)
-    opt = tp.adam_cg(1e-2, detector=tp.switch_at(switch))
+    opt = tp.adam_cg(1e-2, policy=tp.switch_at(switch))
     state = opt.init(params)
 
     @jax.jit
@@ -272,7 +272,7 @@ def test_property_arbitrary_pytrees_keep_their_structure(tree):
         return sum((jnp.sum((x - 0.5) ** 2) for x in leaves), jnp.zeros([], jnp.float32))
 
     # adam_cg's phase 1 is nonlinear_cg: steps 1 and 2 run it on the same tree.
-    for opt in [tp.adam_cg(detector=tp.switch_at(1))]:
+    for opt in [tp.adam_cg(policy=tp.switch_at(1))]:
         state = opt.init(tree)
         p = tree
         # Compiled (as in a training step): op by op, each new structure cost ~4x more.
@@ -295,7 +295,7 @@ def test_dtypes_across_the_switch_compile_once(dtype, count_traces):
     params, full32, *_ = mlp_problem(3)
     params = jax.tree.map(lambda a: a.astype(dtype), params)
     full = lambda p: full32(jax.tree.map(lambda a: a.astype(jnp.float32), p))
-    opt = tp.adam_cg(1e-2, detector=tp.switch_at(3))
+    opt = tp.adam_cg(1e-2, policy=tp.switch_at(3))
     step = jax.jit(
         count_traces(lambda p, s: opt.update(jax.grad(full)(p), s, p, value=full(p), value_fn=full))
     )
@@ -316,7 +316,7 @@ def test_dtypes_across_the_switch_compile_once(dtype, count_traces):
 def test_one_transformation_two_independent_loops():
     params_a, full_a, *_ = mlp_problem(4)
     params_b, full_b, *_ = mlp_problem(5)
-    opt = tp.adam_cg(1e-2, detector=tp.switch_at(2))
+    opt = tp.adam_cg(1e-2, policy=tp.switch_at(2))
 
     def stepper(full):
         # Compiled (op by op the test took ~50 s); one program per objective.
@@ -350,7 +350,7 @@ def test_one_transformation_two_independent_loops():
 
 def test_state_survives_device_get_put_and_pickle():
     params, full, *_ = mlp_problem(6)
-    opt = tp.adam_cg(1e-2, detector=tp.switch_at(2))
+    opt = tp.adam_cg(1e-2, policy=tp.switch_at(2))
     state = opt.init(params)
     for _ in range(4):
         u, state = opt.update(

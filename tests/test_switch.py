@@ -50,7 +50,7 @@ def make_step(opt):
 
 
 def test_phase0_equals_optax_adam():
-    opt = tp.adam_cg(1e-2, window=8, detector=tp.switch_at(10_000))
+    opt = tp.adam_cg(1e-2, policy=tp.switch_at(10_000))
     ref = optax.adam(1e-2)
     p, s = PARAMS, opt.init(PARAMS)
     p_ref, s_ref = PARAMS, ref.init(PARAMS)
@@ -67,7 +67,7 @@ def test_phase0_equals_optax_adam():
 
 def test_switch_step_and_phase1_equals_nonlinear_cg():
     switch = 5
-    opt = tp.adam_cg(1e-2, detector=tp.switch_at(switch))
+    opt = tp.adam_cg(1e-2, policy=tp.switch_at(switch))
     cg = tp.nonlinear_cg()
     step = make_step(opt)
     p, s = PARAMS, opt.init(PARAMS)
@@ -91,7 +91,7 @@ def test_switch_step_and_phase1_equals_nonlinear_cg():
 
 def test_training_switches_compiles_once_and_cg_lowers_full_loss_every_iteration(count_traces):
     detector = tp.norm_loss_slope(window=N // BATCH, estimator="exact")
-    opt = tp.adam_cg(5e-3, window=N // BATCH, detector=detector)
+    opt = tp.adam_cg(5e-3, policy=detector)
     traced = count_traces(
         lambda p, s, x, y: opt.update(
             jax.grad(loss)(p, x, y), s, p, value=loss(p, x, y), value_fn=FULL
@@ -139,16 +139,14 @@ def test_loss_plateau_waits_while_adam_progresses_and_fires_when_it_stalls():
     # lr 5e-3: the full-batch loss falls steadily for 40 epochs; no switch, no
     # full-batch evaluation (the detector is free).
     w = N // BATCH
-    s, adam_losses, _ = _train_epochs(tp.adam_cg(5e-3, window=w, detector=_plateau(w)), 40)
+    s, adam_losses, _ = _train_epochs(tp.adam_cg(5e-3, policy=_plateau(w)), 40)
     info = tp.info(s)
     assert int(info.phase) == 0 and int(info.value_and_grad_evals) == 0
     assert adam_losses[-1] < 0.2 * adam_losses[10]
     # lr 0.1: Adam stalls at its noise floor (around epoch 150 here); the detector
     # fires (at the earliest after history 10 + patience 5 - 1 windows) and CG
     # then lowers the full-batch loss at every iteration, well below Adam's.
-    s, adam_losses, cg_losses = _train_epochs(
-        tp.adam_cg(0.1, window=w, detector=_plateau(w)), 400, 20
-    )
+    s, adam_losses, cg_losses = _train_epochs(tp.adam_cg(0.1, policy=_plateau(w)), 400, 20)
     info = tp.info(s)
     assert int(info.phase) == 1
     assert int(info.switch_step) >= 14 * (N // BATCH)
@@ -157,7 +155,7 @@ def test_loss_plateau_waits_while_adam_progresses_and_fires_when_it_stalls():
 
 
 def test_nonfinite_minibatch_gradient_is_skipped_and_counted():
-    opt = tp.adam_cg(1e-2, window=4)
+    opt = tp.adam_cg(1e-2, steps_per_epoch=4)
     s = opt.init(PARAMS)
     bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), PARAMS)
     u, s2 = opt.update(bad, s, PARAMS, value=jnp.asarray(1.0), value_fn=FULL)
@@ -170,7 +168,7 @@ def test_nonfinite_minibatch_gradient_is_skipped_and_counted():
 
 
 def test_after_gradient_clipping_in_a_chain_and_info_finds_state():
-    opt = optax.chain(optax.clip_by_global_norm(1.0), tp.adam_cg(1e-2, detector=tp.switch_at(3)))
+    opt = optax.chain(optax.clip_by_global_norm(1.0), tp.adam_cg(1e-2, policy=tp.switch_at(3)))
     step = make_step(opt)
     p, s = PARAMS, opt.init(PARAMS)
     for x, y in list(batches(0))[:6]:
@@ -196,7 +194,12 @@ def test_inject_hyperparams_learning_rate():
 def test_inject_hyperparams_adam_constants_match_optax_adam():
     """Injected b1, b2, eps reach the fused Adam step as traced scalars."""
     hyper = dict(learning_rate=1e-2, b1=0.8, b2=0.95, eps=1e-6)
-    opt = optax.inject_hyperparams(tp.adam_cg)(**hyper)
+
+    def adam_cg(learning_rate, b1, b2, eps):
+        adam = tp.gated_adam(learning_rate, b1, b2, eps)
+        return tp.two_phase(adam, tp.nonlinear_cg(), tp.safe_resort())
+
+    opt = optax.inject_hyperparams(adam_cg)(**hyper)
     ref = optax.inject_hyperparams(optax.adam)(**hyper)
     step = jax.jit(lambda p, s: opt.update(jax.grad(FULL)(p), s, p, value=FULL(p), value_fn=FULL))
     p, s, p_ref, s_ref = PARAMS, opt.init(PARAMS), PARAMS, ref.init(PARAMS)
@@ -209,7 +212,7 @@ def test_inject_hyperparams_adam_constants_match_optax_adam():
 
 
 def test_vmap_over_an_ensemble_matches_separate_runs():
-    opt = tp.adam_cg(1e-2, detector=tp.switch_at(3))
+    opt = tp.adam_cg(1e-2, policy=tp.switch_at(3))
     members = [make_problem(seed)[2] for seed in range(3)]
     ensemble = jax.tree.map(lambda *a: jnp.stack(a), *members)
 
@@ -245,7 +248,7 @@ def _lying_objective():
 
 def test_fallback_returns_to_phase0_after_consecutive_failures():
     lying = _lying_objective()
-    opt = tp.adam_cg(1e-2, detector=tp.switch_at(2), fallback=3)
+    opt = tp.adam_cg(1e-2, policy=tp.from_detector(tp.switch_at(2), fallback=3))
     step = jax.jit(lambda p, s: opt.update(jax.grad(FULL)(p), s, p, value=FULL(p), value_fn=lying))
     p, s = PARAMS, opt.init(PARAMS)
     phases = []
@@ -278,7 +281,7 @@ def _counting(fn):
 
 def test_adam_lbfgs_reuses_stored_value_and_grad():
     counted, calls = _counting(FULL)
-    opt = tp.adam_lbfgs(1e-2, detector=tp.switch_at(1))
+    opt = tp.adam_lbfgs(1e-2, policy=tp.switch_at(1))
     step = jax.jit(
         lambda p, s: opt.update(jax.grad(FULL)(p), s, p, value=FULL(p), value_fn=counted)
     )
@@ -304,7 +307,7 @@ def test_adam_lbfgs_reuses_stored_value_and_grad():
 def test_info_sums_the_evaluations_of_every_combined_detector():
     counted, calls = _counting(FULL)
     detector = tp.any_of(tp.grad_norm_peak(window=2), tp.norm_loss_slope(window=3))
-    opt = tp.adam_cg(1e-2, detector=detector)
+    opt = tp.adam_cg(1e-2, policy=detector)
     step = jax.jit(
         lambda p, s: opt.update(jax.grad(FULL)(p), s, p, value=FULL(p), value_fn=counted)
     )
@@ -322,7 +325,7 @@ def test_info_sums_the_evaluations_of_every_combined_detector():
 
 
 def test_precondition_hands_adam_second_moments_to_cg():
-    opt = tp.adam_cg(1e-2, detector=tp.switch_at(3), precondition=True)
+    opt = tp.adam_cg(1e-2, policy=tp.switch_at(3), precondition=True)
     step = make_step(opt)
     p, s = PARAMS, opt.init(PARAMS)
     for x, y in list(batches(0))[:3]:
@@ -342,7 +345,7 @@ def test_missing_value_fn_is_a_type_error():
 
 
 def test_detector_that_needs_value_is_a_type_error_without_it():
-    opt = tp.adam_cg(detector=tp.norm_loss_slope(estimator="minibatch"))
+    opt = tp.adam_cg(policy=tp.norm_loss_slope(estimator="minibatch"))
     with pytest.raises(TypeError, match="value"):
         opt.update(PARAMS, opt.init(PARAMS), PARAMS, value_fn=FULL)
     # So does the default detector (loss_plateau, on the mini-batch losses) ...
@@ -350,35 +353,51 @@ def test_detector_that_needs_value_is_a_type_error_without_it():
     with pytest.raises(TypeError, match="value"):
         opt.update(PARAMS, opt.init(PARAMS), PARAMS, value_fn=FULL)
     # ... but not one that evaluates the full-batch loss itself.
-    opt = tp.adam_cg(detector=tp.norm_loss_slope(estimator="exact"))
+    opt = tp.adam_cg(policy=tp.norm_loss_slope(estimator="exact"))
     u, _ = opt.update(PARAMS, opt.init(PARAMS), PARAMS, value_fn=FULL)
     chex.assert_trees_all_equal_structs(u, PARAMS)
 
 
+def _from_detector(**kwargs):
+    return tp.adam_cg(policy=tp.from_detector(tp.switch_at(1), **kwargs))
+
+
 @pytest.mark.parametrize(
-    "kwargs,name",
+    "make,kwargs,name",
     [
-        (dict(ratio=0.0), "ratio"),
-        (dict(ratio=1.1), "ratio"),
-        (dict(window=0), "window"),
-        (dict(min_steps=-1), "min_steps"),
-        (dict(detector="peak"), "detector"),
-        (dict(fallback=0), "fallback"),
-        (dict(fallback=2.0), "fallback"),
-        (dict(beta="nope"), "beta"),
-        (dict(learning_rate=-1e-3), "learning_rate"),
-        (dict(learning_rate="fast"), "learning_rate"),
-        (dict(learning_rate=None), "learning_rate"),
-        (dict(b1=1.0), "b1"),
-        (dict(b2=-0.1), "b2"),
-        (dict(eps=-1.0), "eps"),
-        (dict(eps=float("nan")), "eps"),
-        (dict(precondition="yes"), "precondition"),
+        (tp.grad_norm_peak, dict(ratio=0.0), "ratio"),
+        (tp.grad_norm_peak, dict(ratio=1.1), "ratio"),
+        (tp.adam_cg, dict(steps_per_epoch=0), "steps_per_epoch"),
+        (tp.safe_resort, dict(min_steps=-1), "min_steps"),
+        (tp.adam_cg, dict(policy="peak"), "policy"),
+        (
+            tp.two_phase,
+            dict(
+                first=optax.adam(1.0), second=optax.sgd(1.0), detector=tp.switch_at(1), fallback=0
+            ),
+            "fallback",
+        ),
+        (
+            tp.two_phase,
+            dict(
+                first=optax.adam(1.0), second=optax.sgd(1.0), detector=tp.switch_at(1), fallback=2.0
+            ),
+            "fallback",
+        ),
+        (tp.nonlinear_cg, dict(beta="nope"), "beta"),
+        (tp.adam_cg, dict(learning_rate=-1e-3), "learning_rate"),
+        (tp.adam_cg, dict(learning_rate="fast"), "learning_rate"),
+        (tp.adam_cg, dict(learning_rate=None), "learning_rate"),
+        (tp.gated_adam, dict(b1=1.0), "b1"),
+        (tp.gated_adam, dict(b2=-0.1), "b2"),
+        (tp.gated_adam, dict(eps=-1.0), "eps"),
+        (tp.gated_adam, dict(eps=float("nan")), "eps"),
+        (tp.adam_cg, dict(precondition="yes"), "precondition"),
     ],
 )
-def test_bad_arguments(kwargs, name):
+def test_bad_arguments(make, kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
-        tp.adam_cg(**kwargs)
+        make(**kwargs)
 
 
 def test_bad_two_phase_and_adam_lbfgs_arguments():
@@ -389,7 +408,7 @@ def test_bad_two_phase_and_adam_lbfgs_arguments():
         tp.two_phase(optax.adam(1e-3), tp.nonlinear_cg, tp.switch_at(1))
     with pytest.raises(ValueError, match="`handover`"):
         tp.two_phase(optax.adam(1e-3), cg, tp.switch_at(1), handover=3)
-    with pytest.raises(ValueError, match="`memory_size`"):
+    with pytest.raises(TypeError, match="`memory_size`"):
         tp.adam_lbfgs(memory_size=0)
     with pytest.raises(ValueError, match="`learning_rate`"):
         tp.adam_lbfgs(-1.0)
@@ -398,8 +417,14 @@ def test_bad_two_phase_and_adam_lbfgs_arguments():
 def test_numpy_and_injected_integer_arguments_are_accepted():
     # NumPy scalars (e.g. computed from array sizes) and injected hyperparameters (0-d
     # arrays) pass the same checks as Python numbers.
-    tp.adam_cg(fallback=np.int64(2), window=np.int32(5), b1=np.float32(0.9))
-    opt = optax.inject_hyperparams(tp.adam_cg, static_args=("detector",))(
+    tp.adam_cg(policy=tp.safe_resort(max_failures=np.int64(2)), steps_per_epoch=None)
+    tp.adam_cg(steps_per_epoch=np.int32(5))
+    tp.gated_adam(b1=np.float32(0.9))
+
+    def adam_cg(learning_rate, fallback, detector):
+        return tp.adam_cg(learning_rate, policy=tp.from_detector(detector, fallback))
+
+    opt = optax.inject_hyperparams(adam_cg, static_args=("detector",))(
         learning_rate=1e-2, fallback=3, detector=tp.switch_at(2)
     )
     p, s = PARAMS, opt.init(PARAMS)
@@ -410,14 +435,14 @@ def test_numpy_and_injected_integer_arguments_are_accepted():
 
 
 def test_per_example_value_is_a_value_error():
-    opt = tp.adam_cg(detector=tp.switch_at(5))
+    opt = tp.adam_cg(policy=tp.switch_at(5))
     per_example = jnp.ones(8)
     with pytest.raises(ValueError, match="`value`"):
         opt.update(PARAMS, opt.init(PARAMS), PARAMS, value=per_example, value_fn=FULL)
 
 
 def test_adam_lbfgs_accepts_optax_lbfgs_grad_keyword():
-    opt = tp.adam_lbfgs(1e-2, detector=tp.switch_at(1))
+    opt = tp.adam_lbfgs(1e-2, policy=tp.switch_at(1))
     p, s = PARAMS, opt.init(PARAMS)
     for _ in range(3):
         g = jax.grad(FULL)(p)
@@ -445,15 +470,16 @@ def test_adam_cg_fused_adam_equals_generic_two_phase(kwargs, value_fn):
     lr = kwargs.pop("learning_rate", 1e-2)
     precondition = kwargs.get("precondition", False)
     if kwargs.pop("lbfgs", False):
-        fused = tp.adam_lbfgs(lr, detector=tp.switch_at(4))
+        fused = tp.adam_lbfgs(lr, policy=tp.switch_at(4))
         generic = tp.two_phase(optax.adam(lr), optax.lbfgs(), tp.switch_at(4))
     else:
-        fused = tp.adam_cg(lr, detector=tp.switch_at(4), **kwargs)
+        fallback = kwargs.pop("fallback", None)
+        fused = tp.adam_cg(lr, policy=tp.from_detector(tp.switch_at(4), fallback), **kwargs)
         generic = tp.two_phase(
             optax.adam(lr),
             tp.nonlinear_cg(preconditioner="state" if precondition else None),
             tp.switch_at(4),
-            fallback=kwargs.get("fallback"),
+            fallback=fallback,
             handover=tp.adam_second_moment_preconditioner if precondition else None,
         )
 
@@ -485,7 +511,7 @@ def test_adam_cg_fused_adam_equals_generic_two_phase(kwargs, value_fn):
 
 
 def test_adam_newton_cg_equals_two_phase_with_newton_cg_and_counts_hvps():
-    fused = tp.adam_newton_cg(1e-2, detector=tp.switch_at(12))
+    fused = tp.adam_newton_cg(1e-2, policy=tp.switch_at(12))
     generic = tp.two_phase(optax.adam(1e-2), tp.newton_cg(), tp.switch_at(12))
     runs = []
     for opt in (fused, generic):
@@ -511,7 +537,7 @@ def test_adam_newton_cg_equals_two_phase_with_newton_cg_and_counts_hvps():
 def test_train_charges_newton_cg_hessian_vector_products():
     result = tp.train(
         lambda p, b: loss(p, *b), PARAMS, (X, Y),
-        tp.adam_newton_cg(1e-2, detector=tp.switch_at(2 * (N // 32))),
+        tp.adam_newton_cg(1e-2, policy=tp.switch_at(2 * (N // 32))),
         batch_size=32, cost_budget=100, progress=False,
     )  # fmt: skip
     info = tp.info(result.opt_state)

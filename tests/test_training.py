@@ -70,7 +70,7 @@ def params0():
 
 # One optimizer object shared by the tests: train's compilations are cached per
 # (loss_fn, optimizer, shapes), so the tests below compile it once.
-ADAM_CG = tp.adam_cg(1e-2, detector=tp.switch_at(SWITCH_EPOCHS * STEPS))
+ADAM_CG = tp.adam_cg(1e-2, policy=tp.switch_at(SWITCH_EPOCHS * STEPS))
 ADAM = optax.adam(1e-2)
 
 
@@ -186,7 +186,7 @@ def test_strict_budget_keeps_the_first_epoch_and_needs_a_budget(digits, params0)
 
 
 def test_adam_lbfgs_epochs_are_charged_their_evaluations(digits, params0):
-    opt = tp.adam_lbfgs(1e-2, detector=tp.switch_at(SWITCH_EPOCHS * STEPS))
+    opt = tp.adam_lbfgs(1e-2, policy=tp.switch_at(SWITCH_EPOCHS * STEPS))
     result = train(
         plain_loss, params0, digits[0], opt, batch_size=BATCH, max_epochs=30,
         cost_budget=8, progress=False,
@@ -199,7 +199,7 @@ def test_adam_lbfgs_epochs_are_charged_their_evaluations(digits, params0):
 
 def test_multisteps_wrapper_gets_value_fn(digits, params0):
     # optax.MultiSteps forwards extra arguments; train must not drop them.
-    opt = optax.MultiSteps(tp.adam_cg(1e-2, detector=tp.switch_at(2)), every_k_schedule=2)
+    opt = optax.MultiSteps(tp.adam_cg(1e-2, policy=tp.switch_at(2)), every_k_schedule=2)
     result = train(plain_loss, params0, digits[0], opt, batch_size=BATCH, max_epochs=3,
                    progress=False)  # fmt: skip
     columns = history_columns(result.history)
@@ -398,9 +398,7 @@ def test_checkpoint_resume_two_phase_state(tmp_path, digits, params0):
 @pytest.mark.slow
 def test_loss_plateau_detector_epoch_window(digits, params0):
     # The previous default detector, now passed explicitly (the default is safe_resort).
-    optimizer = tp.adam_cg(
-        3e-2, window=STEPS, detector=tp.loss_plateau(STEPS, patience=5, history=10, z_score=1.0)
-    )
+    optimizer = tp.adam_cg(3e-2, policy=tp.loss_plateau(STEPS, patience=5, history=10, z_score=1.0))
     result = train(
         plain_loss, params0, digits[0], optimizer, batch_size=BATCH, max_epochs=60,
         progress=False,
@@ -417,7 +415,7 @@ def test_loss_plateau_detector_epoch_window(digits, params0):
 
 @pytest.mark.slow
 def test_switch_inside_an_epoch_skips_its_remaining_steps(digits, params0):
-    optimizer = tp.adam_cg(1e-2, detector=tp.switch_at(STEPS + 1))
+    optimizer = tp.adam_cg(1e-2, policy=tp.switch_at(STEPS + 1))
     result = train(
         plain_loss, params0, digits[0], optimizer, batch_size=BATCH, max_epochs=4, progress=False
     )

@@ -15,14 +15,16 @@ from twophase.detectors import (
     norm_loss_slope,
     switch_at,
 )
+from twophase.first_phase import GatedAdam, GatedFirstPhase, gated_adam
 from twophase.info import Info, info, info_all
 from twophase.objectives import as_value_and_grad, fill_masked, full_batch, with_weight_decay
-from twophase.policy.safe_resort import Policy, SafeResortState, safe_resort
+from twophase.policy import Policy, SafeResortState, from_detector, safe_resort
 from twophase.presets import (
     adam_cg,
     adam_lbfgs,
     adam_newton_cg,
     adam_second_moment_preconditioner,
+    adam_then,
 )
 from twophase.second_phase.beta import (
     BETA_RULES,
@@ -68,6 +70,8 @@ __all__ = [
     "BetaFn",
     "Detector",
     "EvaluatingState",
+    "GatedAdam",
+    "GatedFirstPhase",
     "GaussNewtonObjective",
     "Info",
     "LevenbergMarquardtState",
@@ -85,6 +89,7 @@ __all__ = [
     "adam_lbfgs",
     "adam_newton_cg",
     "adam_second_moment_preconditioner",
+    "adam_then",
     "all_of",
     "any_of",
     "as_value_and_grad",
@@ -92,7 +97,9 @@ __all__ = [
     "evaluating",
     "fill_masked",
     "fletcher_reeves",
+    "from_detector",
     "full_batch",
+    "gated_adam",
     "gauss_newton_objective",
     "golden_section_linesearch",
     "grad_norm_peak",

@@ -1,4 +1,5 @@
-"""Control flow that updates its operand in place."""
+"""Control flow that updates its operand in place; eager calls that compile once;
+states whose fields own their buffers."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-__all__ = ["run_if"]
+__all__ = ["eager_jit", "fresh_buffers", "owning_init", "run_if"]
 
 
 def run_if(
@@ -86,3 +88,68 @@ def _run_if_jvp(fn, differentiable, primals, tangents):
         return t * jnp.where(pred, jnp.nan, 1).astype(t.dtype)
 
     return out, jax.tree.map(poison, operand_dot)
+
+
+def fresh_buffers(tree: Any) -> Any:
+    """``tree`` with every array leaf copied into a buffer of its own.
+
+    An ``init`` that returns one array in several fields (or the parameters
+    themselves) cannot be donated (``jax.jit(..., donate_argnums=...)``,
+    ``nnx.jit`` with an ``nnx.Optimizer``): XLA refuses to donate a buffer
+    twice. Under a trace the copies are free.
+    """
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def _is_tracer(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _hashable(x: Any) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
+
+
+def eager_jit(update_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """An optax ``update`` that jits itself when called outside a trace.
+
+    Called eagerly, a step built from ``lax.while_loop`` / ``lax.cond`` with
+    bodies that are new closures on every call compiles every loop and branch
+    again on every call (seconds each). Here an eager call goes through one
+    ``jax.jit`` of ``update_fn`` per transformation, with ``value_fn`` static
+    (it is a function), so it compiles once per shapes and ``value_fn``, as
+    ``optax.adam`` does. Inside ``jit``, ``vmap``, ``grad`` (any tracer among
+    the arguments), or with a keyword argument that is not an array (other than
+    ``value_fn``), ``update_fn`` is called as is.
+
+    ``update_fn(updates, state, params=None, **kwargs)``.
+    """
+    jitted = jax.jit(update_fn, static_argnames=("value_fn",))
+
+    @functools.wraps(update_fn)
+    def update(updates, state, params=None, **kwargs):
+        others = {k: v for k, v in kwargs.items() if k != "value_fn"}
+        leaves = jax.tree.leaves((updates, state, params, others))
+        eager = (
+            not any(_is_tracer(x) for x in leaves)
+            and all(isinstance(x, (jax.Array, np.ndarray, np.generic, int, float)) for x in leaves)
+            and _hashable(kwargs.get("value_fn"))
+        )
+        if eager:
+            return jitted(updates, state, params, **kwargs)
+        return update_fn(updates, state, params, **kwargs)
+
+    return update
+
+
+def owning_init(init_fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``init_fn`` whose state owns its buffers (:func:`fresh_buffers`)."""
+
+    @functools.wraps(init_fn)
+    def init(params):
+        return fresh_buffers(init_fn(params))
+
+    return init

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["finite_and_norm", "max_abs", "pow2_scale", "safe_norm"]
+__all__ = ["all_finite", "fingerprint", "finite_and_norm", "max_abs", "pow2_scale", "safe_norm"]
 
 PyTree = Any
 
@@ -31,16 +31,21 @@ def max_abs(tree: PyTree) -> jax.Array:
     return jnp.max(jnp.stack([x.astype(dtype) for x in leaves]))
 
 
+def _real_dtype(dtype):
+    """The dtype of ``|x|`` for ``x`` of ``dtype`` (float32 for integers)."""
+    return jnp.finfo(jnp.promote_types(dtype, jnp.float32)).dtype
+
+
 def _compute_dtype(tree: PyTree):
-    """At least float32: float16's range is too small for squares."""
+    """Real, and at least float32: float16's range is too small for squares."""
     leaves = jax.tree.leaves(tree)
-    return jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+    return _real_dtype(jnp.result_type(*leaves))
 
 
 def _sum_squares(tree: PyTree, dtype, scale=None) -> jax.Array:
     total = jnp.zeros([], dtype)
     for x in jax.tree.leaves(tree):
-        x = x.astype(dtype)
+        x = jnp.abs(x).astype(dtype) if jnp.iscomplexobj(x) else x.astype(dtype)
         if scale is not None:
             x = x * scale
         total = total + jnp.sum(jnp.square(jnp.abs(x) if jnp.iscomplexobj(x) else x))
@@ -110,3 +115,19 @@ def safe_norm(tree: PyTree) -> jax.Array:
 def all_finite(tree: PyTree) -> jax.Array:
     """Whether every entry of every leaf is finite (per element, not through a norm)."""
     return jnp.isfinite(max_abs(tree))
+
+
+def fingerprint(tree: PyTree) -> jax.Array:
+    """float32 ``(3,)``: ``[sum x, sum |x|, sum x^2]`` over all entries of all
+    leaves (complex entries as their real and imaginary parts), in float32 at
+    least. Two trees whose fingerprints differ by more than rounding differ;
+    equal fingerprints do not prove equal trees."""
+    sums = jnp.zeros([3], jnp.float32)
+    for x in jax.tree.leaves(tree):
+        parts = (x.real, x.imag) if jnp.iscomplexobj(x) else (x,)
+        for part in parts:
+            part = part.astype(_real_dtype(part.dtype))
+            sums = sums + jnp.stack(
+                [jnp.sum(part), jnp.sum(jnp.abs(part)), jnp.sum(part * part)]
+            ).astype(jnp.float32)
+    return sums

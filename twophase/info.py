@@ -57,6 +57,9 @@ class Info(NamedTuple):
         before the first return.
       hessian_vector_products: int32, Hessian-vector products made by the
         second phase (over all trials in a two-phase state).
+      foreign_updates: int32, second-phase steps at which the parameters had not
+        advanced by the update returned before (a transformation chained after
+        the optimizer changed it); each restarted the second phase.
       zero_steps: int32, second-phase iterations whose line search found no
         decrease, so that the step was zero, by any second phase (CG, Newton-CG,
         L-BFGS through :func:`twophase.second_phase.evaluating`), over all trials
@@ -93,6 +96,7 @@ class Info(NamedTuple):
     hessian_vector_products: jax.Array | None = None
     cost: jax.Array | None = None
     zero_steps: jax.Array | None = None
+    foreign_updates: jax.Array | None = None
     aux: Any = None
 
 
@@ -214,6 +218,7 @@ def _info_of(two: TwoPhaseState | None, inner: Any) -> Info:
             grad_norm_max=field(two.detector_state, "grad_norm_max"),
             skipped_steps=two.skipped_steps,
             fallbacks=two.fallbacks,
+            foreign_updates=two.foreign_updates,
             switches=two.switches,
             return_step=two.return_step,
         )

@@ -1,18 +1,19 @@
 """Presets: Adam, then a full-batch second phase, switched by the default policy.
 
-:func:`adam_cg` (the paper's optimizer), :func:`adam_lbfgs` and
-:func:`adam_newton_cg` are :func:`twophase.two_phase` with Adam as the first
-phase (its step fused, :mod:`twophase._gated_adam`), a second phase, and
-:func:`twophase.safe_resort` unless a detector is given;
-:func:`adam_second_moment_preconditioner` is their handover to a
-preconditioned second phase. Each preset only builds its pieces: the switch
-itself is :mod:`twophase.switch`.
+:func:`adam_then` is :func:`twophase.two_phase` with
+:func:`twophase.gated_adam` as the first phase (its step fused with the
+caller's ``apply_updates``), a given second phase, and
+:func:`twophase.safe_resort` unless a policy is given. :func:`adam_cg` (the
+paper's optimizer), :func:`adam_lbfgs` and :func:`adam_newton_cg` are
+:func:`adam_then` with a default second phase; a second phase's options go in
+as the second phase itself (``second=twophase.nonlinear_cg(beta="fletcher_reeves")``),
+as ``optax.lbfgs(linesearch=...)`` takes its line search. A new second phase
+needs one such three-line preset. :func:`adam_second_moment_preconditioner`
+is the handover to a preconditioned second phase (``precondition=True``).
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Any
 
 import jax
@@ -21,14 +22,19 @@ import optax
 
 from twophase import detectors as _det
 from twophase import policy as _policy
-from twophase._checks import check_budget, check_fraction, check_int, concrete, is_number_in
-from twophase._gated_adam import AdamConstants
+from twophase._checks import check_budget, check_int
+from twophase.first_phase import gated_adam
 from twophase.second_phase import cg as _cg
-from twophase.second_phase import linesearch as _ls
 from twophase.second_phase.newton_cg import newton_cg as _newton_cg
-from twophase.switch import Handover, _two_phase
+from twophase.switch import two_phase
 
-__all__ = ["adam_cg", "adam_lbfgs", "adam_newton_cg", "adam_second_moment_preconditioner"]
+__all__ = [
+    "adam_cg",
+    "adam_lbfgs",
+    "adam_newton_cg",
+    "adam_second_moment_preconditioner",
+    "adam_then",
+]
 
 PyTree = Any
 
@@ -65,281 +71,265 @@ def adam_second_moment_preconditioner(
     return _cg.set_preconditioner(second_state, scales)
 
 
-def _check_adam_constants(learning_rate, b1, b2, eps) -> None:
-    """ValueError naming the first bad Adam argument (traced ones pass)."""
-    if not callable(learning_rate) and not is_number_in(learning_rate, 0.0, math.inf):
-        raise ValueError(
-            "`learning_rate` must be a finite number >= 0 or a schedule (step -> number), "
-            f"got {learning_rate!r}."
-        )
-    for name, value in (("b1", b1), ("b2", b2)):
-        if not is_number_in(value, 0.0, 1.0):
-            raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
-    if not is_number_in(eps, 0.0, math.inf):
-        raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}.")
+_NEW_SPELLING = {
+    "window": "steps_per_epoch=...",
+    "detector": "policy=... (a Detector or a Policy)",
+    "fallback": (
+        "policy=twophase.safe_resort(max_failures=k) for the default policy, or "
+        "policy=twophase.from_detector(detector, fallback=k)"
+    ),
+    "min_steps": "policy=twophase.safe_resort(min_steps=...)",
+    "ratio": "policy=twophase.grad_norm_peak(ratio, window)",
+    "b1": "twophase.two_phase(twophase.gated_adam(learning_rate, b1, b2, eps), second, policy)",
+    "beta": "second=twophase.nonlinear_cg(beta, linesearch)",
+    "memory_size": "second=optax.lbfgs(memory_size=...)",
+    "curvature": "second=twophase.newton_cg(curvature=..., damping=..., ...)",
+}
+_NEW_SPELLING.update(b2=_NEW_SPELLING["b1"], eps=_NEW_SPELLING["b1"])
+_NEW_SPELLING["linesearch"] = _NEW_SPELLING["beta"]
+for _name in ("max_inner_iterations", "damping", "sketch_size", "sketch_refresh"):
+    _NEW_SPELLING[_name] = _NEW_SPELLING["curvature"]
 
 
-def _default_adam(learning_rate) -> AdamConstants:
-    """``optax.adam(learning_rate)``'s constants (its defaults for the others)."""
-    return AdamConstants(learning_rate, 0.9, 0.999, 1e-8)
+def reject_removed(preset: str, removed: dict) -> None:
+    """TypeError for keyword arguments a preset no longer takes, naming the new
+    spelling (or, for unknown ones, the usual unexpected-keyword error).
+    ``optax.inject_hyperparams`` passes the collected ``**removed`` on as one
+    keyword ``removed``, unpacked here."""
+    nested = removed.get("removed")
+    if isinstance(nested, dict):
+        removed = {**nested, **{k: v for k, v in removed.items() if k != "removed"}}
+    for name in removed:
+        if name in _NEW_SPELLING:
+            raise TypeError(f"{preset}() no longer takes `{name}`: use {_NEW_SPELLING[name]}.")
+        raise TypeError(f"{preset}() got an unexpected keyword argument {name!r}.")
 
 
-def _adam_then(
-    adam: AdamConstants,
-    second: optax.GradientTransformation,
-    policy: Any,
-    fallback: int | None,
-    handover: Handover | None,
-) -> optax.GradientTransformationExtraArgs:
-    """``two_phase(optax.adam(*adam), second, policy)`` with Adam's step fused:
-    the one set of constants builds both the transformation and the fused step."""
-    first = optax.adam(adam.learning_rate, b1=adam.b1, b2=adam.b2, eps=adam.eps)
-    return _two_phase(first, second, policy, fallback=fallback, handover=handover, adam=adam)
-
-
-def _default_policy(
-    window: int, min_steps: int, budget: float | None, fallback: int | None
-) -> _policy.Policy:
-    return _policy.safe_resort(
-        window, budget=budget, min_steps=min_steps, max_failures=2 if fallback is None else fallback
-    )
-
-
-def _ratio_deprecated(ratio) -> None:
-    if ratio is None:
-        return
-    check_fraction("ratio", ratio, closed=True)
-    warnings.warn(
-        "`ratio` is deprecated and has no effect: the default policy is `safe_resort`; for "
-        "the paper's rule pass `detector=twophase.grad_norm_peak(ratio, window)`.",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-
-
-def _preset_policy(detector, window, min_steps, budget, fallback):
-    """(policy or detector, fallback for two_phase) of a preset's arguments."""
-    checked = concrete(fallback)
-    if fallback is not None and (
-        isinstance(checked, bool) or not isinstance(checked, int) or checked < 1
-    ):
-        raise ValueError(f"`fallback` must be a positive int or None, got {fallback!r}.")
-    check_int("window", window, 1)
-    check_int("min_steps", min_steps, 0)
+def default_policy(
+    policy: _det.Detector | _policy.Policy | None,
+    steps_per_epoch: int | None,
+    budget: float | None,
+) -> _det.Detector | _policy.Policy:
+    """``policy``, or :func:`twophase.safe_resort` with ``steps_per_epoch`` and
+    ``budget`` when it is ``None`` (those two are for the default policy only)."""
+    if steps_per_epoch is not None:
+        check_int("steps_per_epoch", steps_per_epoch, 1)
     check_budget(budget)
-    if detector is None:
-        return _default_policy(window, min_steps, budget, fallback), None
-    if budget is not None:
-        raise ValueError("`budget` is for the default policy; with `detector=` leave it None.")
-    if not isinstance(detector, (_det.Detector, _policy.Policy)):
+    if policy is None:
+        if steps_per_epoch is None:
+            return _policy.safe_resort(budget=budget)
+        # positional: the policy's epoch length (named steps_per_epoch there too)
+        return _policy.safe_resort(steps_per_epoch, budget=budget)
+    if budget is not None or steps_per_epoch is not None:
         raise ValueError(
-            f"`detector` must be a twophase Detector, Policy or None, got {detector!r}."
+            "`budget` and `steps_per_epoch` are for the default policy; with `policy=` "
+            "pass them to the policy (e.g. twophase.safe_resort(steps_per_epoch, budget=...))."
         )
-    return detector, fallback
+    if not isinstance(policy, (_det.Detector, _policy.Policy)):
+        raise ValueError(f"`policy` must be a twophase Detector, Policy or None, got {policy!r}.")
+    return policy
+
+
+def adam_then(
+    second: optax.GradientTransformation,
+    learning_rate: float | optax.ScalarOrSchedule = 1e-3,
+    *,
+    steps_per_epoch: int | None = None,
+    budget: float | None = None,
+    policy: _det.Detector | _policy.Policy | None = None,
+    precondition: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Adam, then ``second``: ``two_phase(gated_adam(learning_rate), second, policy)``.
+
+    Adam's step is fused (:func:`twophase.gated_adam`): in phase 0 a step
+    costs ``optax.adam``'s plus one reduction over the gradient (its norm, for
+    the non-finite check and the policy). Call ``update(grads, state, params,
+    value=loss, value_fn=full_batch_loss)`` with the mini-batch gradient and
+    loss; ``value_fn(params)`` is the full-batch objective the second phase
+    evaluates itself.
+
+    With ``policy=None`` the phases are chosen by :func:`twophase.safe_resort`
+    (``steps_per_epoch``, ``budget``): the second phase is tried early and at
+    growing intervals, kept while its pace beats Adam's, and Adam resumes,
+    with its moments intact, when it does not. It needs ``value=`` at every
+    update; :func:`twophase.train` hands its ``cost_budget`` and steps per
+    epoch to it. Pass ``policy=`` a :class:`twophase.Detector` for a one-way
+    switch (e.g. ``grad_norm_peak(0.9, window)``, Algorithm 1 as published, or
+    ``switch_at(k)``), or any :class:`twophase.Policy`.
+
+    ``optax.inject_hyperparams(twophase.adam_cg, static_args=("second",
+    "policy"))`` makes the learning rate injectable.
+
+    Args:
+      second: the second phase, an optax transformation (e.g.
+        ``twophase.nonlinear_cg(...)``, ``optax.lbfgs()``).
+      learning_rate: Adam's learning rate or schedule.
+      steps_per_epoch: phase-0 steps per epoch, the default policy's unit of
+        cost (``None``: the policy's default).
+      budget: the run's budget in epoch-equivalents for the default policy
+        (like optax schedules' ``decay_steps``), or ``None``.
+      policy: a :class:`twophase.Detector` or :class:`twophase.Policy`, or
+        ``None`` for the default.
+      precondition: hand Adam's second moments to ``second`` at each switch
+        (:func:`adam_second_moment_preconditioner`); ``second`` must store a
+        preconditioner (``preconditioner="state"``).
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` with state
+      :class:`twophase.TwoPhaseState`.
+
+    Raises:
+      ValueError: a bad ``learning_rate``, ``steps_per_epoch``, ``budget`` (or
+        one of them given with ``policy``), ``policy`` or ``precondition``.
+      TypeError: at trace time, ``update`` without ``value_fn``, or without
+        ``value`` for a policy that needs it.
+    """
+    if not isinstance(precondition, bool):
+        raise ValueError(f"`precondition` must be a bool, got {precondition!r}.")
+    return two_phase(
+        gated_adam(learning_rate),
+        second,
+        default_policy(policy, steps_per_epoch, budget),
+        handover=adam_second_moment_preconditioner if precondition else None,
+    )
 
 
 def adam_cg(
     learning_rate: float | optax.ScalarOrSchedule = 1e-3,
     *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    ratio: float | None = None,
-    window: int = 100,
-    min_steps: int = 0,
+    second: optax.GradientTransformation | None = None,
+    steps_per_epoch: int | None = None,
     budget: float | None = None,
-    detector: _det.Detector | _policy.Policy | None = None,
-    beta: str | _cg.BetaFn = "polak_ribiere",
-    linesearch: str | _ls.LineSearch = "wolfe",
-    fallback: int | None = None,
+    policy: _det.Detector | _policy.Policy | None = None,
     precondition: bool = False,
+    **removed: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """Adam, then full-batch nonlinear CG: the paper's two-phase optimizer.
 
-    ``two_phase(optax.adam(...), twophase.nonlinear_cg(beta, linesearch), policy)``,
-    with the same updates and states, except that Adam's step is not run inside
-    a loop but switched by scalar coefficients (``twophase._gated_adam``), which
-    lets XLA fuse it with ``optax.apply_updates`` as it does ``optax.adam``'s: in
-    phase 0 the step costs optax.adam's plus one reduction over the gradient
-    (its norm, for the non-finite check and the policy) and one more read of
-    it (``benchmarks/overhead.py``). In phase 1 that pass still runs, leaving
-    Adam's state unchanged and passing CG's update on.
-
-    Call ``update(grads, state, params, value=loss, value_fn=full_batch_loss)``
-    with the mini-batch gradient and loss; ``value_fn(params)`` is the
-    full-batch objective that the CG phase evaluates itself.
-
-    With ``detector=None`` the phases are chosen by
-    :func:`twophase.safe_resort` (``window``, ``budget``, ``min_steps``,
-    ``max_failures=fallback or 2``): CG is tried early and at growing
-    intervals, kept while its pace (decrease of log-loss per
-    epoch-equivalent) beats Adam's, and Adam resumes, with its moments intact,
-    when it does not; from 90% of a known budget CG polishes to the end. It
-    needs ``value=`` at every update. :func:`twophase.train` hands its
-    ``cost_budget`` and steps per epoch to it. Pass ``detector=`` a
-    :class:`twophase.Detector` for a one-way switch (e.g.
-    ``grad_norm_peak(0.9, window)``, Algorithm 1 as published, or
-    ``switch_at(k)``).
-
-    Memory: Adam's two parameter-sized buffers and CG's two: 2x Adam's state
-    (one more with ``precondition=True``).
-
-    ``optax.inject_hyperparams(twophase.adam_cg, static_args=("detector",
-    "beta", "linesearch"))`` makes the learning rate (and the other numeric
-    arguments) injectable hyperparameters.
+    :func:`adam_then` with ``second`` defaulting to
+    ``twophase.nonlinear_cg(preconditioner="state" if precondition else None)``
+    (Polak-Ribiere, Wolfe line search). Memory: Adam's two parameter-sized
+    buffers and CG's two (one more with ``precondition=True``, which
+    preconditions CG with Adam's second-moment estimate at each switch; it
+    spoils the early trials of the default policy, where the estimate is poor).
 
     Args:
-      learning_rate: Adam's learning rate or schedule.
-      b1, b2, eps: Adam's constants.
-      ratio: deprecated, no effect (a ``DeprecationWarning`` when given); pass
-        ``detector=grad_norm_peak(ratio, window)`` for the paper's rule.
-      window: phase-0 steps per epoch (the policy's unit of cost).
-      min_steps: never switch before this many steps.
-      budget: the run's budget in epoch-equivalents for the default policy
-        (like optax schedules' ``decay_steps``), or ``None``.
-      detector: a :class:`twophase.Detector` or :class:`twophase.Policy`, or
-        ``None`` for the default.
-      beta: CG direction rule (see :func:`twophase.nonlinear_cg`).
-      linesearch: CG line search.
-      fallback: with a detector, see :func:`two_phase`; with the default
-        policy, its ``max_failures``.
-      precondition: precondition CG with Adam's second-moment estimate at each
-        switch (one more parameter-sized buffer; when it pays:
-        ``benchmarks/RESULTS.md``; it spoils the early trials of the default
-        policy, where the estimate is poor).
+      learning_rate, steps_per_epoch, budget, policy, precondition: as in
+        :func:`adam_then`.
+      second: the CG phase with its options (``twophase.nonlinear_cg(beta,
+        linesearch, ...)``), or ``None`` for the default.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with state
-      :class:`TwoPhaseState`.
+      :class:`twophase.TwoPhaseState`.
 
     Raises:
-      ValueError: a bad learning rate, ``b1``, ``b2``, ``eps``, ``ratio``,
-        ``window``, ``min_steps``, ``budget`` (or one given with
-        ``detector``), ``detector``, ``beta``, ``linesearch``, ``fallback`` or
-        ``precondition``.
-      TypeError: at trace time, ``update`` without ``value_fn``, or without
-        ``value`` for a policy that needs it.
+      TypeError: a removed argument (``window``, ``detector``, ``beta``, ...),
+        naming its new spelling.
+      ValueError: as :func:`adam_then`.
     """
-    _ratio_deprecated(ratio)
-    _check_adam_constants(learning_rate, b1, b2, eps)
-    if not isinstance(precondition, bool):
-        raise ValueError(f"`precondition` must be a bool, got {precondition!r}.")
-    policy, fallback = _preset_policy(detector, window, min_steps, budget, fallback)
-    second = _cg.nonlinear_cg(beta, linesearch, preconditioner="state" if precondition else None)
-    return _adam_then(
-        AdamConstants(learning_rate, b1, b2, eps),
+    reject_removed("adam_cg", removed)
+    if second is None:
+        second = _cg.nonlinear_cg(preconditioner="state" if precondition is True else None)
+    return adam_then(
         second,
-        policy,
-        fallback,
-        adam_second_moment_preconditioner if precondition else None,
+        learning_rate,
+        steps_per_epoch=steps_per_epoch,
+        budget=budget,
+        policy=policy,
+        precondition=precondition,
     )
 
 
 def adam_lbfgs(
     learning_rate: float | optax.ScalarOrSchedule = 1e-3,
     *,
-    memory_size: int = 10,
-    window: int = 100,
-    min_steps: int = 0,
+    second: optax.GradientTransformation | None = None,
+    steps_per_epoch: int | None = None,
     budget: float | None = None,
-    detector: _det.Detector | _policy.Policy | None = None,
-    fallback: int | None = None,
+    policy: _det.Detector | _policy.Policy | None = None,
+    **removed: Any,
 ) -> optax.GradientTransformationExtraArgs:
-    """Adam, then full-batch ``optax.lbfgs(memory_size)``: :func:`adam_cg`'s
-    switch with L-BFGS (zoom line search) as the second phase.
+    """Adam, then full-batch L-BFGS: :func:`adam_then` with ``second``
+    defaulting to ``optax.lbfgs()`` (pass ``second=optax.lbfgs(memory_size=100)``
+    for another memory).
 
-    L-BFGS runs through :func:`twophase.second_phase.evaluating`: float32
-    arithmetic at least, a step that does not lower the objective or is not
-    finite is dropped and counted (``consecutive_failures``), and the default
-    policy returns to Adam after ``fallback or 2`` of them in a row.
+    L-BFGS runs through :func:`twophase.evaluating`: float32 arithmetic at
+    least, a step that does not lower the objective or is not finite is dropped
+    and counted (``consecutive_failures``), and the default policy returns to
+    Adam after 2 of them in a row.
 
     Args:
-      learning_rate: Adam's learning rate or schedule.
-      memory_size: L-BFGS memory, an int ``>= 1`` (static: not injectable).
-      window, min_steps, budget, detector, fallback: as in :func:`adam_cg`.
+      learning_rate, steps_per_epoch, budget, policy: as in :func:`adam_then`.
+      second: the L-BFGS phase, or ``None`` for ``optax.lbfgs()``.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with state
-      :class:`TwoPhaseState`.
+      :class:`twophase.TwoPhaseState`.
 
     Raises:
-      ValueError: a bad ``learning_rate``, ``memory_size``, ``window``,
-        ``min_steps``, ``budget``, ``detector`` or ``fallback``.
-      TypeError: at trace time, ``update`` without ``value_fn`` or ``value``.
+      TypeError: a removed argument (``memory_size``, ``window``, ...), naming
+        its new spelling.
+      ValueError: as :func:`adam_then`.
     """
-    if isinstance(memory_size, jax.Array):  # a (traced) injected hyperparameter
-        raise ValueError(
-            "`memory_size` sets the L-BFGS buffers' shapes and cannot be injected: pass "
-            "optax.inject_hyperparams(twophase.adam_lbfgs, static_args=('memory_size',))."
-        )
-    check_int("memory_size", memory_size, 1)
-    _check_adam_constants(*_default_adam(learning_rate))
-    policy, fallback = _preset_policy(detector, window, min_steps, budget, fallback)
-    return _adam_then(
-        _default_adam(learning_rate), optax.lbfgs(memory_size=memory_size), policy, fallback, None
+    reject_removed("adam_lbfgs", removed)
+    return adam_then(
+        optax.lbfgs() if second is None else second,
+        learning_rate,
+        steps_per_epoch=steps_per_epoch,
+        budget=budget,
+        policy=policy,
     )
 
 
 def adam_newton_cg(
     learning_rate: float | optax.ScalarOrSchedule = 1e-3,
     *,
-    window: int = 100,
-    min_steps: int = 0,
+    second: optax.GradientTransformation | None = None,
+    steps_per_epoch: int | None = None,
     budget: float | None = None,
-    detector: _det.Detector | _policy.Policy | None = None,
-    fallback: int | None = None,
-    precondition: bool | str = False,
-    curvature: str = "hessian",
-    max_inner_iterations: int = 100,
-    damping: float = 1e-3,
-    sketch_size: int = 60,
-    sketch_refresh: int = 20,
+    policy: _det.Detector | _policy.Policy | None = None,
+    precondition: bool = False,
+    **removed: Any,
 ) -> optax.GradientTransformationExtraArgs:
-    """Adam, then full-batch Hessian-free Newton-CG (:func:`twophase.second_phase.newton_cg`):
-    :func:`adam_cg`'s switch with a truncated Newton second phase.
+    """Adam, then full-batch Hessian-free Newton-CG: :func:`adam_then` with
+    ``second`` defaulting to ``twophase.newton_cg(preconditioner="state" if
+    precondition else None)``.
 
-    Each phase-1 step is one outer Newton iteration; its Hessian-vector products
-    are counted in ``info(state).hessian_vector_products`` and charged
+    Each phase-1 step is one outer Newton iteration; its Hessian-vector
+    products are counted in ``info(state).hessian_vector_products`` and charged
     :data:`twophase.HVP_COST` evaluations each by the default policy and by
-    :func:`twophase.train`.
+    :func:`twophase.train`. The randomized Nystrom preconditioner (the NNCG of
+    Rathore et al., ICML 2024) is ``second=twophase.newton_cg(preconditioner="nystrom")``.
 
     Args:
-      learning_rate: Adam's learning rate or schedule.
-      window, min_steps, budget, detector, fallback: as in :func:`adam_cg`.
-      precondition: ``False`` (no preconditioner); ``True``: the inner CG
-        preconditioned with Adam's second moments at the switch (as
-        :func:`adam_cg`); ``"nystrom"``: the randomized Nystrom preconditioner
-        of the curvature (``newton_cg(preconditioner="nystrom")``, the NNCG of
-        Rathore et al., ICML 2024).
-      curvature, max_inner_iterations, damping, sketch_size, sketch_refresh:
-        passed to :func:`twophase.second_phase.newton_cg`.
+      learning_rate, steps_per_epoch, budget, policy, precondition: as in
+        :func:`adam_then`.
+      second: the Newton-CG phase with its options, or ``None`` for the default.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with state
-      :class:`TwoPhaseState`.
+      :class:`twophase.TwoPhaseState`.
 
     Raises:
-      ValueError: a bad argument (named), as in :func:`adam_cg` and
-        :func:`twophase.second_phase.newton_cg`.
-      TypeError: at trace time, ``update`` without ``value_fn`` or ``value``.
+      TypeError: a removed argument (``curvature``, ``damping``, ...), naming
+        its new spelling.
+      ValueError: as :func:`adam_then`; ``precondition="nystrom"`` (now
+        ``second=twophase.newton_cg(preconditioner="nystrom")``).
     """
-    _check_adam_constants(*_default_adam(learning_rate))
-    if not (isinstance(precondition, bool) or precondition == "nystrom"):
-        raise ValueError(f"`precondition` must be a bool or 'nystrom', got {precondition!r}.")
-    handover = precondition is True
-    policy, fallback = _preset_policy(detector, window, min_steps, budget, fallback)
-    second = _newton_cg(
-        curvature=curvature,
-        max_inner_iterations=max_inner_iterations,
-        damping=damping,
-        preconditioner="state" if handover else (precondition or None),
-        sketch_size=sketch_size,
-        sketch_refresh=sketch_refresh,
-    )
-    return _adam_then(
-        _default_adam(learning_rate),
+    reject_removed("adam_newton_cg", removed)
+    if precondition == "nystrom":
+        raise ValueError(
+            "`precondition` is a bool; for the Nystrom preconditioner pass "
+            "second=twophase.newton_cg(preconditioner='nystrom')."
+        )
+    if second is None:
+        second = _newton_cg(preconditioner="state" if precondition is True else None)
+    return adam_then(
         second,
-        policy,
-        fallback,
-        adam_second_moment_preconditioner if handover else None,
+        learning_rate,
+        steps_per_epoch=steps_per_epoch,
+        budget=budget,
+        policy=policy,
+        precondition=precondition,
     )

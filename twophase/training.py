@@ -11,7 +11,7 @@ Example::
         x, y = batch
         return jnp.mean((model(params, x) - y) ** 2)
 
-    result = train(loss_fn, params, (x, y), tp.adam_cg(1e-3, window=len(x) // 512),
+    result = train(loss_fn, params, (x, y), tp.adam_cg(1e-3, steps_per_epoch=len(x) // 512),
                    batch_size=512, max_epochs=200, cost_budget=300)
     columns = history_columns(result.history)   # {"epoch": [...], "train_loss": [...]}
 """

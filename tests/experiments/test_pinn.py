@@ -173,8 +173,8 @@ def _counting_loss(problem, points, counter):
     [
         lambda: optax.adam(1e-2),
         lambda: optax.lbfgs(memory_size=20),
-        lambda: tp.adam_lbfgs(1e-2, memory_size=20, detector=tp.switch_at(10)),
-        lambda: tp.adam_cg(1e-2, detector=tp.switch_at(10)),
+        lambda: tp.adam_lbfgs(1e-2, second=optax.lbfgs(memory_size=20), policy=tp.switch_at(10)),
+        lambda: tp.adam_cg(1e-2, policy=tp.switch_at(10)),
     ],
     ids=["adam", "lbfgs", "adam_lbfgs", "adam_cg"],
 )
@@ -218,7 +218,7 @@ def test_hyperparameter_sweeps_compile_once():
     loss_fn = pinn.make_loss(problem, points)
 
     def make(h):
-        return tp.adam_cg(h["lr"], detector=tp.switch_at(h["switch"]))
+        return tp.adam_cg(h["lr"], policy=tp.switch_at(h["switch"]))
 
     runs = [
         pinn.train(loss_fn, params, make, budget=budget, log_points=2, hyperparams=h)
@@ -234,7 +234,7 @@ def test_hyperparameter_sweeps_compile_once():
 def _chain(lr, k1, k2, memory_size=20):
     """Adam -> L-BFGS -> Newton-CG as a nested two_phase (benchmarks/pinn.py's chain): the
     first Newton-CG step is step ``k2``, the first L-BFGS step ``k1``."""
-    inner = tp.adam_lbfgs(lr, memory_size=memory_size, detector=tp.switch_at(k1))
+    inner = tp.adam_lbfgs(lr, second=optax.lbfgs(memory_size=memory_size), policy=tp.switch_at(k1))
     return tp.two_phase(inner, tp.newton_cg(), tp.switch_at(k2))
 
 
@@ -242,7 +242,7 @@ def _chain(lr, k1, k2, memory_size=20):
 @pytest.mark.parametrize(
     "make, last_stage",
     [
-        (lambda: tp.adam_newton_cg(1e-2, detector=tp.switch_at(10)), 1),
+        (lambda: tp.adam_newton_cg(1e-2, policy=tp.switch_at(10)), 1),
         (lambda: _chain(1e-2, 10, 16), 2),
         (lambda: tp.newton_cg(), 1),
     ],

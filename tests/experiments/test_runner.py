@@ -223,7 +223,7 @@ def test_make_optimizer_precondition_reaches_adam_cg():
         return updates["w"]
 
     made = runner.make_optimizer("adam+cg", lr=1e-2, steps_per_epoch=1, switch=1, precondition=True)
-    reference = tp.adam_cg(1e-2, window=1, detector=tp.switch_at(1), precondition=True)
+    reference = tp.adam_cg(1e-2, policy=tp.switch_at(1), precondition=True)
     plain = runner.make_optimizer("adam+cg", lr=1e-2, steps_per_epoch=1, switch=1)
     np.testing.assert_allclose(first_cg_update(made), first_cg_update(reference), rtol=1e-6)
     assert not np.allclose(first_cg_update(made), first_cg_update(plain), rtol=1e-3)

@@ -123,7 +123,7 @@ def test_a_slow_second_phase_is_tried_and_returned_from_with_adam_state_kept():
 def test_a_fast_second_phase_is_kept():
     # CG on a linear least-squares problem converges in a few iterations: far
     # faster than Adam's pace, so the first trial is kept to the end.
-    opt = tp.adam_cg(1e-3, window=STEPS)
+    opt = tp.adam_cg(1e-3, steps_per_epoch=STEPS)
     p, s, _ = run(opt, 25)
     info = tp.info(s)
     assert int(info.switches) == 1 and int(info.fallbacks) == 0
@@ -150,7 +150,7 @@ def test_trial_with_nonfinite_values_returns_and_never_moves_parameters_to_nan()
     def poisoned(p):  # finite for Adam's mini-batches, NaN for the full batch
         return loss(p, X, Y) + jnp.nan
 
-    opt = tp.adam_cg(1e-2, window=STEPS)
+    opt = tp.adam_cg(1e-2, steps_per_epoch=STEPS)
     p, s, _ = run(opt, 15, value_fn=poisoned)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(p))
     info = tp.info(s)
@@ -260,7 +260,7 @@ def test_removed_arguments_name_their_new_spelling(kwargs, new):
 
 def test_budget_with_a_detector_and_fallback_with_a_policy_are_rejected():
     with pytest.raises(ValueError, match="budget"):
-        tp.adam_cg(1e-2, budget=10, detector=tp.switch_at(3))
+        tp.adam_cg(1e-2, policy=tp.switch_at(3), budget=10)
     with pytest.raises(ValueError, match="fallback"):
         tp.two_phase(optax.adam(1e-2), tp.nonlinear_cg(), safe_resort(4), fallback=2)
 
@@ -272,10 +272,10 @@ def test_policy_needs_value_at_trace_time():
         opt.update(jax.grad(FULL)(PARAMS), s, PARAMS, value_fn=FULL)
 
 
-def test_ratio_is_deprecated_with_a_warning_and_still_validated():
-    with pytest.warns(DeprecationWarning, match="ratio"):
+def test_ratio_is_removed_naming_its_new_spelling():
+    with pytest.raises(TypeError, match=r"ratio.*grad_norm_peak"):
         tp.adam_cg(1e-2, ratio=0.9)
-    with pytest.raises(ValueError, match="ratio"):
+    with pytest.raises(TypeError, match="ratio"):
         tp.adam_cg(1e-2, ratio=2.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -63,7 +63,7 @@ def test_float16_parameters_in_the_lbfgs_phase_never_become_nan():
     # Issue: NaN reached float16 parameters after the loss reached ~1e-8.
     params = {"w": jnp.zeros(6, jnp.float16), "b": jnp.zeros((), jnp.float16)}
     full = lambda p: least_squares(jax.tree.map(lambda x: x.astype(jnp.float32), p))
-    opt = tp.adam_lbfgs(0.05, detector=tp.switch_at(5))
+    opt = tp.adam_lbfgs(0.05, policy=tp.switch_at(5))
     step = jax.jit(lambda p, s: opt.update(jax.grad(full)(p), s, p, value=full(p), value_fn=full))
     p, s = params, opt.init(params)
     losses = []

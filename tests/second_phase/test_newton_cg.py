@@ -633,7 +633,7 @@ def test_adam_newton_cg_keeps_nonfinite_values_out_of_low_precision_params(dtype
         return jnp.where(jnp.max(jnp.abs(w)) > 2.0, jnp.nan, jnp.sum(jnp.sqrt(1.0 + w**2)))
 
     params = {"w": jnp.full((4,), 1.5, dtype)}
-    opt = tp.adam_newton_cg(1e-2, detector=tp.switch_at(3))
+    opt = tp.adam_newton_cg(1e-2, policy=tp.switch_at(3))
 
     @jax.jit
     def step(p, s):

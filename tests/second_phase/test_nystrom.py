@@ -235,7 +235,9 @@ def test_adam_newton_cg_nystrom_switches_once_compiled(count_traces):
     f, a, b = problems.spd_quadratic(20, 1e4, seed=0)
     x_star = np.linalg.solve(a, b)
     x0 = jnp.zeros(20)
-    opt = tp.adam_newton_cg(1e-2, detector=tp.switch_at(5), precondition="nystrom", sketch_size=4)
+    opt = tp.adam_newton_cg(
+        1e-2, second=tp.newton_cg(preconditioner="nystrom", sketch_size=4), policy=tp.switch_at(5)
+    )
     step = jax.jit(count_traces(lambda x, s: opt.update(x, s, x, value=f(x), value_fn=f)))
     state, x = opt.init(x0), x0
     for _ in range(40):

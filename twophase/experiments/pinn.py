@@ -645,7 +645,7 @@ def train(
     **Sweeps without recompiling**: with ``hyperparams`` (a pytree of numbers), ``optimizer``
     is a function ``hyperparams -> transformation``, called with traced hyperparameters inside
     the compiled loop (e.g. ``lambda h: twophase.adam_cg(h["lr"],
-    detector=twophase.switch_at(h["switch"]))``). Compiled loops are cached per ``loss_fn``,
+    policy=twophase.switch_at(h["switch"]))``). Compiled loops are cached per ``loss_fn``,
     ``optimizer`` (by identity) and shapes, so runs that differ only in ``hyperparams`` or
     ``budget`` compile once.
 

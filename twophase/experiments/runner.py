@@ -8,7 +8,7 @@ the SAME seeded mini-batch schedule (so Adam+CG follows Adam's path up to its sw
 run         optimizer
 ==========  =================================================================================
 adam        ``optax.adam(lr)`` on mini-batches, every epoch
-adam+cg     ``tp.adam_cg(lr, window=steps_per_epoch)``: Adam, then one full-batch
+adam+cg     ``tp.adam_cg(lr, steps_per_epoch=steps_per_epoch)``: Adam, then one full-batch
             nonlinear CG iteration per epoch; the switch is decided by the default detector
             (``switch="auto"``: ``tp.loss_plateau`` on the epoch-mean mini-batch losses, free)
             or fixed after ``k`` Adam epochs (``switch=k``:
@@ -317,7 +317,7 @@ def make_optimizer(
     if name == "adam+cg":
         _check_switch(switch)
         detector = None if switch == "auto" else tp.switch_at(int(switch) * steps_per_epoch)
-        return tp.adam_cg(lr, window=steps_per_epoch, detector=detector, precondition=precondition)
+        return tp.adam_cg(lr, policy=detector, precondition=precondition)
     if name == "cg":
         return tp.nonlinear_cg()
     raise ValueError(f"Unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}.")

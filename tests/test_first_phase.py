@@ -1,4 +1,4 @@
-"""Tests for twophase._gated_adam: optax.adam switched by a scalar."""
+"""Tests for twophase.first_phase: optax.adam switched by a scalar."""
 
 import chex
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from twophase._gated_adam import AdamConstants, gated_adam_update
+from twophase.first_phase import AdamConstants, gated_adam_update
 
 PARAMS = {"w": jnp.ones((3, 4)), "b": jnp.zeros((4,), jnp.bfloat16)}
 
