@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["eager_jit", "fresh_buffers", "owning_init", "run_if"]
+__all__ = ["eager_jit", "fresh_buffers", "run_if"]
 
 
 def run_if(
@@ -98,7 +98,7 @@ def fresh_buffers(tree: Any) -> Any:
     ``nnx.jit`` with an ``nnx.Optimizer``): XLA refuses to donate a buffer
     twice. Under a trace the copies are free.
     """
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+    return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x, tree)
 
 
 def _is_tracer(x: Any) -> bool:
@@ -143,13 +143,3 @@ def eager_jit(update_fn: Callable[..., Any]) -> Callable[..., Any]:
         return update_fn(updates, state, params, **kwargs)
 
     return update
-
-
-def owning_init(init_fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``init_fn`` whose state owns its buffers (:func:`fresh_buffers`)."""
-
-    @functools.wraps(init_fn)
-    def init(params):
-        return fresh_buffers(init_fn(params))
-
-    return init

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import twophase as tp
+from twophase import _control
 from twophase.second_phase import cg, common, contract, evaluating, newton_cg
 
 # ------------------------------------------------------------------ contract: the lookup
@@ -56,7 +57,7 @@ def test_unit_pow2_is_an_exact_power_of_two_bringing_the_largest_entry_below_one
 def test_fresh_buffers_gives_every_field_its_own_buffer():
     zero = jnp.zeros([])
     state = (zero, zero, {"w": zero})
-    fresh = common.fresh_buffers(state)
+    fresh = _control.fresh_buffers(state)
     pointers = {x.unsafe_buffer_pointer() for x in jax.tree.leaves(fresh)}
     assert len(pointers) == 3
 

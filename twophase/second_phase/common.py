@@ -21,22 +21,21 @@ say) is one module:
 * :func:`second_phase_transformation`, which every second phase's
   ``init``/``update`` pass through: an empty parameter tree is a no-op, a fresh
   state shares no buffer between fields (so it can be donated), and an
-  un-jitted ``update`` compiles once per shape (:func:`compile_once`).
+  un-jitted ``update`` compiles once per shape (:func:`twophase._control.eager_jit`).
 """
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import optax.tree
 from jax import lax
 
+from twophase._control import eager_jit, fresh_buffers
 from twophase._numerics import all_finite
 from twophase.second_phase import linesearch as _ls
 from twophase.second_phase.contract import replace_states
@@ -47,9 +46,7 @@ __all__ = [
     "add_scaled",
     "apply_scales",
     "check_initial_step",
-    "compile_once",
     "compute_dtype",
-    "fresh_buffers",
     "held",
     "initial_preconditioner",
     "line_function",
@@ -358,55 +355,6 @@ def warm_step(rule: str, value, value_prev, slope, step_prev, slope_prev) -> jax
 # --------------------------------------------------------------------------- transformations
 
 
-def fresh_buffers(tree: PyTree) -> PyTree:
-    """``tree`` with every array copied into a buffer of its own, so that no two
-    fields of a state (nor a state and the parameters) alias one buffer and the
-    state can be donated (``jax.jit(..., donate_argnums=...)``)."""
-    return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x, tree)
-
-
-def _is_plain_data(tree: PyTree) -> bool:
-    """Whether every leaf is an array or a number (what ``jax.jit`` can take)."""
-    return all(
-        isinstance(x, (jax.Array, np.ndarray, np.generic, numbers.Number))
-        for x in jax.tree.leaves(tree)
-    )
-
-
-def _is_traced(tree: PyTree) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
-
-
-def _hashable(value: Any) -> bool:
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
-
-
-def compile_once(update_fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``update_fn(updates, state, params, *, value_fn, **extra)``, run through
-    one ``jax.jit`` (``value_fn`` static) when called outside a trace.
-
-    Called eagerly, a second phase's ``lax.while_loop`` and ``lax.cond`` bodies
-    are new closures each call, so each call would compile them again; the
-    jitted whole compiles once per shape and ``value_fn`` (pass the same
-    ``value_fn`` object to reuse it). Inside a trace (``jax.jit``, ``lax.scan``,
-    an outer transformation), and for an unhashable ``value_fn`` or arguments
-    ``jax.jit`` cannot take, ``update_fn`` runs as is.
-    """
-    jitted = jax.jit(update_fn, static_argnames=("value_fn",))
-
-    def update(updates, state, params=None, *, value_fn=None, **extra_args):
-        operands = (updates, state, params, extra_args)
-        if _is_traced(operands) or not _hashable(value_fn) or not _is_plain_data(operands):
-            return update_fn(updates, state, params, value_fn=value_fn, **extra_args)
-        return jitted(updates, state, params, value_fn=value_fn, **extra_args)
-
-    return update
-
-
 def second_phase_transformation(
     init_fn: Callable[[PyTree], PyTree], update_fn: Callable[..., Any]
 ) -> optax.GradientTransformationExtraArgs:
@@ -417,10 +365,10 @@ def second_phase_transformation(
       owns none) is a no-op: ``update`` returns it as the (empty) update and
       the state unchanged, without calling ``value_fn``;
     * ``init`` returns a state whose arrays are buffers of their own
-      (:func:`fresh_buffers`);
-    * an un-jitted ``update`` compiles once per shape (:func:`compile_once`).
+      (:func:`twophase._control.fresh_buffers`);
+    * an un-jitted ``update`` compiles once per shape (:func:`twophase._control.eager_jit`).
     """
-    compiled = compile_once(update_fn)
+    compiled = eager_jit(update_fn)
 
     def init(params):
         return fresh_buffers(init_fn(params))

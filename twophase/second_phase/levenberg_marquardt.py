@@ -53,6 +53,7 @@ from jax.flatten_util import ravel_pytree
 from twophase import auxiliary as _aux
 from twophase._checks import as_open_unit, as_positive_finite, as_positive_int, require_update_args
 from twophase._control import run_if
+from twophase.second_phase import common
 from twophase.second_phase import jacobian as _jac
 from twophase.second_phase import nystrom as _nys
 from twophase.second_phase.newton_cg import GaussNewtonObjective, truncated_cg
@@ -688,4 +689,4 @@ def levenberg_marquardt(
         del extra_args
         return _update(cfg, updates, state, params, value_fn)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return common.second_phase_transformation(init_fn, update_fn)
