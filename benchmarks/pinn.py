@@ -1,4 +1,31 @@
-"""Physics-informed networks: Adam, L-BFGS, and Adam->L-BFGS / CG / Newton-CG at equal cost.
+"""Physics-informed networks: Adam, L-BFGS, and Adam->L-BFGS / CG / Newton-CG / LM at equal cost.
+
+**The suite (the default).** Every problem of ``twophase.experiments.pinn`` (``--problems``;
+convection, reaction, wave, burgers, allen_cahn, helmholtz, oscillator), each over ``--seeds``
+(default 0-4; the seed draws the initial network, the collocation points are the problem's).
+Seeds 0-1 are the TUNING seeds: Adam's learning rate (the grid ``--adam-lrs``, by the mean
+log10 final loss) and each family's best fixed split (the switch after ``j / 41`` of the budget,
+``SWEEP_SPLITS``; the chain's ``CHAIN_SPLITS``) are chosen there, where every row runs. Seeds
+2-4 are the VALIDATION seeds: Adam and each family's chosen row run there with those choices
+held fixed, and the tables print both halves (median [min, max] over seeds). Families
+(``SUITE_ROWS``, ``--families``): Adam->L-BFGS with the default policy
+(``tp.adam_lbfgs(lr, window=1, budget=B)``) and at fixed splits; Adam->L-BFGS->Nystrom
+Newton-CG (the anchor's NNCG, a nested ``two_phase``); Adam->Levenberg-Marquardt with the
+default policy and at fixed splits, on the residual form (``pinn.make_gauss_newton_loss``):
+these rows need ``twophase.levenberg_marquardt`` and are skipped with a printed note where the
+package lacks it. Each row is read at equal evaluations (its end, at the budget ``B``) and at
+equal wall time: Adam's wall time ``W`` at ``B`` (the last logged point at or before ``W``). A
+row that ends its budget before ``WALL_SLACK * W`` is rerun with ``WALL_CAP * B`` until ``W``;
+one slower than ``WALL_LIMIT * W`` is stopped there (noted). Cost counts what
+``twophase.experiments.pinn.train`` counts, and a second phase's ``tp.info(state).cost``
+beyond its evaluations and HVPs (an LM phase's Jacobians) is charged too (the column "of which
+Jacobians etc."). ``--figure PNG`` draws the relative L2 error against wall time, one panel per
+problem (``benchmarks/pinn_figure.py``). One CPU-scale run (width 50, 1000 residual points,
+3000 evaluations) is one problem at one seed; ``--full`` is the anchor's scale for a GPU
+(``benchmarks/gpu_repro.sh --pinn``).
+
+**The anchor table** (``--anchor-table``, or ``--methods`` / ``--all``): the comparison with
+Rathore et al. at one seed, described below.
 
 The three failure-mode problems of Krishnapriyan et al. (NeurIPS 2021) as set up by Rathore et
 al., "Challenges in Training PINNs" (ICML 2024): convection (beta = 40), reaction (rho = 5),
@@ -63,10 +90,11 @@ more, so our L-BFGS gets fewer iterations).
 
 Usage::
 
-    python benchmarks/pinn.py [--problems convection reaction wave] [--budget N] [--full]
-        [--width W] [--depth D] [--residual N] [--grid NX NT] [--adam-lrs LR ...]
-        [--methods NAME ... | --all] [--lbfgs-share F] [--seed S] [--float32]
-        [--out results.json]
+    python benchmarks/pinn.py [--problems NAME ...] [--seeds S ...] [--families F ...]
+        [--budget N] [--full] [--width W] [--depth D] [--residual N] [--grid NX NT]
+        [--adam-lrs LR ...] [--lbfgs-share F] [--float32] [--log-points N]
+        [--out results.json] [--figure pinn.png]
+    python benchmarks/pinn.py --anchor-table [--methods NAME ... | --all] [--seed S] ...
 """
 
 from __future__ import annotations

@@ -886,7 +886,8 @@ def _info_counts(diagnostics: tp.Info) -> tuple[jax.Array, jax.Array, jax.Array]
     """int32 evaluations, int32 HVPs and float32 other cost of one ``tp.info`` record: the
     other cost is what ``diagnostics.cost`` (evaluation-equivalents) holds beyond the
     evaluations and ``HVP_COST`` per HVP, e.g. a Levenberg-Marquardt phase's Jacobians."""
-    evals = jnp.asarray(diagnostics.value_and_grad_evals, jnp.int32)
+    evals = diagnostics.value_and_grad_evals
+    evals = jnp.zeros([], jnp.int32) if evals is None else jnp.asarray(evals, jnp.int32)
     hvps = diagnostics.hessian_vector_products
     hvps = jnp.zeros([], jnp.int32) if hvps is None else jnp.asarray(hvps, jnp.int32)
     if diagnostics.cost is None:
