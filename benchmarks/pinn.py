@@ -7,7 +7,9 @@ Seeds 0-1 are the TUNING seeds: Adam's learning rate (the grid ``--adam-lrs``, b
 log10 final loss) and each family's best fixed split (the switch after ``j / 41`` of the budget,
 ``SWEEP_SPLITS``; the chain's ``CHAIN_SPLITS``) are chosen there, where every row runs. Seeds
 2-4 are the VALIDATION seeds: Adam and each family's chosen row run there with those choices
-held fixed, and the tables print both halves (median [min, max] over seeds). Families
+held fixed, and the tables print both halves (median [min, max] over seeds); to split the
+work, run ``--seeds 0 1 --out tuning.json`` first and then ``--seeds 2 3 4 --tuned
+tuning.json`` (the choices read from the earlier run), or one seed an invocation. Families
 (``SUITE_ROWS``, ``--families``): Adam->L-BFGS with the default policy
 (``tp.adam_lbfgs(lr, window=1, budget=B)``) and at fixed splits; Adam->L-BFGS->Nystrom
 Newton-CG (the anchor's NNCG, a nested ``two_phase``); Adam->Levenberg-Marquardt with the
@@ -93,7 +95,7 @@ Usage::
     python benchmarks/pinn.py [--problems NAME ...] [--seeds S ...] [--families F ...]
         [--budget N] [--full] [--width W] [--depth D] [--residual N] [--grid NX NT]
         [--adam-lrs LR ...] [--lbfgs-share F] [--float32] [--log-points N]
-        [--out results.json] [--figure pinn.png]
+        [--tuned tuning.json] [--out results.json] [--figure pinn.png]
     python benchmarks/pinn.py --anchor-table [--methods NAME ... | --all] [--seed S] ...
 """
 
@@ -622,14 +624,44 @@ def run_rows(setup, s, seed, rows, lr, runs, dtype) -> None:
         )
 
 
-def run_suite_problem(name: str, s: dict, seeds: list[int], rows: list[SuiteRow], dtype) -> dict:
+def validate(setup, s, seeds, rows, lr, best, runs, dtype) -> None:
+    """Adam at ``lr`` and each family's chosen row (``best``) at every seed in ``seeds``."""
+    chosen = [row for row in rows if row.name in best.values()]
+    for seed in seeds:
+        params = initial_params(setup, s, seed, dtype)
+        h = suite_hyperparams(lr, None, s, dtype)
+        runs[seed]["Adam"] = suite_run(setup, params, adam, h, s, False)
+        runs[seed]["Adam"]["at_wall"] = at_wall(
+            runs[seed]["Adam"]["curve"], runs[seed]["Adam"]["wall"]
+        )
+        run_rows(setup, s, seed, chosen, lr, runs, dtype)
+
+
+def run_suite_problem(
+    name: str, s: dict, seeds: list[int], rows: list[SuiteRow], dtype, tuned: dict | None = None
+) -> dict:
     """One problem: Adam's rate and each family's best split chosen on the tuning seeds (every
-    row runs there), then Adam and each family's chosen row on the validation seeds."""
+    row runs there), then Adam and each family's chosen row on the validation seeds. With
+    ``tuned`` (this problem's result from an earlier run's ``--out``), its choices are used
+    and every seed is run as a validation seed."""
     setup = make_setup(name, s, dtype)
+    runs: dict[int, dict] = {seed: {} for seed in seeds}
+    if tuned is not None:
+        families = {row.family for row in rows}
+        best = {f: r for f, r in tuned["best"].items() if f in families}
+        validate(setup, s, seeds, rows, tuned["best_lr"], best, runs, dtype)
+        return {
+            "best_lr": tuned["best_lr"],
+            "adam_lrs": tuned["adam_lrs"],
+            "best": best,
+            "tuning_seeds": [],  # none run here
+            "validation_seeds": list(seeds),
+            "chosen_on": f"tuning (of an earlier run: {tuned['tuning_seeds']})",
+            "runs": {str(seed): r for seed, r in runs.items()},
+        }
     tuning, validation = seed_split(seeds)
     choose_on = tuning or validation  # without tuning seeds the choice is not held out
     lr, adam_runs, scores = tune_adam(setup, s, choose_on, dtype)
-    runs: dict[int, dict] = {seed: {} for seed in seeds}
     for seed in choose_on:
         runs[seed]["Adam"] = adam_runs[seed]
         run_rows(setup, s, seed, rows, lr, runs, dtype)
@@ -638,16 +670,7 @@ def run_suite_problem(name: str, s: dict, seeds: list[int], rows: list[SuiteRow]
         members = [row.name for row in rows if row.family == family]
         best[family] = min(members, key=lambda m: mean_log_loss([runs[x][m] for x in choose_on]))
     if tuning:
-        chosen = [row for row in rows if row.name in best.values()]
-        for seed in validation:
-            params = initial_params(setup, s, seed, dtype)
-            runs[seed]["Adam"] = suite_run(
-                setup, params, adam, suite_hyperparams(lr, None, s, dtype), s, False
-            )
-            runs[seed]["Adam"]["at_wall"] = at_wall(
-                runs[seed]["Adam"]["curve"], runs[seed]["Adam"]["wall"]
-            )
-            run_rows(setup, s, seed, chosen, lr, runs, dtype)
+        validate(setup, s, validation, rows, lr, best, runs, dtype)
     return {
         "best_lr": lr,
         "adam_lrs": {str(k): v for k, v in scores.items()},
@@ -770,7 +793,14 @@ def main_suite(args: argparse.Namespace, s: dict) -> dict:
     results = {}
     for name in args.problems:
         started = time.perf_counter()
-        results[name] = run_suite_problem(name, s, list(args.seeds), rows, dtype)
+        tuned = None
+        if getattr(args, "tuned", None):
+            with open(args.tuned) as f:
+                earlier = json.load(f)["results"]
+            if name not in earlier:
+                raise SystemExit(f"pinn.py: --tuned {args.tuned} has no results for {name}")
+            tuned = earlier[name]
+        results[name] = run_suite_problem(name, s, s["seeds"], rows, dtype, tuned)
         results[name]["seconds"] = time.perf_counter() - started
         print_suite_problem(name, results[name], rows, s)
         print(f"\n({name}: {results[name]['seconds']:.0f} s in all, compilation included)")
@@ -795,6 +825,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=FAMILIES,
         help="the suite's method families to run (default all; Adam always runs)",
+    )
+    parser.add_argument(
+        "--tuned",
+        metavar="JSON",
+        help="take Adam's rate and the best splits from this earlier --out file (its tuning "
+        "seeds) and run every --seeds seed as a validation seed",
     )
     parser.add_argument("--figure", help="write the error-against-wall-time figure (PNG) here")
     parser.add_argument(

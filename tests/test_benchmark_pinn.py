@@ -106,31 +106,53 @@ def run_script(*args: str) -> str:
     return done.stdout
 
 
-def test_suite_runs_end_to_end_on_the_smallest_problem(tmp_path):
-    budget = 24
-    out_json, figure = tmp_path / "pinn.json", tmp_path / "pinn.png"
-    out = run_script(
+def tiny_run(*args: str) -> str:
+    return run_script(
         "pinn.py",
-        *("--problems", "oscillator", "--budget", str(budget), "--width", "4", "--depth", "1"),
+        *("--problems", "oscillator", "--budget", "24", "--width", "4", "--depth", "1"),
         *("--residual", "12", "--grid", "4", "4", "--adam-lrs", "1e-2", "3e-2"),
-        *("--log-points", "3", "--seeds", "0", "2", "--families", "Adam->L-BFGS default"),
-        *("--out", str(out_json), "--figure", str(figure)),
+        *("--log-points", "3", "--families", "Adam->L-BFGS default", *args),
     )
-    assert "Tuning seeds [0]" in out and "Validation seeds [2]" in out
+
+
+def check_runs(runs: dict, budget: int = 24) -> None:
+    assert set(runs) == {"Adam", "Adam->L-BFGS default"}
+    for run in runs.values():
+        assert run["cost"] <= budget and math.isfinite(run["l2"]) and run["l2"] > 0
+        curve = run["curve"]
+        assert curve["cost"][0] == 0 and curve["cost"][-1] == run["cost"]
+        assert len(curve["error"]) == len(curve["wall"]) == len(curve["loss"])
+        assert curve["error"][-1] == run["l2"]
+        assert run["at_wall"]["wall"] <= max(runs["Adam"]["wall"], curve["wall"][0])
+    assert runs["Adam"]["cost"] == budget  # one evaluation a step
+
+
+def test_suite_runs_end_to_end_on_the_smallest_problem(tmp_path):
+    # A tuning run, then a validation run that takes its choices (--tuned).
+    tuning_json, validation_json = tmp_path / "tuning.json", tmp_path / "validation.json"
+    figure = tmp_path / "pinn.png"
+    out = tiny_run("--seeds", "0", "--out", str(tuning_json))
+    assert "Tuning seeds [0]" in out and "Validation seeds" not in out
     assert "Command: `" in out and "Summary" in out
-    result = json.loads(out_json.read_text())["results"]["oscillator"]
-    assert result["tuning_seeds"] == [0] and result["validation_seeds"] == [2]
-    assert result["best"] == {"Adam->L-BFGS default": "Adam->L-BFGS default"}
-    assert result["best_lr"] in (1e-2, 3e-2)
-    for seed in ("0", "2"):
-        runs = result["runs"][seed]
-        assert set(runs) == {"Adam", "Adam->L-BFGS default"}
-        for run in runs.values():
-            assert run["cost"] <= budget and math.isfinite(run["l2"]) and run["l2"] > 0
-            curve = run["curve"]
-            assert curve["cost"][0] == 0 and curve["cost"][-1] == run["cost"]
-            assert len(curve["error"]) == len(curve["wall"]) == len(curve["loss"])
-            assert curve["error"][-1] == run["l2"]
-            assert run["at_wall"]["wall"] <= max(runs["Adam"]["wall"], curve["wall"][0])
-        assert runs["Adam"]["cost"] == budget  # one evaluation a step
-    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tuned = json.loads(tuning_json.read_text())["results"]["oscillator"]
+    assert tuned["tuning_seeds"] == [0] and tuned["validation_seeds"] == []
+    assert tuned["best"] == {"Adam->L-BFGS default": "Adam->L-BFGS default"}
+    assert tuned["best_lr"] in (1e-2, 3e-2)
+    check_runs(tuned["runs"]["0"])
+    flag_figure = tmp_path / "flag.png"
+    out = tiny_run(
+        *("--seeds", "2", "--tuned", str(tuning_json), "--out", str(validation_json)),
+        *("--figure", str(flag_figure)),
+    )
+    assert "Validation seeds [2]" in out and "Tuning seeds" not in out
+    result = json.loads(validation_json.read_text())["results"]["oscillator"]
+    assert result["best_lr"] == tuned["best_lr"] and result["validation_seeds"] == [2]
+    check_runs(result["runs"]["2"])
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from pinn_figure import main as figure_main
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    figure_main([str(validation_json), str(figure)])
+    for path in (figure, flag_figure):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
