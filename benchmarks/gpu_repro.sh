@@ -10,10 +10,13 @@
 #                   on the four ViTs on digits at 1000 epochs on CPU, benchmarks/RESULTS.md
 #                   section 5). Hours on one GPU.
 #   --bounded:      one model (vit-nomlp on mnist5k), 60 epochs, --switch 18: under 5 minutes.
-#   PINNs (in the full plan, or alone with --pinn): benchmarks/pinn.py --full for each of the
-#                   convection, reaction and wave problems (Rathore et al., ICML 2024 scale:
-#                   width 200, 10,000 residual points, 41,000 evaluations per method, float64),
-#                   writing runs/gpu/pinn-<problem>.json and .log.
+#   PINNs (in the full plan, or alone with --pinn): benchmarks/pinn.py --full for each of its
+#                   seven problems (convection, reaction, wave, burgers, allen_cahn, helmholtz,
+#                   oscillator) at Rathore et al.'s (ICML 2024) scale: width 200, 10,000
+#                   residual points, 41,000 evaluations per method, float64, seeds 0-1 tuning
+#                   and 2-4 validation, every method family (the Adam->LM rows where
+#                   twophase.levenberg_marquardt exists), writing runs/gpu/pinn-<problem>.json,
+#                   .log and .png (relative L2 error against wall time).
 #
 # Options:
 #   --bounded       run the bounded check only
@@ -94,12 +97,13 @@ run_dir() {  # run_dir DATASET MODEL EPOCHS SWITCH [--precondition]
 # The PINN problems, one a line (none in the bounded check).
 pinn_plan() {
   if [[ $BOUNDED -eq 0 ]]; then
-    printf '%s\n' convection reaction wave
+    printf '%s\n' convection reaction wave burgers allen_cahn helmholtz oscillator
   fi
 }
 
 pinn_command_for() {  # pinn_command_for PROBLEM
-  echo python benchmarks/pinn.py --full --problems "$1" --out "$OUT/pinn-$1.json"
+  echo python benchmarks/pinn.py --full --problems "$1" --out "$OUT/pinn-$1.json" \
+    --figure "$OUT/pinn-$1.png"
 }
 
 if [[ $DRY_RUN -eq 1 ]]; then

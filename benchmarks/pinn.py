@@ -1,4 +1,33 @@
-"""Physics-informed networks: Adam, L-BFGS, and Adam->L-BFGS / CG / Newton-CG at equal cost.
+"""Physics-informed networks: Adam, L-BFGS, and Adam->L-BFGS / CG / Newton-CG / LM at equal cost.
+
+**The suite (the default).** Every problem of ``twophase.experiments.pinn`` (``--problems``;
+convection, reaction, wave, burgers, allen_cahn, helmholtz, oscillator), each over ``--seeds``
+(default 0-4; the seed draws the initial network, the collocation points are the problem's).
+Seeds 0-1 are the TUNING seeds: Adam's learning rate (the grid ``--adam-lrs``, by the mean
+log10 final loss) and each family's best fixed split (the switch after ``j / 41`` of the budget,
+``SWEEP_SPLITS``; the chain's ``CHAIN_SPLITS``) are chosen there, where every row runs. Seeds
+2-4 are the VALIDATION seeds: Adam and each family's chosen row run there with those choices
+held fixed, and the tables print both halves (median [min, max] over seeds); to split the
+work, run ``--seeds 0 1 --out tuning.json`` first and then ``--seeds 2 3 4 --tuned
+tuning.json`` (the choices read from the earlier run), or one seed an invocation. Families
+(``SUITE_ROWS``, ``--families``): Adam->L-BFGS with the default policy
+(``tp.adam_lbfgs(lr, window=1, budget=B)``) and at fixed splits; Adam->L-BFGS->Nystrom
+Newton-CG (the anchor's NNCG, a nested ``two_phase``); Adam->Levenberg-Marquardt with the
+default policy and at fixed splits, on the residual form (``pinn.make_gauss_newton_loss``):
+these rows need ``twophase.levenberg_marquardt`` and are skipped with a printed note where the
+package lacks it. Each row is read at equal evaluations (its end, at the budget ``B``) and at
+equal wall time: Adam's wall time ``W`` at ``B`` (the last logged point at or before ``W``). A
+row that ends its budget before ``WALL_SLACK * W`` is rerun with ``WALL_CAP * B`` until ``W``;
+one slower than ``WALL_LIMIT * W`` is stopped there (noted). Cost counts what
+``twophase.experiments.pinn.train`` counts, and a second phase's ``tp.info(state).cost``
+beyond its evaluations and HVPs (an LM phase's Jacobians) is charged too (the column "of which
+Jacobians etc."). ``--figure PNG`` draws the relative L2 error against wall time, one panel per
+problem (``benchmarks/pinn_figure.py``). One CPU-scale run (width 50, 1000 residual points,
+3000 evaluations) is one problem at one seed; ``--full`` is the anchor's scale for a GPU
+(``benchmarks/gpu_repro.sh --pinn``).
+
+**The anchor table** (``--anchor-table``, or ``--methods`` / ``--all``): the comparison with
+Rathore et al. at one seed, described below.
 
 The three failure-mode problems of Krishnapriyan et al. (NeurIPS 2021) as set up by Rathore et
 al., "Challenges in Training PINNs" (ICML 2024): convection (beta = 40), reaction (rho = 5),
@@ -63,10 +92,11 @@ more, so our L-BFGS gets fewer iterations).
 
 Usage::
 
-    python benchmarks/pinn.py [--problems convection reaction wave] [--budget N] [--full]
-        [--width W] [--depth D] [--residual N] [--grid NX NT] [--adam-lrs LR ...]
-        [--methods NAME ... | --all] [--lbfgs-share F] [--seed S] [--float32]
-        [--out results.json]
+    python benchmarks/pinn.py [--problems NAME ...] [--seeds S ...] [--families F ...]
+        [--budget N] [--full] [--width W] [--depth D] [--residual N] [--grid NX NT]
+        [--adam-lrs LR ...] [--lbfgs-share F] [--float32] [--log-points N]
+        [--tuned tuning.json] [--out results.json] [--figure pinn.png]
+    python benchmarks/pinn.py --anchor-table [--methods NAME ... | --all] [--seed S] ...
 """
 
 from __future__ import annotations
@@ -368,7 +398,7 @@ def anchor_for(method: str) -> str:
 
 
 def format_anchor(row: str, problem: str) -> str:
-    if not row:
+    if not row or problem not in ANCHOR[row]:
         return ""
     loss, l2 = ANCHOR[row][problem]
     loss_text = "10x below Adam+L-BFGS" if loss is None else f"{loss:.3g}"
@@ -383,10 +413,445 @@ def format_zero_steps(zero_steps) -> str:
     return "+".join("?" if z is None else str(z) for z in zero_steps)
 
 
+# ----------------------------------------------------------------------------------------------
+# The suite (the default): every problem, tuning and validation seeds, equal evaluations and
+# equal wall time.
+
+SWEEP_SPLITS = (1, 5, 11, 21, 31)  # the best fixed split's sweep, j / 41 of the budget
+CHAIN_SPLITS = SPLITS  # Adam->L-BFGS->NNCG: the anchor's switches
+TUNING_SEEDS = (0, 1)  # the Adam rate and the best splits are chosen on these ...
+VALIDATION_SEEDS = (2, 3, 4)  # ... and reported on these, with the choices held fixed
+WALL_LIMIT = 3.0  # a row stops at this multiple of Adam's wall time (flagged in the table)
+WALL_SLACK = 0.9  # a row that ends its budget before this share of Adam's wall is rerun
+WALL_CAP = 20  # ... with the budget raised to this multiple of it, until Adam's wall time
+MIN_WALL = 1.0  # seconds: below this Adam's wall time is noise; no wall limit or rerun then
+
+
+def levenberg_marquardt():
+    """``twophase.levenberg_marquardt`` where the package has it, else ``None`` (the LM rows
+    are skipped with a note)."""
+    return getattr(tp, "levenberg_marquardt", None)
+
+
+def adam_lm_at(h: Hyperparams) -> optax.GradientTransformation:
+    # Adam, then Levenberg-Marquardt on the residual form (make_gauss_newton_loss).
+    return tp.two_phase(optax.adam(h["lr"]), levenberg_marquardt()(), tp.switch_at(h["switch"]))
+
+
+def adam_lm_default(h: Hyperparams) -> optax.GradientTransformation:
+    # The adam_lm preset where there is one; else the default policy, told the budget, as the
+    # presets build it (one Adam step is one epoch at full batch).
+    preset = getattr(tp, "adam_lm", None)
+    if preset is not None:
+        return preset(h["lr"], window=1, budget=h["budget"])
+    policy = tp.safe_resort(1, budget=h["budget"])
+    return tp.two_phase(optax.adam(h["lr"]), levenberg_marquardt()(), policy)
+
+
+class SuiteRow(NamedTuple):
+    """A row of the suite: ``family`` groups a sweep over ``split`` (``None``: a default
+    policy) whose best member, chosen on the tuning seeds, is reported on the validation
+    seeds."""
+
+    name: str
+    family: str
+    make: Callable[[Hyperparams], optax.GradientTransformation]
+    split: int | None = None
+    gauss_newton: bool = False
+    needs_lm: bool = False
+
+
+SUITE_ROWS: list[SuiteRow] = [
+    SuiteRow("Adam->L-BFGS default", "Adam->L-BFGS default", adam_lbfgs_default),
+    *[SuiteRow(f"Adam->L-BFGS {j}/41", "Adam->L-BFGS", adam_lbfgs_at, j) for j in SWEEP_SPLITS],
+    *[
+        SuiteRow(
+            f"Adam->L-BFGS->NNCG {j}/41", "Adam->L-BFGS->NNCG", adam_lbfgs_newton_cg_nystrom_at, j
+        )
+        for j in CHAIN_SPLITS
+    ],
+    SuiteRow("Adam->LM default", "Adam->LM default", adam_lm_default, None, True, True),
+    *[SuiteRow(f"Adam->LM {j}/41", "Adam->LM", adam_lm_at, j, True, True) for j in SWEEP_SPLITS],
+]
+
+
+FAMILIES = tuple(dict.fromkeys(row.family for row in SUITE_ROWS))
+
+
+class Setup(NamedTuple):
+    """One problem at one seed: the same collocation points for every seed (the points are
+    part of the problem); the seed draws the initial network."""
+
+    problem: pinn.Problem
+    loss_fn: Callable
+    gauss_newton_loss: Callable
+    error_fn: Callable
+    grid: jax.Array
+    points: pinn.Collocation
+
+
+def make_setup(name: str, s: dict, dtype) -> Setup:
+    problem = pinn.make_problem(name)
+    n_x, n_t = s["grid"]
+    points = pinn.collocation(problem, n_x=n_x, n_t=n_t, n_residual=s["residual"], dtype=dtype)
+    grid = pinn.evaluation_grid(problem, n_x, n_t, dtype=dtype)
+    error_fn = jax.jit(lambda p: pinn.relative_l2_error(p, problem, grid))
+    return Setup(
+        problem,
+        pinn.make_loss(problem, points),
+        pinn.make_gauss_newton_loss(problem, points),
+        error_fn,
+        grid,
+        points,
+    )
+
+
+def initial_params(setup: Setup, s: dict, seed: int, dtype):
+    problem = setup.problem
+    widths = (s["width"],) * s["depth"]
+    return pinn.init_mlp(
+        jax.random.PRNGKey(seed),
+        widths,
+        dtype=dtype,
+        n_inputs=problem.n_inputs,
+        n_outputs=problem.n_outputs,
+    )
+
+
+def at_wall(log: dict, wall: float) -> dict:
+    """The logged point of a curve at the wall time ``wall``: the last one at or before it."""
+    times = np.asarray(log["wall"])
+    i = int(np.searchsorted(times, wall * (1 + 1e-9), side="right")) - 1
+    return {k: float(log[k][max(i, 0)]) for k in ("loss", "error", "cost", "wall")}
+
+
+def suite_run(setup: Setup, params, make, h: dict, s: dict, gauss_newton: bool, wall=None):
+    """One training run at the budget (stopped at ``WALL_LIMIT`` times Adam's wall time
+    ``wall``), read at equal evaluations (its end) and at equal wall time (``wall``; a run
+    that ended its budget before ``WALL_SLACK * wall`` is rerun with a budget of ``WALL_CAP``
+    times it until ``wall``). Neither the limit nor the rerun applies when ``wall`` is below
+    ``MIN_WALL`` (tiny runs, where wall time is noise)."""
+    value_fn = setup.gauss_newton_loss if gauss_newton else None
+    timed = wall is not None and wall >= MIN_WALL
+    common = {"hyperparams": h, "value_fn": value_fn, "error_fn": setup.error_fn}
+    log = pinn.train(
+        setup.loss_fn,
+        params,
+        make,
+        budget=s["budget"],
+        log_points=s["log_points"],
+        wall_budget=WALL_LIMIT * wall if timed else None,
+        **common,
+    )
+    curve = {
+        "cost": log.cost.tolist(),
+        "loss": log.loss.tolist(),
+        "error": log.error.tolist(),
+        "wall": log.wall.tolist(),
+    }
+    record = {
+        "loss": float(log.loss[-1]),
+        "l2": float(log.error[-1]),
+        "cost": float(log.cost[-1]),
+        "evaluations": log.evaluations,
+        "hvps": log.hessian_vector_products,
+        "other_cost": log.other_cost,
+        "wall": log.wall_seconds,
+        "compile": log.compile_seconds,
+        "switch_cost": log.switch_cost,
+        "stopped_by_wall": timed
+        and bool(log.cost[-1] < s["budget"] - 2)
+        and log.wall_seconds >= WALL_LIMIT * wall,
+        "curve": curve,
+    }
+    if wall is None:
+        return record
+    if timed and log.wall_seconds < WALL_SLACK * wall:
+        longer = pinn.train(
+            setup.loss_fn,
+            params,
+            make,
+            budget=WALL_CAP * s["budget"],
+            log_points=WALL_CAP * s["log_points"],
+            wall_budget=wall,
+            **common,
+        )
+        curve = {
+            "cost": longer.cost.tolist(),
+            "loss": longer.loss.tolist(),
+            "error": longer.error.tolist(),
+            "wall": longer.wall.tolist(),
+        }
+        record["wall_curve"] = curve
+    record["at_wall"] = at_wall(curve, wall)
+    return record
+
+
+def suite_hyperparams(lr: float, split: int | None, s: dict, dtype) -> Hyperparams:
+    budget = s["budget"]
+    return {
+        "lr": np.asarray(lr, dtype),
+        "switch": np.int32(switch_step(budget, split or 1)),
+        "switch2": np.int32(newton_cg_step(budget, split or 1, s["lbfgs_share"])),
+        "budget": np.float32(budget),
+    }
+
+
+def mean_log_loss(records: list[dict]) -> float:
+    """The mean of log10 final losses (equal evaluations): the tuning criterion."""
+    return float(np.mean([np.log10(max(r["loss"], 1e-300)) for r in records]))
+
+
+def seed_split(seeds: list[int]) -> tuple[list[int], list[int]]:
+    """(tuning seeds, validation seeds) among ``seeds``: seeds 0-1 tune, the others validate."""
+    return [x for x in seeds if x in TUNING_SEEDS], [x for x in seeds if x not in TUNING_SEEDS]
+
+
+def tune_adam(setup: Setup, s: dict, seeds: list[int], dtype) -> tuple[float, dict, dict]:
+    """Adam over the learning-rate grid on ``seeds``: (best rate by mean log loss, its run per
+    seed, mean log loss per rate)."""
+    found: dict[tuple[int, float], dict] = {}
+    for seed in seeds:
+        params = initial_params(setup, s, seed, dtype)
+        for lr in s["adam_lrs"]:
+            h = suite_hyperparams(lr, None, s, dtype)
+            found[seed, lr] = suite_run(setup, params, adam, h, s, False)
+            found[seed, lr]["at_wall"] = at_wall(found[seed, lr]["curve"], found[seed, lr]["wall"])
+    scores = {lr: mean_log_loss([found[seed, lr] for seed in seeds]) for lr in s["adam_lrs"]}
+    best = min(scores, key=scores.get)
+    return best, {seed: found[seed, best] for seed in seeds}, scores
+
+
+def run_rows(setup, s, seed, rows, lr, runs, dtype) -> None:
+    """Every row in ``rows`` at ``seed`` into ``runs[seed]`` (Adam's run there sets the wall
+    time)."""
+    params = initial_params(setup, s, seed, dtype)
+    wall = runs[seed]["Adam"]["wall"]
+    for row in rows:
+        h = suite_hyperparams(lr, row.split, s, dtype)
+        r = suite_run(setup, params, row.make, h, s, row.gauss_newton, wall)
+        runs[seed][row.name] = r
+        print(
+            f"  {setup.problem.name} seed {seed}: {row.name}: loss {r['loss']:.3e}, L2 "
+            f"{r['l2']:.2e} at cost {r['cost']:g}; at {wall:.1f} s: loss "
+            f"{r['at_wall']['loss']:.3e}, L2 {r['at_wall']['error']:.2e}",
+            flush=True,
+        )
+
+
+def validate(setup, s, seeds, rows, lr, best, runs, dtype) -> None:
+    """Adam at ``lr`` and each family's chosen row (``best``) at every seed in ``seeds``."""
+    chosen = [row for row in rows if row.name in best.values()]
+    for seed in seeds:
+        params = initial_params(setup, s, seed, dtype)
+        h = suite_hyperparams(lr, None, s, dtype)
+        runs[seed]["Adam"] = suite_run(setup, params, adam, h, s, False)
+        runs[seed]["Adam"]["at_wall"] = at_wall(
+            runs[seed]["Adam"]["curve"], runs[seed]["Adam"]["wall"]
+        )
+        run_rows(setup, s, seed, chosen, lr, runs, dtype)
+
+
+def run_suite_problem(
+    name: str, s: dict, seeds: list[int], rows: list[SuiteRow], dtype, tuned: dict | None = None
+) -> dict:
+    """One problem: Adam's rate and each family's best split chosen on the tuning seeds (every
+    row runs there), then Adam and each family's chosen row on the validation seeds. With
+    ``tuned`` (this problem's result from an earlier run's ``--out``), its choices are used
+    and every seed is run as a validation seed."""
+    setup = make_setup(name, s, dtype)
+    runs: dict[int, dict] = {seed: {} for seed in seeds}
+    if tuned is not None:
+        families = {row.family for row in rows}
+        best = {f: r for f, r in tuned["best"].items() if f in families}
+        validate(setup, s, seeds, rows, tuned["best_lr"], best, runs, dtype)
+        return {
+            "best_lr": tuned["best_lr"],
+            "adam_lrs": tuned["adam_lrs"],
+            "best": best,
+            "tuning_seeds": [],  # none run here
+            "validation_seeds": list(seeds),
+            "chosen_on": f"tuning (of an earlier run: {tuned['tuning_seeds']})",
+            "runs": {str(seed): r for seed, r in runs.items()},
+        }
+    tuning, validation = seed_split(seeds)
+    choose_on = tuning or validation  # without tuning seeds the choice is not held out
+    lr, adam_runs, scores = tune_adam(setup, s, choose_on, dtype)
+    for seed in choose_on:
+        runs[seed]["Adam"] = adam_runs[seed]
+        run_rows(setup, s, seed, rows, lr, runs, dtype)
+    best = {}
+    for family in dict.fromkeys(row.family for row in rows):
+        members = [row.name for row in rows if row.family == family]
+        best[family] = min(members, key=lambda m: mean_log_loss([runs[x][m] for x in choose_on]))
+    if tuning:
+        validate(setup, s, validation, rows, lr, best, runs, dtype)
+    return {
+        "best_lr": lr,
+        "adam_lrs": {str(k): v for k, v in scores.items()},
+        "best": best,
+        "tuning_seeds": tuning,
+        "validation_seeds": validation,
+        "chosen_on": "tuning" if tuning else "validation (no tuning seed run: not held out)",
+        "runs": {str(seed): r for seed, r in runs.items()},
+    }
+
+
+def spread(values: list[float], digits: str = ".2e") -> str:
+    """``median [min, max]`` (just the value for one seed; ``""`` for none)."""
+    if not values:
+        return ""
+    mid = f"{float(np.median(values)):{digits}}"
+    if len(values) == 1:
+        return mid
+    return f"{mid} [{min(values):{digits}}, {max(values):{digits}}]"
+
+
+def suite_table_rows(result: dict, seeds: list[int], names: list[str]) -> list[list[str]]:
+    rows = []
+    for name in names:
+        found = [result["runs"][str(x)][name] for x in seeds if name in result["runs"][str(x)]]
+        if not found:
+            continue
+        walls = [r["at_wall"] for r in found]
+        notes = []
+        if any(r.get("stopped_by_wall") for r in found):
+            notes.append(f"stopped at {WALL_LIMIT:g}x Adam's wall")
+        if any("wall_curve" in r for r in found):
+            notes.append("rerun to Adam's wall")
+        rows.append(
+            [
+                name,
+                ",".join(str(x) for x in seeds if name in result["runs"][str(x)]),
+                spread([r["loss"] for r in found]),
+                spread([r["l2"] for r in found]),
+                spread([r["cost"] for r in found], "g"),
+                spread([r["other_cost"] for r in found], "g"),
+                spread([w["loss"] for w in walls]),
+                spread([w["error"] for w in walls]),
+                spread([w["wall"] for w in walls], ".1f"),
+                spread([r["compile"] for r in found], ".1f"),
+                "; ".join(notes),
+            ]
+        )
+    return rows
+
+
+SUITE_HEADER = [
+    "method",
+    "seeds",
+    "loss, equal evals",
+    "rel. L2, equal evals",
+    "cost (evals)",
+    "of which Jacobians etc.",
+    "loss, equal wall",
+    "rel. L2, equal wall",
+    "at wall s",
+    "compile s",
+    "notes",
+]
+
+
+def print_suite_problem(name: str, result: dict, rows: list[SuiteRow], s: dict) -> None:
+    tuning, validation = result["tuning_seeds"], result["validation_seeds"]
+    lrs = ", ".join(f"{lr}: {v:.2f}" for lr, v in result["adam_lrs"].items())
+    print(
+        f"\n### {name}: budget {s['budget']} evaluations; Adam's rate {result['best_lr']:g} "
+        f"(mean log10 loss by rate: {lrs}); choices made on the {result['chosen_on']} seeds; "
+        "median [min, max] over seeds; equal wall = Adam's wall time at the budget\n"
+    )
+    chosen = {v: k for k, v in result["best"].items()}
+    if tuning:
+        names = ["Adam", *(row.name for row in rows)]
+        table = suite_table_rows(result, tuning, names)
+        for line in table:
+            if line[0] in chosen and chosen[line[0]] != line[0]:
+                line[0] += " (chosen)"
+        print(f"Tuning seeds {tuning}:\n")
+        print(markdown_table(SUITE_HEADER, table))
+    if validation:
+        names = ["Adam", *result["best"].values()]
+        print(f"\nValidation seeds {validation} (the choices above held fixed):\n")
+        print(markdown_table(SUITE_HEADER, suite_table_rows(result, validation, names)))
+
+
+def print_suite_summary(results: dict) -> None:
+    """Per problem and family, the chosen row's median relative L2 error on the validation
+    seeds (the tuning seeds where none ran), at equal evaluations / equal wall time."""
+    families = list(dict.fromkeys(f for r in results.values() for f in ["Adam", *r["best"]]))
+    header = ["method", *results]
+    rows = []
+    for family in families:
+        line = [family]
+        for result in results.values():
+            seeds = result["validation_seeds"] or result["tuning_seeds"]
+            name = "Adam" if family == "Adam" else result["best"].get(family)
+            found = [result["runs"][str(x)].get(name) for x in seeds]
+            found = [r for r in found if r is not None]
+            if not found:
+                line.append("")
+                continue
+            evals = float(np.median([r["l2"] for r in found]))
+            wall = float(np.median([r["at_wall"]["error"] for r in found]))
+            line.append(f"{evals:.2e} / {wall:.2e}")
+        rows.append(line)
+    print("\n### Summary: median relative L2 error, equal evaluations / equal wall time\n")
+    print(markdown_table(header, rows))
+
+
+def main_suite(args: argparse.Namespace, s: dict) -> dict:
+    dtype = jnp.float32 if args.float32 else jnp.float64
+    rows = [row for row in SUITE_ROWS if not args.families or row.family in args.families]
+    if levenberg_marquardt() is None and any(row.needs_lm for row in rows):
+        rows = [row for row in rows if not row.needs_lm]
+        print("note: twophase.levenberg_marquardt is absent here: the Adam->LM rows are skipped.")
+    results = {}
+    for name in args.problems:
+        started = time.perf_counter()
+        tuned = None
+        if getattr(args, "tuned", None):
+            with open(args.tuned) as f:
+                earlier = json.load(f)["results"]
+            if name not in earlier:
+                raise SystemExit(f"pinn.py: --tuned {args.tuned} has no results for {name}")
+            tuned = earlier[name]
+        results[name] = run_suite_problem(name, s, s["seeds"], rows, dtype, tuned)
+        results[name]["seconds"] = time.perf_counter() - started
+        print_suite_problem(name, results[name], rows, s)
+        print(f"\n({name}: {results[name]['seconds']:.0f} s in all, compilation included)")
+    print_suite_summary(results)
+    return results
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--problems", nargs="+", choices=pinn.PROBLEM_NAMES, default=list(pinn.PROBLEM_NAMES)
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help=f"seeds (default {' '.join(map(str, TUNING_SEEDS + VALIDATION_SEEDS))}: "
+        f"{TUNING_SEEDS} tune, the others validate)",
+    )
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        choices=FAMILIES,
+        help="the suite's method families to run (default all; Adam always runs)",
+    )
+    parser.add_argument(
+        "--tuned",
+        metavar="JSON",
+        help="take Adam's rate and the best splits from this earlier --out file (its tuning "
+        "seeds) and run every --seeds seed as a validation seed",
+    )
+    parser.add_argument("--figure", help="write the error-against-wall-time figure (PNG) here")
+    parser.add_argument(
+        "--anchor-table",
+        action="store_true",
+        help="the anchor comparison (DEFAULT_METHODS rows, one seed) instead of the suite",
     )
     parser.add_argument("--full", action="store_true", help="the anchor's scale (a GPU job)")
     parser.add_argument(
@@ -426,9 +891,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Adam->L-BFGS->Newton-CG rows: L-BFGS's share of the steps left after Adam, in "
         f"(0, 1) (default {LBFGS_SHARE})",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="one seed (the same as --seeds S)")
     parser.add_argument("--float32", action="store_true", help="float32 instead of float64")
-    parser.add_argument("--log-points", type=int, default=20, help="loss-term logs per run")
+    parser.add_argument("--log-points", type=int, default=40, help="logged points per run")
     parser.add_argument("--out", help="write the results as JSON here")
     return parser
 
@@ -452,15 +917,22 @@ def settings(args: argparse.Namespace) -> dict:
     if not 0 < args.lbfgs_share < 1:
         raise SystemExit(f"pinn.py: --lbfgs-share must be in (0, 1), got {args.lbfgs_share}")
     resolved["lbfgs_share"] = args.lbfgs_share
+    if args.seeds and args.seed is not None:
+        raise SystemExit("pinn.py: give --seeds or --seed, not both")
+    seeds = args.seeds or ([args.seed] if args.seed is not None else None)
+    resolved["seeds"] = list(seeds or TUNING_SEEDS + VALIDATION_SEEDS)
+    if len(set(resolved["seeds"])) != len(resolved["seeds"]) or min(resolved["seeds"]) < 0:
+        raise SystemExit(f"pinn.py: --seeds must be distinct and >= 0, got {resolved['seeds']}")
+    resolved["log_points"] = args.log_points
+    if args.log_points < 1:
+        raise SystemExit("pinn.py: --log-points must be positive")
     return resolved
 
 
 def grid_residual(params, problem, points, grid) -> float:
     """The mean squared PDE residual over every interior point of the evaluation grid: far
     above the training residual when the network overfits its residual points."""
-    x_min, x_max = problem.x_range
-    inner = (grid[:, 0] > x_min) & (grid[:, 0] < x_max) & (grid[:, 1] > 0) & (grid[:, 1] < 1)
-    dense = points._replace(residual=grid[inner])
+    dense = points._replace(residual=grid[pinn.grid_interior(problem, grid)])
     return float(pinn.loss_terms(params, problem, dense)[1]["residual"])
 
 
@@ -496,6 +968,27 @@ def run_one(
 def main() -> None:
     args = build_parser().parse_args()
     s = settings(args)
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {s}")
+    if args.methods or args.all or args.anchor_table:
+        main_anchor_table(args, s)
+        return
+    started = time.perf_counter()
+    results = main_suite(args, s)
+    print(f"\nTotal wall time {time.perf_counter() - started:.0f} s (compilation included).")
+    print(f"Command: `{command_line()}`")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"settings": s, "command": command_line(), "results": results}, f, indent=1)
+    if args.figure:
+        from pinn_figure import plot_suite
+
+        plot_suite(results, args.figure)
+        print(f"Figure: {args.figure}")
+
+
+def main_anchor_table(args: argparse.Namespace, s: dict) -> None:
+    """The anchor comparison: Adam's rate grid and ``DEFAULT_METHODS`` (or ``--methods``,
+    ``--all``) at one seed, with the anchor's figures beside ours."""
     methods = METHODS if args.all else [m for m in METHODS if m.name in DEFAULT_METHODS]
     if args.methods:
         known = {m.name for m in METHODS}
@@ -507,19 +1000,25 @@ def main() -> None:
         methods = [m for m in METHODS if m.name in args.methods]
     dtype = jnp.float32 if args.float32 else jnp.float64
     widths = (s["width"],) * s["depth"]
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {s}")
+    seed = s["seeds"][0]
     results: dict[str, dict] = {}
     started_all = time.perf_counter()
     for name in args.problems:
         problem = pinn.make_problem(name)
         n_x, n_t = s["grid"]
         points = pinn.collocation(
-            problem, n_x=n_x, n_t=n_t, n_residual=s["residual"], seed=args.seed, dtype=dtype
+            problem, n_x=n_x, n_t=n_t, n_residual=s["residual"], seed=seed, dtype=dtype
         )
         grid = pinn.evaluation_grid(problem, n_x, n_t, dtype=dtype)
         loss_fn = pinn.make_loss(problem, points)
         gauss_newton_loss = pinn.make_gauss_newton_loss(problem, points)
-        params = pinn.init_mlp(jax.random.PRNGKey(args.seed), widths, dtype=dtype)
+        params = pinn.init_mlp(
+            jax.random.PRNGKey(seed),
+            widths,
+            dtype=dtype,
+            n_inputs=problem.n_inputs,
+            n_outputs=problem.n_outputs,
+        )
         rows: dict[str, dict] = {}
         adam_runs = {}
         for lr in s["adam_lrs"]:

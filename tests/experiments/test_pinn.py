@@ -19,76 +19,204 @@ SMALL = {"n_x": 21, "n_t": 11, "n_residual": 60}
 
 
 def interior_points(problem, n=64, seed=0):
+    """``(n, n_inputs)`` random points inside the domain."""
     rng = np.random.default_rng(seed)
-    x = rng.uniform(*problem.x_range, n)
-    t = rng.uniform(0.0, 1.0, n)
-    return jnp.asarray(x), jnp.asarray(t)
+    ranges = [problem.t_range] if problem.n_inputs == 1 else [problem.x_range, problem.t_range]
+    return jnp.asarray(np.stack([rng.uniform(lo, hi, n) for lo, hi in ranges], axis=1))
+
+
+def network_for(problem, key=0, widths=(8, 8), dtype=jnp.float64):
+    return pinn.init_mlp(
+        jax.random.PRNGKey(key),
+        widths,
+        dtype=dtype,
+        n_inputs=problem.n_inputs,
+        n_outputs=problem.n_outputs,
+    )
+
+
+# The size of the equation's largest terms at the exact solution (the residual's round-off
+# scale): O(beta) (convection) to O((2 beta pi)^2) (wave), O(1 / nu) at Burgers' shocks,
+# O(w) for the oscillator; the manufactured problems' O((a pi)^2) and O(pi^2).
+SCALE = {
+    "convection": 40.0,
+    "reaction": 5.0,
+    "wave": (10 * math.pi) ** 2,
+    "burgers": 25.0,
+    "allen_cahn": 10.0 * math.pi**2,
+    "helmholtz": (4 * math.pi) ** 2,
+    "oscillator": 10.0,
+}
+
+
+def test_every_problem_is_registered():
+    assert set(pinn.PROBLEM_NAMES) == set(SCALE)
+    assert pinn.ANCHOR_PROBLEMS == ("convection", "reaction", "wave")
 
 
 @pytest.mark.parametrize("name", pinn.PROBLEM_NAMES)
-def test_exact_solution_satisfies_the_pde(name):
+def test_exact_solution_satisfies_the_equation(name):
     problem = pinn.make_problem(name)
-    x, t = interior_points(problem)
-    residual = jax.vmap(lambda a, b: pinn.pde_residual(problem, problem.exact, a, b))(x, t)
-    # the terms of the residual are O(beta) (convection) to O((2 beta pi)^2) (wave)
-    scale = {"convection": 40.0, "reaction": 5.0, "wave": (10 * math.pi) ** 2}[name]
-    assert float(jnp.max(jnp.abs(residual))) < 1e-12 * scale
+    z = interior_points(problem)
+    residual = jax.vmap(lambda p: pinn.equation_residual(problem, problem.solution, p))(z)
+    assert residual.shape == (64, problem.n_outputs if problem.n_inputs == 1 else 1)
+    assert float(jnp.max(jnp.abs(residual))) < 1e-12 * SCALE[name]
+    if problem.n_inputs == 2:  # the scalar (x, t) form agrees
+        scalar = jax.vmap(lambda p: pinn.pde_residual(problem, problem.exact, p[0], p[1]))(z)
+        np.testing.assert_allclose(scalar, residual[:, 0], atol=1e-12 * SCALE[name])
 
 
-def test_residual_is_not_trivially_zero():
-    problem = pinn.make_problem("convection")
-    x, t = interior_points(problem)
-    wrong = lambda a, b: jnp.sin(a - 30.0 * b)  # solves beta = 30, not 40
-    residual = jax.vmap(lambda a, b: pinn.pde_residual(problem, wrong, a, b))(x, t)
-    assert float(jnp.max(jnp.abs(residual))) > 1.0
+@pytest.mark.parametrize("name", pinn.PROBLEM_NAMES)
+def test_a_perturbed_solution_does_not_satisfy_the_equation(name):
+    problem = pinn.make_problem(name)
+    z = interior_points(problem)
+    wrong = lambda p: problem.solution(p) * (1 + 0.1 * p[-1])  # off by 10% t at time t
+    residual = jax.vmap(lambda p: pinn.equation_residual(problem, wrong, p))(z)
+    assert float(jnp.max(jnp.abs(residual))) > 0.05
+
+
+def _helmholtz_source(z, a=4.0, k=1.0):
+    x, y = z
+    return (
+        (k**2 - math.pi**2 - (a * math.pi) ** 2) * jnp.sin(math.pi * x) * jnp.sin(a * math.pi * y)
+    )
+
+
+def _allen_cahn_source(z, d=1e-3):
+    x, t = z
+    u = jnp.exp(-t) * x**2 * jnp.cos(math.pi * x)
+    u_xx = jnp.exp(-t) * (
+        2 * jnp.cos(math.pi * x)
+        - 4 * math.pi * x * jnp.sin(math.pi * x)
+        - math.pi**2 * x**2 * jnp.cos(math.pi * x)
+    )
+    return -u - d * u_xx + 5 * (u**3 - u)
+
+
+@pytest.mark.parametrize(
+    "name, source", [("helmholtz", _helmholtz_source), ("allen_cahn", _allen_cahn_source)]
+)
+def test_manufactured_source_matches_its_closed_form(name, source):
+    # The operator vanishes at u = 0 for both, so the residual of u = 0 is minus the source,
+    # which the module computes by autodiff of the exact solution; the oracle is by hand.
+    problem = pinn.make_problem(name)
+    z = interior_points(problem)
+    zero = lambda p: jnp.zeros((1,), p.dtype)
+    residual = jax.vmap(lambda p: pinn.equation_residual(problem, zero, p))(z)[:, 0]
+    np.testing.assert_allclose(residual, -jax.vmap(source)(z), rtol=1e-11, atol=1e-11)
+
+
+def test_burgers_shocks_and_oscillator_closed_form():
+    burgers = pinn.make_problem("burgers")
+    # Far from the shocks u sits at its states 1 | 0 | -1; they merge at t = 0.8 near x = 0.
+    u = burgers.exact(jnp.array([-0.9, 0.0, 0.9, -0.5, 0.5]), jnp.array([0, 0, 0, 1, 1.0]))
+    np.testing.assert_allclose(u, [1, 0, -1, 1, -1], atol=3e-3)  # exp(-0.5 / (2 nu))
+    assert abs(float(burgers.exact(0.0, 1.0))) < 1e-12  # symmetric: u(-x) = -u(x)
+    oscillator = pinn.make_problem("oscillator")
+    np.testing.assert_allclose(oscillator.initial(None), [1.0, 0.0], atol=1e-15)
+    # y2 is the velocity over w: y1' = w y2, checked against a central difference
+    t, h = 0.37, 1e-5
+    slope = (oscillator.exact(t + h)[0] - oscillator.exact(t - h)[0]) / (2 * h)
+    np.testing.assert_allclose(slope, 10.0 * oscillator.exact(t)[1], rtol=1e-8)
+    # against scipy's integrator at a tight tolerance (an independent oracle)
+    from scipy.integrate import solve_ivp
+
+    w, zeta = 10.0, 0.1
+    found = solve_ivp(
+        lambda _, y: [w * y[1], -w * y[0] - 2 * zeta * w * y[1]],
+        (0, 1),
+        [1.0, 0.0],
+        t_eval=np.linspace(0, 1, 11),
+        rtol=1e-12,
+        atol=1e-12,
+        method="DOP853",
+    )
+    np.testing.assert_allclose(
+        oscillator.exact(jnp.linspace(0, 1, 11)), found.y.T, rtol=0, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("name", pinn.PROBLEM_NAMES)
 def test_exact_solution_meets_initial_and_boundary_conditions(name):
     problem = pinn.make_problem(name)
+    points = pinn.collocation(problem, **SMALL)
+    np.testing.assert_allclose(
+        problem.solution(points.initial).reshape(points.initial_values.shape),
+        points.initial_values,
+        atol=1e-14,
+    )
+    if problem.n_inputs == 1:
+        return
     x_min, x_max = problem.x_range
     xs = jnp.linspace(x_min, x_max, 33)
-    ts = jnp.linspace(0.0, 1.0, 33)
-    np.testing.assert_allclose(problem.exact(xs, 0.0 * xs), problem.initial(xs), atol=1e-14)
+    ts = jnp.linspace(*problem.t_range, 33)
+    if not problem.steady:
+        np.testing.assert_allclose(problem.exact(xs, 0.0 * xs), problem.initial(xs), atol=1e-14)
     lower, upper = problem.exact(x_min + 0 * ts, ts), problem.exact(x_max + 0 * ts, ts)
     if problem.periodic:
         np.testing.assert_allclose(lower, upper, atol=1e-12)
-    else:
+    elif name in ("wave", "helmholtz"):
         np.testing.assert_allclose(lower, 0.0, atol=1e-12)
         np.testing.assert_allclose(upper, 0.0, atol=1e-12)
+    if problem.steady:
+        np.testing.assert_allclose(problem.exact(xs, -1.0 + 0 * xs), 0.0, atol=1e-12)
+        np.testing.assert_allclose(problem.exact(xs, 1.0 + 0 * xs), 0.0, atol=1e-12)
     if problem.initial_velocity:
         u_t = jax.vmap(jax.grad(problem.exact, argnums=1), in_axes=(0, None))(xs, 0.0)
         np.testing.assert_allclose(u_t, 0.0, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", pinn.PROBLEM_NAMES)
+def test_loss_is_not_trivially_zero_at_init_and_zero_at_the_solution(name):
+    problem = pinn.make_problem(name)
+    points = pinn.collocation(problem, **SMALL)
+    total, terms = pinn.loss_terms(network_for(problem, 3), problem, points)
+    assert float(total) > 1e-2, terms
+    assert all(float(v) > 0 for v in terms.values()), terms
+    error = pinn.relative_l2_error(network_for(problem, 3), problem, pinn.evaluation_grid(problem))
+    assert float(error) > 0.1
+
+
 def test_make_problem_rejects_bad_input():
-    with pytest.raises(ValueError, match="convection, reaction, wave"):
-        pinn.make_problem("burgers")
+    with pytest.raises(ValueError, match="convection, reaction, wave, burgers"):
+        pinn.make_problem("heat")
     with pytest.raises(ValueError, match="coefficient"):
         pinn.make_problem("wave", float("nan"))
     assert pinn.make_problem("convection", 30).coefficient == 30.0
+    with pytest.raises(ValueError, match="equation_residual"):
+        pinn.pde_residual(pinn.make_problem("oscillator"), lambda x, t: t, 0.0, 0.5)
 
 
 @pytest.mark.parametrize("name", pinn.PROBLEM_NAMES)
 def test_collocation_points(name):
     problem = pinn.make_problem(name)
     points = pinn.collocation(problem, **SMALL)
-    x_min, x_max = problem.x_range
+    d = problem.n_inputs
     res = np.asarray(points.residual)
-    assert res.shape == (60, 2) and len(np.unique(res, axis=0)) == 60
-    assert np.all((res[:, 0] > x_min) & (res[:, 0] < x_max))
-    assert np.all((res[:, 1] > 0) & (res[:, 1] < 1))
-    assert points.initial.shape == (21, 2) and np.all(np.asarray(points.initial[:, 1]) == 0)
-    np.testing.assert_allclose(points.initial_values, problem.initial(points.initial[:, 0]))
-    assert np.all(np.asarray(points.boundary_lower[:, 0]) == x_min)
-    assert np.all(np.asarray(points.boundary_upper[:, 0]) == x_max)
-    np.testing.assert_array_equal(points.boundary_lower[:, 1], points.boundary_upper[:, 1])
-    assert points.boundary_lower.shape == (11, 2)
-    assert all(a.dtype == jnp.float64 for a in points)
+    assert res.shape == (60, d) and len(np.unique(res, axis=0)) == 60
+    assert np.all(pinn.grid_interior(problem, res))
     grid = pinn.evaluation_grid(problem, 21, 11)
-    assert grid.shape == (231, 2)
+    assert grid.shape == (231, d)
+    assert np.sum(pinn.grid_interior(problem, grid)) == (229 if d == 1 else 19 * 9)
+    assert all(a.dtype == jnp.float64 for a in points)
     again = pinn.collocation(problem, **SMALL)
     np.testing.assert_array_equal(points.residual, again.residual)  # seeded
+    if d == 1:
+        assert points.initial.shape == (1, 1) and points.boundary_lower.shape == (0, 1)
+        assert points.initial_values.shape == (1, problem.n_outputs)
+        return
+    x_min, x_max = problem.x_range
+    lower, upper = np.asarray(points.boundary_lower), np.asarray(points.boundary_upper)
+    if problem.steady:
+        assert points.initial.shape == (0, 2) and lower.shape == (11 + 21, 2)
+        assert np.all((lower[:11, 0] == x_min) & (upper[:11, 0] == x_max))
+        assert np.all((lower[11:, 1] == -1) & (upper[11:, 1] == 1))
+        return
+    assert points.initial.shape == (21, 2) and np.all(np.asarray(points.initial[:, 1]) == 0)
+    np.testing.assert_allclose(points.initial_values, problem.initial(points.initial[:, 0]))
+    assert np.all(lower[:, 0] == x_min) and np.all(upper[:, 0] == x_max)
+    np.testing.assert_array_equal(lower[:, 1], upper[:, 1])
+    assert lower.shape == (11, 2)
 
 
 def test_collocation_rejects_bad_sizes():
@@ -125,11 +253,15 @@ def test_mlp_init_statistics(dtype):
 def test_loss_terms_are_nonnegative_and_sum_to_the_total(name, dtype):
     problem = pinn.make_problem(name)
     points = pinn.collocation(problem, **SMALL, dtype=dtype)
-    params = pinn.init_mlp(jax.random.PRNGKey(1), (8, 8), dtype=dtype)
+    params = network_for(problem, 1, dtype=dtype)
     total, terms = jax.jit(pinn.make_loss(problem, points))(params)
     expected = {"residual", "initial", "boundary"}
     if name == "wave":
         expected.add("initial_velocity")
+    if name == "helmholtz":
+        expected.remove("initial")
+    if name == "oscillator":
+        expected.remove("boundary")
     assert set(terms) == expected
     assert total.dtype == dtype and total.shape == ()
     for value in terms.values():
@@ -331,7 +463,7 @@ def test_train_rejects_a_non_finite_budget():
 def test_gauss_newton_loss_is_the_loss_and_its_products_are_jtj(name):
     problem = pinn.make_problem(name)
     points = pinn.collocation(problem, n_x=9, n_t=7, n_residual=12)
-    params = pinn.init_mlp(jax.random.PRNGKey(2), (3,))
+    params = network_for(problem, 2, (3,))
     objective = pinn.make_gauss_newton_loss(problem, points)
     total, _ = pinn.loss_terms(params, problem, points)
     np.testing.assert_allclose(float(objective(params)), float(total), rtol=1e-13)
@@ -345,3 +477,26 @@ def test_gauss_newton_loss_is_the_loss_and_its_products_are_jtj(name):
     np.testing.assert_allclose(
         np.asarray(jax.flatten_util.ravel_pytree(product)[0]), np.asarray(gn @ v), rtol=1e-10
     )
+
+
+@pytest.mark.parametrize("name", pinn.PROBLEM_NAMES)
+def test_pointwise_jacobian_is_the_jacobian_of_the_scaled_residuals(name):
+    # Oracle: forward mode over the whole residual vector of make_gauss_newton_loss (whose
+    # half sum of squares is the loss), against reverse mode per point under vmap.
+    problem = pinn.make_problem(name)
+    points = pinn.collocation(problem, n_x=9, n_t=7, n_residual=12)
+    params = network_for(problem, 4, (5, 4))
+    terms = pinn.pointwise_terms(problem, points)
+    jacobian = pinn.pointwise_jacobian(params, terms)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    objective = pinn.make_gauss_newton_loss(problem, points)
+    whole = jax.jacfwd(lambda f: objective.residual_fn(unravel(f)))(flat)
+    expected = jnp.concatenate([whole[k] for k in terms])
+    assert jacobian.shape == (sum(t.size for t in terms.values()), flat.size)
+    np.testing.assert_allclose(jacobian, expected, rtol=1e-10, atol=1e-12)
+    # each term's per-point function, mapped over its data, is the residual the loss squares
+    found = pinn.residuals(params, problem, points)
+    for term_name, term in terms.items():
+        rows = jax.vmap(term.fn, (None, 0))(params, term.data).reshape(-1)
+        np.testing.assert_array_equal(rows, found[term_name])
+        assert term.size == rows.size and term.scale == math.sqrt(2.0 / rows.size)
