@@ -22,6 +22,7 @@ from twophase.policy import Policy, SafeResortState, from_detector, safe_resort
 from twophase.presets import (
     adam_cg,
     adam_lbfgs,
+    adam_lm,
     adam_newton_cg,
     adam_second_moment_preconditioner,
     adam_then,
@@ -87,6 +88,7 @@ __all__ = [
     "TwoPhaseState",
     "adam_cg",
     "adam_lbfgs",
+    "adam_lm",
     "adam_newton_cg",
     "adam_second_moment_preconditioner",
     "adam_then",

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from twophase._numerics import safe_norm
-from twophase.second_phase.contract import HVP_COST, field, has_field, states_with_field
+from twophase.second_phase.contract import cost as second_phase_cost
+from twophase.second_phase.contract import field, has_field, states_with_field
 from twophase.switch import TwoPhaseState
 
 __all__ = ["Info", "info", "info_all"]
@@ -71,9 +72,11 @@ class Info(NamedTuple):
         ``value_fn`` returns ``(loss, aux)`` (a pytree of scalars, e.g. the loss
         terms of a physics-informed network; :mod:`twophase.auxiliary`), else
         ``None``.
+      jacobian_evals: int32, residual Jacobians built by the second phase
+        (:func:`twophase.levenberg_marquardt`), over all trials.
       cost: float32, the second phase's cost in evaluation-equivalents:
-        ``value_and_grad_evals + HVP_COST * hessian_vector_products``
-        (:mod:`twophase.second_phase`).
+        ``value_and_grad_evals + HVP_COST * hessian_vector_products +
+        JACOBIAN_COST * jacobian_evals`` (:mod:`twophase.second_phase.contract`).
     """
 
     cg_iterations: jax.Array | None = None
@@ -97,6 +100,7 @@ class Info(NamedTuple):
     cost: jax.Array | None = None
     zero_steps: jax.Array | None = None
     foreign_updates: jax.Array | None = None
+    jacobian_evals: jax.Array | None = None
     aux: Any = None
 
 
@@ -185,6 +189,7 @@ _SECOND_PHASE_FIELDS = (
     "nonfinite_events",
     "consecutive_failures",
     "hessian_vector_products",
+    "jacobian_evals",
     "aux",
 )
 
@@ -205,6 +210,7 @@ def _info_of(two: TwoPhaseState | None, inner: Any) -> Info:
         two = _unwrap_variables(two)
         fields["value_and_grad_evals"] = two.second_phase_evals
         fields["hessian_vector_products"] = two.second_phase_hvps
+        fields["jacobian_evals"] = two.second_phase_jacobians
         fields["zero_steps"] = two.second_phase_linesearch_failures
         for detector in states_with_field(two.detector_state, "value_and_grad_evals"):
             fields["value_and_grad_evals"] = (
@@ -226,8 +232,13 @@ def _info_of(two: TwoPhaseState | None, inner: Any) -> Info:
         fields["zero_steps"] = fields["linesearch_failures"]
     evals = fields.get("value_and_grad_evals")
     if evals is not None:
-        hvps = fields.get("hessian_vector_products")
-        fields["cost"] = jnp.asarray(evals, jnp.float32) + (
-            0.0 if hvps is None else HVP_COST * jnp.asarray(hvps, jnp.float32)
+        fields["cost"] = second_phase_cost(
+            evals,
+            _or_zero(fields.get("hessian_vector_products")),
+            _or_zero(fields.get("jacobian_evals")),
         )
     return Info(**fields)
+
+
+def _or_zero(count: jax.Array | None) -> jax.Array:
+    return jnp.zeros((), jnp.int32) if count is None else count

@@ -25,12 +25,14 @@ from twophase import policy as _policy
 from twophase._checks import check_budget, check_int
 from twophase.first_phase import gated_adam
 from twophase.second_phase import cg as _cg
+from twophase.second_phase import levenberg_marquardt as _lm
 from twophase.second_phase.newton_cg import newton_cg as _newton_cg
 from twophase.switch import two_phase
 
 __all__ = [
     "adam_cg",
     "adam_lbfgs",
+    "adam_lm",
     "adam_newton_cg",
     "adam_second_moment_preconditioner",
     "adam_then",
@@ -118,8 +120,7 @@ def default_policy(
     if policy is None:
         if steps_per_epoch is None:
             return _policy.safe_resort(budget=budget)
-        # positional: the policy's epoch length (named steps_per_epoch there too)
-        return _policy.safe_resort(steps_per_epoch, budget=budget)
+        return _policy.safe_resort(steps_per_epoch=steps_per_epoch, budget=budget)
     if budget is not None or steps_per_epoch is not None:
         raise ValueError(
             "`budget` and `steps_per_epoch` are for the default policy; with `policy=` "
@@ -332,4 +333,45 @@ def adam_newton_cg(
         budget=budget,
         policy=policy,
         precondition=precondition,
+    )
+
+
+def adam_lm(
+    learning_rate: float | optax.ScalarOrSchedule = 1e-3,
+    *,
+    second: optax.GradientTransformation | None = None,
+    steps_per_epoch: int | None = None,
+    budget: float | None = None,
+    policy: _det.Detector | _policy.Policy | None = None,
+    **removed: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """Adam, then full-batch Levenberg-Marquardt: :func:`adam_then` with
+    ``second`` defaulting to ``twophase.levenberg_marquardt()``.
+
+    For residual losses (PINNs, nonlinear least squares): ``value_fn`` must be
+    in residual form, :func:`twophase.pointwise_residuals` (per-point Jacobians,
+    the cheap path) or :func:`twophase.gauss_newton_objective`. Each phase-1 step
+    builds the residuals' Jacobian once (counted in ``jacobian_evals`` and
+    charged :data:`twophase.JACOBIAN_COST` evaluations each on the cost axis).
+
+    Args:
+      learning_rate, steps_per_epoch, budget, policy: as in :func:`adam_then`.
+      second: the LM phase with its options, or ``None`` for the defaults.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` with state
+      :class:`twophase.TwoPhaseState`.
+
+    Raises:
+      TypeError: a removed argument, naming its new spelling; at trace time, a
+        ``value_fn`` not in residual form (naming ``gauss_newton_objective``).
+      ValueError: as :func:`adam_then`.
+    """
+    reject_removed("adam_lm", removed)
+    return adam_then(
+        _lm.levenberg_marquardt() if second is None else second,
+        learning_rate,
+        steps_per_epoch=steps_per_epoch,
+        budget=budget,
+        policy=policy,
     )

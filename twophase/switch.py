@@ -79,6 +79,8 @@ class TwoPhaseState(NamedTuple):
         the second phase over all its trials (the increases of its state's
         ``value_and_grad_evals``; :mod:`twophase.second_phase`).
       second_phase_hvps: int32, its Hessian-vector products over all trials.
+      second_phase_jacobians: int32, its residual Jacobians over all trials
+        (``jacobian_evals``, e.g. :func:`twophase.levenberg_marquardt`).
       switches: int32, switches from phase 0 to phase 1.
       return_step: int32, the step index of the latest return's first
         phase-0 step; -1 before the first return.
@@ -109,6 +111,7 @@ class TwoPhaseState(NamedTuple):
     fallbacks: jax.Array
     second_phase_evals: jax.Array
     second_phase_hvps: jax.Array
+    second_phase_jacobians: jax.Array
     switches: jax.Array
     return_step: jax.Array
     second_phase_nonfinite: jax.Array
@@ -271,6 +274,7 @@ def init_state(first: Any, second: Any, policy: _policy.Policy, params: PyTree) 
         fallbacks=_int_zero(),
         second_phase_evals=_int_zero(),
         second_phase_hvps=_int_zero(),
+        second_phase_jacobians=_int_zero(),
         switches=_int_zero(),
         return_step=jnp.full([], -1, jnp.int32),
         second_phase_nonfinite=_int_zero(),
@@ -426,11 +430,12 @@ def second_phase_step(ctx: StepContext, carry: tuple) -> tuple:
     old = state.second_state
     evals = _sp.value_and_grad_evals(second_state) - _sp.value_and_grad_evals(old)
     hvps = _sp.hessian_vector_products(second_state) - _sp.hessian_vector_products(old)
+    jacobians = _sp.jacobian_evals(second_state) - _sp.jacobian_evals(old)
     zero_steps = _sp.linesearch_failures(second_state) - _sp.linesearch_failures(old)
     detector_state, back = ctx.policy.second(
         state.detector_state,
         value=_sp.current_value(second_state),
-        cost=evals.astype(jnp.float32) + _sp.HVP_COST * hvps.astype(jnp.float32),
+        cost=_sp.cost(evals, hvps, jacobians),
         failures=_sp.failures(second_state),
         finite=finite,
         params=ctx.params,
@@ -440,6 +445,7 @@ def second_phase_step(ctx: StepContext, carry: tuple) -> tuple:
         detector_state=detector_state,
         second_phase_evals=state.second_phase_evals + evals,
         second_phase_hvps=state.second_phase_hvps + hvps,
+        second_phase_jacobians=state.second_phase_jacobians + jacobians,
         second_phase_nonfinite=state.second_phase_nonfinite + (~finite).astype(jnp.int32),
         second_phase_linesearch_failures=state.second_phase_linesearch_failures + zero_steps,
         expected=fingerprint(optax.apply_updates(ctx.params, new_updates)),

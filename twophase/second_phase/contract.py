@@ -22,6 +22,8 @@ field                             meaning
 ``hessian_vector_products``       int32, cumulative Hessian-vector products.
                                   Optional; each counts :data:`HVP_COST`
                                   evaluations on the cost axis.
+``jacobian_evals``                int32, cumulative residual Jacobians built.
+                                  Optional; each counts :data:`JACOBIAN_COST`.
 ================================  =============================================
 
 :func:`twophase.nonlinear_cg` exposes all of them. A transformation that
@@ -45,13 +47,16 @@ from optax.tree_utils import NamedTupleKey
 
 __all__ = [
     "HVP_COST",
+    "JACOBIAN_COST",
     "aux",
+    "cost",
     "current_value",
     "evaluates_itself",
     "failures",
     "field",
     "has_field",
     "hessian_vector_products",
+    "jacobian_evals",
     "linesearch_failures",
     "replace_states",
     "states_with_field",
@@ -64,6 +69,20 @@ HVP_COST: float = 1.5
 """Wall time of one Hessian-vector product in units of one value+gradient evaluation,
 to put both on one cost axis: ``cost = value_and_grad_evals + HVP_COST * hessian_vector_products``.
 How it was measured: ``benchmarks/RESULTS.md``, section "Newton-CG"."""
+
+JACOBIAN_COST: float = 17.0
+"""Wall time of one residual Jacobian (per-point reverse mode under ``jax.vmap``, a
+tanh PINN of about 900 parameters and 1200 residuals) in units of one value+gradient
+evaluation; it grows with the parameter count. ``jacobian_evals`` times this is the
+lower bound a second phase's Jacobians add to the cost axis (forming ``J^T J`` costs
+more). How it was measured: ``benchmarks/RESULTS.md``, section "Levenberg-Marquardt"."""
+
+
+def cost(evals: jax.Array, hvps: jax.Array, jacobians: jax.Array) -> jax.Array:
+    """float32 evaluation-equivalents of ``evals`` value+gradient evaluations,
+    ``hvps`` Hessian-vector products and ``jacobians`` residual Jacobians."""
+    as32 = lambda x: jnp.asarray(x).astype(jnp.float32)
+    return as32(evals) + HVP_COST * as32(hvps) + JACOBIAN_COST * as32(jacobians)
 
 
 def has_field(node: Any, name: str) -> bool:
@@ -120,6 +139,11 @@ def value_and_grad_evals(state: PyTree) -> jax.Array:
 def hessian_vector_products(state: PyTree) -> jax.Array:
     """int32 cumulative Hessian-vector products a second-phase state reports (0 if none)."""
     return _int_field(state, "hessian_vector_products")
+
+
+def jacobian_evals(state: PyTree) -> jax.Array:
+    """int32 cumulative residual Jacobians a second-phase state reports (0 if none)."""
+    return _int_field(state, "jacobian_evals")
 
 
 def failures(state: PyTree) -> jax.Array:

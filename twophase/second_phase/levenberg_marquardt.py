@@ -56,6 +56,7 @@ from twophase._control import run_if
 from twophase.second_phase import common
 from twophase.second_phase import jacobian as _jac
 from twophase.second_phase import nystrom as _nys
+from twophase.second_phase.contract import JACOBIAN_COST
 from twophase.second_phase.newton_cg import GaussNewtonObjective, truncated_cg
 
 __all__ = [
@@ -92,19 +93,6 @@ inexact, and at 281 parameters it needed 26 s to reach a loss of 3e-3 where
 the dense path reached 1e-5 in 2.6 s. The default keeps the dense path up to
 where its step costs several seconds on a CPU; on a GPU the dense path pays
 off further (raise it)."""
-
-JACOBIAN_COST: float = 17.0
-"""Wall time of one Jacobian (all residual rows, per-point reverse mode under
-``jax.vmap``) in units of one value+gradient evaluation, measured by
-``python benchmarks/lm_crossover.py --jacobian-cost`` (float64, a tanh PINN
-with 1202 residuals, this project's heavily shared 2-core CPU, so noisy;
-``CHANGES/lm.md``): 3.0 and 16.7 in two runs at 921 parameters, 6.2 at 261,
-48 at 5301. 17 is the larger figure at the reference size, rounded up. It
-grows with the parameter count ``P``. On the dense path each build also forms
-``J^T J``, ``M P^2`` multiply-adds, which the same command reports with it
-(47 evaluations in all at 261 parameters, 113-223 at 921, 1993 at 5301).
-``jacobian_evals`` counts builds, and ``JACOBIAN_COST * jacobian_evals`` is
-the lower bound to put on the cost axis, as ``HVP_COST`` is for products."""
 
 _BYTES_24_GIB = 24 * 2**30
 _DENSE_MATRICES = 3  # G in the state, G + mu D, its Cholesky factor
