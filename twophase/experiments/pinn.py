@@ -738,17 +738,15 @@ def pointwise_jacobian(params: Params, terms: Mapping[str, PointwiseTerm]) -> ja
 
 
 def make_gauss_newton_loss(problem: Problem, points: Collocation) -> tp.GaussNewtonObjective:
-    """The total loss of :func:`loss_terms` as a :func:`twophase.gauss_newton_objective`
-    (``0.5 * sum`` of the residuals scaled by ``sqrt(2 / n)`` for a term of ``n`` entries, so
-    that each term is its mean square), the ``value_fn`` for ``twophase.second_phase.newton_cg(
-    curvature="gauss_newton")``: Gauss-Newton products ``J^T J v`` of these residuals. Its
-    residuals are those of :func:`pointwise_terms` (the per-point form of the same vector)."""
+    """The total loss of :func:`loss_terms` in residual form, per residual point
+    (:func:`twophase.pointwise_residuals`, each term's mean square): the ``value_fn`` for
+    ``twophase.newton_cg(curvature="gauss_newton")`` (Gauss-Newton products ``J^T J v``) and
+    for :func:`twophase.levenberg_marquardt` (per-point Jacobians). Its residuals are those
+    of :func:`pointwise_terms`."""
     terms = pointwise_terms(problem, points)
-
-    def scaled(params):
-        return {name: term.scale * _term_residuals(params, term) for name, term in terms.items()}
-
-    return tp.gauss_newton_objective(scaled, reduction="half_sum")
+    return tp.pointwise_residuals(
+        {name: (term.fn, term.data) for name, term in terms.items()}, reduction="term_means"
+    )
 
 
 def make_loss(
