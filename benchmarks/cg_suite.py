@@ -575,7 +575,7 @@ def run_newton_cg(problem: Problem, caps: Caps) -> NewtonResult:
     must equal ``value_and_grad_evals + hessian_vector_products``."""
     counter = EvalCounter()
     fn = counter.wrap(problem.fn)
-    opt = twophase.second_phase.newton_cg()
+    opt = twophase.newton_cg()
 
     @jax.jit
     def step(carry):

@@ -197,7 +197,7 @@ def test_inject_hyperparams_adam_constants_match_optax_adam():
 
     def adam_cg(learning_rate, b1, b2, eps):
         adam = tp.gated_adam(learning_rate, b1, b2, eps)
-        return tp.two_phase(adam, tp.nonlinear_cg(), tp.safe_resort())
+        return tp.two_phase(adam, tp.nonlinear_cg(), tp.switch_at(100))
 
     opt = optax.inject_hyperparams(adam_cg)(**hyper)
     ref = optax.inject_hyperparams(optax.adam)(**hyper)

@@ -18,7 +18,13 @@ from twophase.detectors import (
 from twophase.first_phase import GatedAdam, GatedFirstPhase, gated_adam
 from twophase.info import Info, info, info_all
 from twophase.objectives import as_value_and_grad, fill_masked, full_batch, with_weight_decay
-from twophase.policy import Policy, SafeResortState, from_detector, safe_resort
+from twophase.policy import (
+    Policy,
+    SafeResortConfig,
+    SafeResortState,
+    from_detector,
+    safe_resort,
+)
 from twophase.presets import (
     adam_cg,
     adam_lbfgs,
@@ -83,6 +89,7 @@ __all__ = [
     "NystromSketch",
     "PointwiseObjective",
     "Policy",
+    "SafeResortConfig",
     "SafeResortState",
     "TrainResult",
     "TwoPhaseState",

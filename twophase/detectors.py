@@ -524,6 +524,58 @@ class LossPlateauState(NamedTuple):
     merges: jax.Array
 
 
+def init_loss_plateau(window: int, history: int) -> LossPlateauState:
+    """A fresh :class:`LossPlateauState`: windows of ``window`` steps, room for
+    ``2 * history`` window means."""
+    zero = jnp.zeros([], jnp.float32)
+    return LossPlateauState(
+        value_sum=zero,
+        grad_sq_sum=jnp.zeros([], jnp.float32),
+        count=jnp.zeros([], jnp.int32),
+        window_steps=jnp.asarray(window, jnp.int32),
+        means=jnp.zeros([2 * history], jnp.float32),
+        stored=jnp.zeros([], jnp.int32),
+        grad_norm_stat=jnp.zeros([], jnp.float32),
+        grad_norm_max=jnp.zeros([], jnp.float32),
+        slope=jnp.zeros([], jnp.float32),
+        slope_stderr=jnp.zeros([], jnp.float32),
+        streak=jnp.zeros([], jnp.int32),
+        merges=jnp.zeros([], jnp.int32),
+    )
+
+
+def close_plateau_window(state: LossPlateauState, history: int, z_score: float) -> LossPlateauState:
+    """Close :func:`loss_plateau`'s current window: store its mean loss, fit a
+    least-squares line through the last ``history`` means, count a flat window
+    (``slope >= -z_score * stderr``) in ``streak``, and, once ``2 * history``
+    means are stored, merge adjacent pairs and double the window length."""
+    positions = jnp.arange(history, dtype=jnp.float32)
+    mean, norm = _window_means(state.value_sum, state.grad_sq_sum, state.count)
+    means = state.means.at[state.stored].set(mean)
+    stored = state.stored + 1
+    last = lax.dynamic_slice(means, (jnp.maximum(stored - history, 0),), (history,))
+    slope, stderr = least_squares_slope(positions, last)
+    flat = (stored >= history) & (slope >= -z_score * stderr)
+    full = stored == 2 * history
+    merged = jnp.concatenate(
+        [means.reshape(history, 2).mean(axis=1), jnp.zeros([history], jnp.float32)]
+    )
+    return state._replace(
+        value_sum=jnp.zeros([], jnp.float32),
+        grad_sq_sum=jnp.zeros([], jnp.float32),
+        count=jnp.zeros([], jnp.int32),
+        window_steps=jnp.where(full, 2 * state.window_steps, state.window_steps),
+        merges=state.merges + full.astype(jnp.int32),
+        means=jnp.where(full, merged, means),
+        stored=jnp.where(full, history, stored),
+        grad_norm_stat=norm,
+        grad_norm_max=jnp.maximum(state.grad_norm_max, norm),
+        slope=jnp.where(stored >= history, slope, 0.0),
+        slope_stderr=jnp.where(stored >= history, stderr, jnp.inf),
+        streak=jnp.where(flat, state.streak + 1, 0),
+    )
+
+
 def loss_plateau(
     window: int = 100,
     patience: int = 5,
@@ -577,53 +629,13 @@ def loss_plateau(
     check_int("history", history, 3)
     check_int("min_steps", min_steps, 0)
     check_positive("z_score", z_score)
-    capacity = 2 * history
-    positions = jnp.arange(history, dtype=jnp.float32)
 
     def init(params):
         del params
-        zero = jnp.zeros([], jnp.float32)
-        izero = jnp.zeros([], jnp.int32)
-        return LossPlateauState(
-            value_sum=zero,
-            grad_sq_sum=zero,
-            count=izero,
-            window_steps=jnp.asarray(window, jnp.int32),
-            means=jnp.zeros([capacity], jnp.float32),
-            stored=izero,
-            grad_norm_stat=zero,
-            grad_norm_max=zero,
-            slope=zero,
-            slope_stderr=zero,
-            streak=izero,
-            merges=izero,
-        )
+        return init_loss_plateau(window, history)
 
     def close(state: LossPlateauState) -> LossPlateauState:
-        mean, norm = _window_means(state.value_sum, state.grad_sq_sum, state.count)
-        means = state.means.at[state.stored].set(mean)
-        stored = state.stored + 1
-        last = lax.dynamic_slice(means, (jnp.maximum(stored - history, 0),), (history,))
-        slope, stderr = least_squares_slope(positions, last)
-        flat = (stored >= history) & (slope >= -z_score * stderr)
-        full = stored == capacity
-        merged = jnp.concatenate(
-            [means.reshape(history, 2).mean(axis=1), jnp.zeros([history], jnp.float32)]
-        )
-        return state._replace(
-            value_sum=jnp.zeros([], jnp.float32),
-            grad_sq_sum=jnp.zeros([], jnp.float32),
-            count=jnp.zeros([], jnp.int32),
-            window_steps=jnp.where(full, 2 * state.window_steps, state.window_steps),
-            merges=state.merges + full.astype(jnp.int32),
-            means=jnp.where(full, merged, means),
-            stored=jnp.where(full, history, stored),
-            grad_norm_stat=norm,
-            grad_norm_max=jnp.maximum(state.grad_norm_max, norm),
-            slope=jnp.where(stored >= history, slope, 0.0),
-            slope_stderr=jnp.where(stored >= history, stderr, jnp.inf),
-            streak=jnp.where(flat, state.streak + 1, 0),
-        )
+        return close_plateau_window(state, history, z_score)
 
     def update(state, *, grad, grad_norm, value=None, step, params=None, value_fn=None):
         del grad, params, value_fn

@@ -953,12 +953,19 @@ class _LogLines:
             self._write()
 
 
+def _in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (a live IPython shell that is not a
+    terminal one); an imported ``ipykernel`` module alone says nothing."""
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def _progress_bar(progress: bool, max_epochs, cost_budget, start_epoch, cost):
     """The run's progress output on process 0: a tqdm bar on a terminal (if
     tqdm is installed), plain lines every :data:`PROGRESS_SECONDS` otherwise."""
     if not progress or jax.process_index() != 0:
         return _NoBar()
-    if not (sys.stderr.isatty() or "ipykernel" in sys.modules):  # a log file or pipe
+    if not (sys.stderr.isatty() or _in_notebook()):  # a log file or pipe
         return _LogLines(sys.stderr, max_epochs, cost_budget)
     try:
         from tqdm.auto import tqdm
