@@ -391,7 +391,8 @@ def test_bfloat16_params_through_the_second_phase(preset):
     got, state = run(opt, params, 15, loss=loss)
     assert got["w"].dtype == jnp.bfloat16
     init = opt.init(params)
-    assert all(a.dtype == b.dtype for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(state), strict=True))
+    pairs = zip(jax.tree.leaves(init), jax.tree.leaves(state), strict=True)
+    assert all(a.dtype == b.dtype for a, b in pairs)
     assert float(loss(got)) - float(quad({"w": XSTAR})) < 1e-4
 
 
