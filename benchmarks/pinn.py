@@ -11,7 +11,7 @@ held fixed, and the tables print both halves (median [min, max] over seeds); to 
 work, run ``--seeds 0 1 --out tuning.json`` first and then ``--seeds 2 3 4 --tuned
 tuning.json`` (the choices read from the earlier run), or one seed an invocation. Families
 (``SUITE_ROWS``, ``--families``): Adam->L-BFGS with the default policy
-(``tp.adam_lbfgs(lr, window=1, budget=B)``) and at fixed splits; Adam->L-BFGS->Nystrom
+(``tp.adam_lbfgs(lr, steps_per_epoch=1, budget=B)``) and at fixed splits; Adam->L-BFGS->Nystrom
 Newton-CG (the anchor's NNCG, a nested ``two_phase``); Adam->Levenberg-Marquardt with the
 default policy and at fixed splits, on the residual form (``pinn.make_gauss_newton_loss``):
 these rows need ``twophase.levenberg_marquardt`` and are skipped with a printed note where the
@@ -67,8 +67,8 @@ zoom ("backtracking") after 5 and 11 of 41 (``VARIANT_SPLITS``); Adam->L-BFGS->N
 switching to L-BFGS at the same points and to Newton-CG after L-BFGS has had half of the steps
 left (``LBFGS_SHARE``; ``--lbfgs-share``), also with the anchor's damping grid's 1e-2 ("damping
 1e-2"); and the default switching policy of ``tp.adam_cg(lr)`` /
-``tp.adam_lbfgs(lr)`` / ``tp.adam_newton_cg(lr)`` told the budget (``window=1``: one Adam step
-is one epoch).
+``tp.adam_lbfgs(lr)`` / ``tp.adam_newton_cg(lr)`` told the budget (``steps_per_epoch=1``: one
+Adam step is one epoch).
 
 Three stages are a nested ``tp.two_phase``: the outer first transformation is
 ``tp.adam_lbfgs(lr, policy=tp.switch_at(k1))``, the outer second ``tp.newton_cg()``, the
@@ -443,8 +443,8 @@ def adam_lm_default(h: Hyperparams) -> optax.GradientTransformation:
     # presets build it (one Adam step is one epoch at full batch).
     preset = getattr(tp, "adam_lm", None)
     if preset is not None:
-        return preset(h["lr"], window=1, budget=h["budget"])
-    policy = tp.safe_resort(1, budget=h["budget"])
+        return preset(h["lr"], steps_per_epoch=1, budget=h["budget"])
+    policy = tp.safe_resort(steps_per_epoch=1, budget=h["budget"])
     return tp.two_phase(optax.adam(h["lr"]), levenberg_marquardt()(), policy)
 
 
