@@ -8,14 +8,13 @@ import argparse
 import importlib.util
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 import twophase as tp
+from tests.test_benchmark_scripts import run_script
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -89,21 +88,6 @@ def test_at_wall_reads_the_last_point_at_or_before_the_time():
     assert module.at_wall(curve, 2.0)["loss"] == 2.0
     assert module.at_wall(curve, 9.0)["loss"] == 1.0
     assert module.spread([3.0, 1.0, 2.0]) == "2.00e+00 [1.00e+00, 3.00e+00]"
-
-
-def run_script(*args: str) -> str:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    done = subprocess.run(
-        [sys.executable, *args],
-        cwd=BENCHMARKS,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
 
 
 def tiny_run(*args: str) -> str:
