@@ -57,6 +57,7 @@ def variants() -> dict[str, Callable[[], optax.GradientTransformationExtraArgs]]
     never = 10**9
     return {
         "optax.adam": lambda: optax.adam(LR),
+        "optax.apply_if_finite(adam)": lambda: optax.apply_if_finite(optax.adam(LR), 10**9),
         "two_phase(adam, identity, switch_at)": lambda: tp.two_phase(
             optax.adam(LR), optax.identity(), tp.switch_at(never)
         ),

@@ -46,6 +46,7 @@ __all__ = [
     "init_state",
     "observe_first_phase",
     "prepare_gradient",
+    "probe",
     "return_to_first",
     "second_phase_step",
     "select_phase",
@@ -527,16 +528,33 @@ def guard_output(updates: PyTree, state: TwoPhaseState, in_first: jax.Array) -> 
     return guarded, state._replace(skipped_steps=skipped)
 
 
+def probe(ctx: StepContext, state: TwoPhaseState) -> TwoPhaseState:
+    """The policy's ``probe`` (:class:`twophase.Policy`), outside every
+    conditional of the step, so that the parameters it reads are not copied."""
+    if ctx.policy.probe is None:
+        return state
+    detector_state = ctx.policy.probe(
+        state.detector_state, value=ctx.value, params=ctx.params, value_fn=ctx.value_fn
+    )
+    return state._replace(detector_state=detector_state)
+
+
 def select_phase(ctx: StepContext, grad: PyTree, state: TwoPhaseState) -> tuple:
     """One ``update``: the phase that ``state.phase`` selects, on device."""
     in_first = state.phase == 0
+    probed = probe(ctx, state)
     if isinstance(ctx.first, GatedFirstPhase):
-        new_updates, new_state = fused_step(ctx, grad, state)
+        new_updates, new_state = fused_step(ctx, grad, probed)
     else:
-        carry = run_if(in_first, lambda c: first_phase_step(ctx, c), (grad, state))
+        carry = run_if(in_first, lambda c: first_phase_step(ctx, c), (grad, probed))
         new_updates, new_state = run_if(
             ~in_first, lambda c: second_phase_step(ctx, c), carry, differentiable=False
         )
+    if ctx.policy.probe is not None:
+        # A skipped step is unseen by the policy, its probe included.
+        skipped = new_state.skipped_steps != state.skipped_steps
+        kept = optax.tree.where(skipped, state.detector_state, new_state.detector_state)
+        new_state = new_state._replace(detector_state=kept)
     new_updates = _like(new_updates, ctx.params)
     return guard_output(new_updates, new_state, in_first)
 

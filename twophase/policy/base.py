@@ -33,6 +33,12 @@ class Policy(NamedTuple):
         step was finite. ``back`` returns to phase 0 for the next step.
       rearm: ``(state, params) -> state`` applied at a return.
       needs_value: whether ``first`` requires the mini-batch loss ``value``.
+      probe: ``None`` or ``(state, *, value, params, value_fn) -> state``,
+        called before every step's other stages, for the evaluations of
+        ``value_fn`` that a policy makes in phase 0 (e.g. once, at the first
+        step, under its own ``lax.cond``). Kept apart from ``first``, which runs
+        inside a conditional: there, reading ``params`` makes XLA copy them on
+        every step (``benchmarks/overhead.py``).
     """
 
     init: Callable[[PyTree], Any]
@@ -40,6 +46,7 @@ class Policy(NamedTuple):
     second: Callable[..., tuple[Any, jax.Array]]
     rearm: Callable[[Any, PyTree], Any]
     needs_value: bool = False
+    probe: Callable[..., Any] | None = None
 
 
 def from_detector(detector: _det.Detector, fallback: int | None = None) -> Policy:

@@ -212,7 +212,9 @@ def recognise_full_batch(
         mini = jnp.reshape(jnp.asarray(value, _F32), ())
         size = jnp.maximum(jnp.maximum(jnp.abs(full), jnp.abs(mini)), jnp.finfo(_F32).tiny)
         same = jnp.abs(full - mini) <= _SAME_VALUE * size
-        return s._replace(full_batch=same.astype(jnp.int32))
+        # A non-finite loss (a step that the switch skips) decides nothing.
+        known = jnp.isfinite(full) & jnp.isfinite(mini)
+        return s._replace(full_batch=jnp.where(known, same.astype(jnp.int32), s.full_batch))
 
     return lax.cond(state.full_batch < 0, measure, lambda s: s, state)
 
@@ -533,7 +535,7 @@ def safe_resort(
         require_value(value, "safe_resort")
         if injected:
             state = state._replace(epoch_steps=jnp.asarray(steps_per_epoch, jnp.int32))
-        state = recognise_full_batch(state, value, params, value_fn)
+        del params, value_fn
         state, epoch_end = count_step(state, value, config)
         due, gave_up = trial_due(state, step, config)
         switch = epoch_end & due & (step + 1 >= min_steps)
@@ -551,7 +553,14 @@ def safe_resort(
             max_failures=max_failures,
         )
 
-    return Policy(init, first, second, lambda state, params: rearm(state, config), True)
+    def probe(state, *, value=None, params=None, value_fn=None):
+        if value is None:
+            return state
+        return recognise_full_batch(state, value, params, value_fn)
+
+    return Policy(
+        init, first, second, lambda state, params: rearm(state, config), True, probe=probe
+    )
 
 
 def _configured(node: SafeResortState, budget: float | None, steps_per_epoch: int):
