@@ -22,11 +22,6 @@ import twophase as tp
 # Each situation runs a whole small training loop; together about 5 CPU-minutes.
 pytestmark = pytest.mark.slow
 
-_F2 = pytest.mark.xfail(
-    reason="known limitation: a second phase keeps its cached evaluation when the objective "
-    "changes under it (docs/limitations.md)",
-    strict=False,
-)
 
 A = jnp.diag(jnp.array([1.0, 3.0, 10.0]))
 B = jnp.array([1.0, -2.0, 0.5])
@@ -103,9 +98,11 @@ def test_vmap_over_seeds_across_the_switch_equals_a_loop(preset):
     params = {"w": starts}
     state = jax.vmap(opt.init)(params)
     vstep = jax.jit(jax.vmap(step))
-    for _ in range(10):
+    # 12 CG iterations after the switch: a Wolfe search is inexact, so a 3-D
+    # quadratic takes more than 3 (up to 10 for these seeds).
+    for _ in range(15):
         params, state = vstep(params, state)
-    loop = jnp.stack([run(opt, {"w": starts[i]}, 10)[0]["w"] for i in range(3)])
+    loop = jnp.stack([run(opt, {"w": starts[i]}, 15)[0]["w"] for i in range(3)])
     assert _maxdiff(loop, params["w"]) < 1e-5
     assert _maxdiff(params["w"], jnp.broadcast_to(XSTAR, (3, 3))) < 1e-3
 
@@ -283,7 +280,6 @@ def test_x64_with_float32_params_keeps_dtypes_and_converges():
         "default",
     ],
 )
-@_F2
 def test_changed_loss_weight_mid_run_is_minimised(make):
     opt = make()
 
@@ -307,7 +303,6 @@ def test_changed_loss_weight_mid_run_is_minimised(make):
     assert _maxdiff(p["w"], XSTAR / 4.0) < 1e-3, p["w"]
 
 
-@_F2
 def test_resampled_data_mid_run_is_minimised():
     """The same with the data changed (PINN collocation points resampled)."""
     opt = tp.adam_cg(0.1, policy=tp.switch_at(2))
@@ -388,7 +383,9 @@ def test_bfloat16_params_through_the_second_phase(preset):
 
     params = {"w": P0["w"].astype(jnp.bfloat16)}
     opt = PRESETS[preset](0.1, policy=tp.switch_at(3))
-    got, state = run(opt, params, 15, loss=loss)
+    # bfloat16 rounds every accepted point (8 bits), which costs CG its conjugacy:
+    # it converges linearly here, in about 30 second-phase steps.
+    got, state = run(opt, params, 40, loss=loss)
     assert got["w"].dtype == jnp.bfloat16
     init = opt.init(params)
     pairs = zip(jax.tree.leaves(init), jax.tree.leaves(state), strict=True)

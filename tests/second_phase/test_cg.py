@@ -242,9 +242,10 @@ def test_converged_point_does_not_move():
     assert int(state.linesearch_failures) == 0
 
 
-def test_repeated_failure_is_counted_without_evaluating():
+def test_repeated_failure_is_counted_without_searching():
     """After a failed CG search and a failed steepest-descent restart from the same point,
-    a third call would repeat the restart exactly: it fails without evaluating."""
+    a third call would repeat the restart exactly: it evaluates once, sees that the
+    objective is unchanged, and fails without searching."""
     uphill = problems.uphill_quadratic()  # every line search fails
     opt = tp.nonlinear_cg()
     x = jnp.array([3.0, -2.0])
@@ -256,7 +257,7 @@ def test_repeated_failure_is_counted_without_evaluating():
         chex.assert_trees_all_equal(u, jnp.zeros(2))
         evals.append(int(state.value_and_grad_evals))
     assert evals[0] < evals[1]  # the restart searched again
-    assert evals[1:] == [evals[1]] * 4  # afterwards nothing is evaluated
+    assert np.diff(evals[1:]).tolist() == [1, 1, 1]  # afterwards one evaluation a call
     assert int(state.consecutive_failures) == int(state.linesearch_failures) == 5
     assert int(state.cg_iterations) == 5
 

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -398,6 +399,7 @@ def test_nonfinite_residuals_here_reject_and_count():
 
 DEVICES_SCRIPT = """
 import json, sys
+import chex
 import jax
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
@@ -555,3 +557,66 @@ def test_pinn_reaction_lm_beats_lbfgs_at_equal_wall_time():
     lm_loss, lbfgs_loss = float(loss(lm_params)), float(loss(lbfgs_params))
     assert np.isfinite(lm_loss)
     assert lm_loss < 0.1 * lbfgs_loss, (lm_loss, lbfgs_loss, float(loss(start)))
+
+
+# ------------------------------------------------ the objective changing under the model
+
+
+def _tanh_fit(target):
+    return tp.gauss_newton_objective(lambda p: jnp.tanh(p["w"]) - 0.5 * jnp.tanh(target))
+
+
+def test_changed_objective_mid_run_is_minimised():
+    """Resampled data (a PINN's residual points) after convergence: the model of the
+    old objective is dropped, not kept forever (the closed-form minimiser)."""
+    opt = tp.levenberg_marquardt()
+
+    @jax.jit
+    def step(p, s, target):
+        u, s = opt.update(p, s, p, value_fn=_tanh_fit(target))
+        return optax.apply_updates(p, u), s
+
+    t1, t2 = jnp.array([1.0, 2.0, 3.0]), jnp.array([-1.0, 0.0, 1.0])
+    p, s = {"w": jnp.zeros(3)}, opt.init({"w": jnp.zeros(3)})
+    for _ in range(12):
+        p, s = step(p, s, t1)
+    chex.assert_trees_all_close(p["w"], jnp.arctanh(0.5 * jnp.tanh(t1)), atol=1e-6)
+    for _ in range(12):
+        p, s = step(p, s, t2)
+    chex.assert_trees_all_close(p["w"], jnp.arctanh(0.5 * jnp.tanh(t2)), atol=1e-6)
+
+
+def test_recheck_keeps_the_model_of_an_unchanged_objective():
+    """At a converged point every step is rejected; the recheck costs one evaluation
+    a call and no Jacobian while the objective stays the same."""
+    opt = tp.levenberg_marquardt()
+    f = _tanh_fit(jnp.array([1.0, 2.0, 3.0]))
+    step = jax.jit(lambda p, s: opt.update(p, s, p, value_fn=f))
+    p, s = {"w": jnp.zeros(3)}, opt.init({"w": jnp.zeros(3)})
+    for _ in range(30):
+        u, s = step(p, s)
+        p = optax.apply_updates(p, u)
+    assert int(s.consecutive_failures) >= 4
+    jacobians = int(s.jacobian_evals)
+    for _ in range(3):
+        u, s = step(p, s)
+        p = optax.apply_updates(p, u)
+    assert int(s.jacobian_evals) == jacobians
+
+
+def test_recheck_model_drops_a_stale_model_and_its_damping():
+    opt = tp.levenberg_marquardt()
+    params = {"w": jnp.zeros(3)}
+    state = opt.init(params)._replace(
+        value=jnp.asarray(5.0, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32),
+        linearized=jnp.asarray(True),
+        damping=jnp.asarray(1e6),
+        consecutive_failures=jnp.asarray(3, jnp.int32),
+    )
+    f = _tanh_fit(jnp.ones(3))
+    new = lm.recheck_model(state, f, params)
+    assert not bool(new.linearized) and float(new.damping) == 0.0
+    assert int(new.consecutive_failures) == 0
+    assert int(new.value_and_grad_evals) == int(state.value_and_grad_evals) + 1
+    same = lm.recheck_model(state._replace(value=f(params).astype(state.value.dtype)), f, params)
+    assert bool(same.linearized) and float(same.damping) == 1e6

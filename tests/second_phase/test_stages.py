@@ -3,6 +3,7 @@ the evaluating adapter's stages, the one field lookup."""
 
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,11 +101,45 @@ def test_first_trial_step_fresh_start_is_hager_zhang():
     assert float(trial) == pytest.approx(0.01 * 2.0 / 4.0)
 
 
-def test_stalled_state_counts_a_failure_and_changes_nothing_else():
+def test_stalled_state_counts_a_failure_and_its_evaluation_and_changes_nothing_else():
     state = cg.init_state(jnp.zeros(2))
-    new = cg.stalled_state(state)
+    new = cg.stalled_state(state, jnp.asarray(1, jnp.int32))
     assert int(new.consecutive_failures) == 1 and int(new.linesearch_failures) == 1
-    assert int(new.value_and_grad_evals) == 0
+    assert int(new.value_and_grad_evals) == 1
+    chex.assert_trees_all_equal(new.grad, state.grad)
+    chex.assert_trees_all_equal(new.direction, state.direction)
+
+
+def test_must_recheck_after_a_failure_or_at_a_converged_cache():
+    state = cg.init_state(jnp.zeros(2))._replace(grad=jnp.asarray([1.0, 0.0]))
+    assert not bool(common.must_recheck(state, 0.0))
+    assert bool(common.must_recheck(state, 2.0))  # the cached gradient is "converged"
+    assert bool(common.must_recheck(state._replace(consecutive_failures=jnp.asarray(1)), 0.0))
+
+
+def test_unchanged_tolerates_rounding_but_not_a_changed_objective():
+    v = jnp.asarray(3.0, jnp.float32)
+    assert bool(common.unchanged(v * (1 + 1e-6), v))
+    assert not bool(common.unchanged(v * (1 + 1e-3), v))
+    v64 = jnp.asarray(3.0, jnp.float64) if jax.config.jax_enable_x64 else None
+    if v64 is not None:
+        assert not bool(common.unchanged(v64 * (1 + 1e-9), v64))
+
+
+def test_value_here_reevaluates_when_told_to_recheck():
+    calls = []
+
+    def value_grad_aux(p):
+        calls.append(1)
+        return jnp.sum(p**2), 2 * p, None
+
+    state = cg.init_state(jnp.zeros(2))._replace(value=jnp.asarray(9.0), grad=jnp.ones(2))
+    params = jnp.asarray([1.0, 2.0])
+    value, _, _, cached, evals = common.value_here(state, value_grad_aux, params)
+    assert bool(cached) and float(value) == 9.0 and int(evals) == 0
+    value, grad, _, cached, evals = common.value_here(state, value_grad_aux, params, True)
+    assert not bool(cached) and float(value) == 5.0 and int(evals) == 1
+    chex.assert_trees_all_close(grad, 2 * params)
 
 
 # ------------------------------------------------------------------ Newton-CG stages

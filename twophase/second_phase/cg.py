@@ -32,9 +32,12 @@ evaluations.
 **Stalls.** A failed line search leaves the parameters where they are and makes
 the next call a steepest-descent restart from the same point. Once that restart
 has failed too (two failures in a row; typically the objective has converged to
-its floating-point resolution), every later call would repeat the same search
-(``value_fn`` is deterministic): such a call returns a zero update and counts a
-failed iteration without evaluating anything.
+its floating-point resolution), every later call would repeat the same search:
+such a call evaluates once, and while the value is the one it had (the
+objective did not change), returns a zero update and counts a failed iteration
+without searching. A call after one that did not move never trusts the cache:
+the objective may have changed under it (loss weights, resampled residual
+points), and the next search starts from a fresh evaluation.
 
 **First trial step** (``initial_step``): on the first iteration and after
 restarts caused by failures, Hager & Zhang's (2006) ``0.01 ||x||_inf / ||d||_inf``
@@ -321,7 +324,8 @@ def update(options: CGOptions, updates, state, params=None, *, value_fn=None, **
     dtype = state.value.dtype
     state = _aux.prepare_aux(state, value_fn, params)
     value_grad_aux = _aux.value_grad_and_aux(value_fn, params)
-    value, grad, aux, cached, evals = common.value_here(state, value_grad_aux, params)
+    recheck = common.must_recheck(state, options.grad_tol)
+    value, grad, aux, cached, evals = common.value_here(state, value_grad_aux, params, recheck)
     scales = common.preconditioner_scales(state, options.preconditioner, params)
     # Per element, and a norm that does not overflow for finite gradients.
     grad_finite, grad_norm = finite_and_norm(grad)
@@ -338,9 +342,10 @@ def update(options: CGOptions, updates, state, params=None, *, value_fn=None, **
         )
 
     def stalled_branch(_):
-        return optax.tree.zeros_like(params), stalled_state(state)
+        return optax.tree.zeros_like(params), stalled_state(state, evals)
 
-    stalled = cached & (state.consecutive_failures >= 2)
+    # Two failures in a row from this point, and the objective is as it was.
+    stalled = (state.consecutive_failures >= 2) & common.unchanged(value, state.value)
     delta, new_state = lax.cond(
         finite_here & ~converged,
         lambda _: lax.cond(stalled, stalled_branch, step_branch, None),
@@ -489,11 +494,13 @@ def hold_state(state, finite_here, value, grad, aux, evals, cached) -> Nonlinear
     )
 
 
-def stalled_state(state: NonlinearCGState) -> NonlinearCGState:
+def stalled_state(state: NonlinearCGState, evals: jax.Array) -> NonlinearCGState:
     """The state after a call that would repeat a search known to fail (two
-    failures in a row from the same cached point, ``value_fn`` deterministic):
-    counted as a failed iteration, nothing evaluated."""
+    failures in a row from this point, and a fresh evaluation that equals the
+    cached one): counted as a failed iteration, no search; ``evals`` is the
+    evaluation count including that evaluation."""
     return state._replace(
+        value_and_grad_evals=evals,
         cg_iterations=state.cg_iterations + 1,
         restarts=state.restarts + 1,
         linesearch_failures=state.linesearch_failures + 1,

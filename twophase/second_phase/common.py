@@ -36,7 +36,7 @@ import optax.tree
 from jax import lax
 
 from twophase._control import eager_jit, fresh_buffers
-from twophase._numerics import all_finite
+from twophase._numerics import all_finite, finite_and_norm
 from twophase.second_phase import linesearch as _ls
 from twophase.second_phase.contract import replace_states
 
@@ -50,6 +50,7 @@ __all__ = [
     "held",
     "initial_preconditioner",
     "line_function",
+    "must_recheck",
     "preconditioner_scales",
     "resolve_linesearch",
     "safe_divide",
@@ -61,6 +62,7 @@ __all__ = [
     "set_preconditioner",
     "strongly_typed",
     "to_compute",
+    "unchanged",
     "unit_pow2",
     "value_here",
     "vdot",
@@ -176,12 +178,16 @@ def unit_pow2(tree: PyTree) -> jax.Array:
 # --------------------------------------------------------------------------- stages
 
 
-def value_here(state, value_grad_aux, params):
+def value_here(state, value_grad_aux, params, recheck=False):
     """A second phase's first stage: ``(value, grad, aux, cached, evals)`` at
     ``params``, from ``state``'s cache (the previous line search's accepted
-    point) when its ``value`` is finite, else evaluated (``evals``: the state's
-    cumulative count including this evaluation). Reusing the cache is what
-    makes an iteration cost one evaluation less."""
+    point) when its ``value`` is finite and ``recheck`` (bool scalar) is false,
+    else evaluated (``evals``: the state's cumulative count including this
+    evaluation). Reusing the cache is what makes an iteration cost one
+    evaluation less. A second phase passes ``recheck`` after a call that did
+    not move (:func:`must_recheck`): the objective may have changed since its
+    cache was filled (loss weights, resampled residual points), and only a
+    fresh evaluation can tell."""
     dtype = state.value.dtype
 
     def evaluate(_):
@@ -191,9 +197,29 @@ def value_here(state, value_grad_aux, params):
     def reuse(_):
         return state.value, state.grad, state.aux, jnp.zeros([], jnp.int32)
 
-    cached = jnp.isfinite(state.value)
+    cached = jnp.isfinite(state.value) & ~jnp.asarray(recheck, bool)
     value, grad, aux, new_evals = lax.cond(cached, reuse, evaluate, None)
     return value, grad, aux, cached, state.value_and_grad_evals + new_evals
+
+
+def must_recheck(state, grad_tol) -> jax.Array:
+    """bool scalar: the cache of ``state`` is not to be trusted, because the
+    previous call did not move: it failed (``consecutive_failures > 0``) or
+    held at a cached gradient no larger than ``grad_tol``. Repeating such a
+    call on the cache would repeat it forever, even after the objective has
+    changed."""
+    _, cached_norm = finite_and_norm(state.grad)
+    converged = cached_norm.astype(state.value.dtype) <= jnp.asarray(grad_tol, state.value.dtype)
+    return (state.consecutive_failures > 0) | converged
+
+
+def unchanged(value: jax.Array, cached: jax.Array) -> jax.Array:
+    """bool scalar: a fresh ``value`` equals the ``cached`` one at the same
+    point up to the rounding of a differently compiled evaluation (a relative
+    ``1000 eps``): the objective did not change."""
+    eps = jnp.finfo(jnp.result_type(value)).eps
+    size = jnp.maximum(jnp.abs(value), jnp.abs(cached))
+    return jnp.abs(value - cached) <= 1000 * eps * size
 
 
 def held(state, finite_here, value, grad, aux, evals):

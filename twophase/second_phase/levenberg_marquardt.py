@@ -72,6 +72,7 @@ __all__ = [
     "marquardt_scaling",
     "matrix_free_step",
     "nielsen_damping",
+    "recheck_model",
 ]
 
 PyTree = Any
@@ -441,6 +442,22 @@ def _accelerated(cfg, state, objective, params, step, solve):
     return jnp.where(use, step + 0.5 * accel, step), counted[0] + 1
 
 
+def recheck_model(state, value_fn, params):
+    """After two rejected steps in a row from the same model: one evaluation
+    here. Where it differs from the model's value, the objective changed under
+    it (loss weights, resampled residual points): the model is dropped (the next
+    stage relinearizes) and the damping starts afresh. Otherwise the
+    rejections were the model's, and it is kept."""
+    value = _aux.scalar_objective(value_fn)(params).astype(state.value.dtype)
+    same = common.unchanged(value, state.value) | ~jnp.isfinite(value)
+    return state._replace(
+        linearized=same,
+        damping=jnp.where(same, state.damping, 0).astype(state.damping.dtype),
+        consecutive_failures=jnp.where(same, state.consecutive_failures, 0),
+        value_and_grad_evals=state.value_and_grad_evals + 1,
+    )
+
+
 def _try_step(cfg, dense, state, objective, value_fn, params):
     """Stages 3-5 at a finite linearization: solve, try ``theta + d``, keep it
     when the objective fell, adapt the damping. Returns ``(flat update, state)``."""
@@ -517,6 +534,12 @@ def _update(cfg, updates, state, params, value_fn):
     objective = _check_objective(value_fn)
     dense = _use_dense(cfg, params)
     state = _aux.prepare_aux(state, value_fn, params)
+    state = run_if(
+        state.linearized & (state.consecutive_failures >= 2),
+        lambda s: recheck_model(s, value_fn, params),
+        state,
+        differentiable=False,
+    )
     state = run_if(
         ~state.linearized,
         lambda s: _relinearize(cfg, dense, s, objective, value_fn, params),

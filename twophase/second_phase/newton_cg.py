@@ -782,7 +782,8 @@ def update(options: NewtonOptions, updates, state, params=None, *, value_fn=None
     dtype = state.value.dtype
     state = _aux.prepare_aux(state, value_fn, params)
     value_grad_aux = _aux.value_grad_and_aux(value_fn, params)
-    value, grad, aux, _, evals = common.value_here(state, value_grad_aux, params)
+    recheck = common.must_recheck(state, options.grad_tol)
+    value, grad, aux, _, evals = common.value_here(state, value_grad_aux, params, recheck)
     grad_finite, grad_norm = finite_and_norm(grad)
     grad_norm = grad_norm.astype(dtype)
     finite_here = jnp.isfinite(value) & grad_finite & jnp.isfinite(grad_norm)
