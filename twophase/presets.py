@@ -195,6 +195,29 @@ def adam_then(
     )
 
 
+def _preset(
+    name: str,
+    removed: dict,
+    second: optax.GradientTransformation,
+    learning_rate: Any,
+    steps_per_epoch: int | None,
+    budget: float | None,
+    policy: Any,
+    precondition: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """A preset's body: its removed arguments rejected (:func:`reject_removed`),
+    then :func:`adam_then`."""
+    reject_removed(name, removed)
+    return adam_then(
+        second,
+        learning_rate,
+        steps_per_epoch=steps_per_epoch,
+        budget=budget,
+        policy=policy,
+        precondition=precondition,
+    )
+
+
 def adam_cg(
     learning_rate: float | optax.ScalarOrSchedule = 1e-3,
     *,
@@ -229,17 +252,10 @@ def adam_cg(
         naming its new spelling.
       ValueError: as :func:`adam_then`.
     """
-    reject_removed("adam_cg", removed)
     if second is None:
         second = _cg.nonlinear_cg(preconditioner="state" if precondition is True else None)
-    return adam_then(
-        second,
-        learning_rate,
-        steps_per_epoch=steps_per_epoch,
-        budget=budget,
-        policy=policy,
-        precondition=precondition,
-    )
+    common = (learning_rate, steps_per_epoch, budget, policy, precondition)
+    return _preset("adam_cg", removed, second, *common)
 
 
 def adam_lbfgs(
@@ -273,14 +289,8 @@ def adam_lbfgs(
         its new spelling.
       ValueError: as :func:`adam_then`.
     """
-    reject_removed("adam_lbfgs", removed)
-    return adam_then(
-        optax.lbfgs() if second is None else second,
-        learning_rate,
-        steps_per_epoch=steps_per_epoch,
-        budget=budget,
-        policy=policy,
-    )
+    second = optax.lbfgs() if second is None else second
+    return _preset("adam_lbfgs", removed, second, learning_rate, steps_per_epoch, budget, policy)
 
 
 def adam_newton_cg(
@@ -318,7 +328,6 @@ def adam_newton_cg(
       ValueError: as :func:`adam_then`; ``precondition="nystrom"`` (now
         ``second=twophase.newton_cg(preconditioner="nystrom")``).
     """
-    reject_removed("adam_newton_cg", removed)
     if precondition == "nystrom":
         raise ValueError(
             "`precondition` is a bool; for the Nystrom preconditioner pass "
@@ -326,14 +335,8 @@ def adam_newton_cg(
         )
     if second is None:
         second = _newton_cg(preconditioner="state" if precondition is True else None)
-    return adam_then(
-        second,
-        learning_rate,
-        steps_per_epoch=steps_per_epoch,
-        budget=budget,
-        policy=policy,
-        precondition=precondition,
-    )
+    common = (learning_rate, steps_per_epoch, budget, policy, precondition)
+    return _preset("adam_newton_cg", removed, second, *common)
 
 
 def adam_lm(
@@ -367,11 +370,5 @@ def adam_lm(
         ``value_fn`` not in residual form (naming ``gauss_newton_objective``).
       ValueError: as :func:`adam_then`.
     """
-    reject_removed("adam_lm", removed)
-    return adam_then(
-        _lm.levenberg_marquardt() if second is None else second,
-        learning_rate,
-        steps_per_epoch=steps_per_epoch,
-        budget=budget,
-        policy=policy,
-    )
+    second = _lm.levenberg_marquardt() if second is None else second
+    return _preset("adam_lm", removed, second, learning_rate, steps_per_epoch, budget, policy)

@@ -52,16 +52,28 @@ from jax import lax
 from twophase import auxiliary as _aux
 from twophase._checks import check_budget, check_int, require_value
 from twophase.policy import clock as _clock
-from twophase.policy.base import Policy, from_detector
+from twophase.policy.base import Policy
 from twophase.policy.config import SafeResortConfig, check_config
 
 __all__ = [
-    "Policy",
-    "SafeResortConfig",
     "SafeResortState",
+    "adam_credit",
     "configure",
-    "from_detector",
+    "count_step",
+    "end_epoch",
+    "final_reserve",
+    "initial_state",
+    "judge_trial",
+    "least_squares_pace",
+    "pace_points",
+    "rearm",
+    "recognise_full_batch",
     "safe_resort",
+    "segment_length",
+    "start_trial",
+    "steps_in_use",
+    "trial_due",
+    "trial_gain",
 ]
 
 PyTree = Any
