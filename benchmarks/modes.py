@@ -312,6 +312,7 @@ def compare(workload, modes, seeds, rates, budget_scale=1.0, log=print) -> list[
             f"adam {row['adam']:.3g}) {row['seconds']:.1f} s"
         )
         rows.append(row)
+        jax.clear_caches()  # each mode compiles its own steps; a whole suite would exhaust memory
     return rows
 
 
