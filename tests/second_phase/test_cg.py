@@ -367,3 +367,26 @@ def test_non_scalar_value_fn_is_a_type_error():
     x = jnp.ones(2)
     with pytest.raises(TypeError, match="value_fn"):
         jax.jit(lambda x, s: opt.update(x, s, x, value_fn=lambda p: p**2))(x, opt.init(x))
+
+
+@pytest.mark.parametrize("make", [tp.nonlinear_cg, tp.newton_cg], ids=["cg", "newton_cg"])
+def test_objective_changed_after_convergence_is_minimised(make):
+    """A loss weight changed once the second phase has converged (stalled on its
+    cache): the next calls evaluate afresh and reach the new closed-form minimiser."""
+    a = jnp.diag(jnp.array([1.0, 3.0, 10.0]))
+    b = jnp.array([1.0, -2.0, 0.5])
+    opt = make()
+
+    @jax.jit
+    def step(x, s, weight):
+        f = lambda y: weight * 0.5 * y @ a @ y - b @ y
+        u, s = opt.update(x, s, x, value_fn=f)
+        return optax.apply_updates(x, u), s
+
+    x, s = jnp.array([5.0, -4.0, 3.0]), opt.init(jnp.zeros(3))
+    for _ in range(15):
+        x, s = step(x, s, 1.0)
+    chex.assert_trees_all_close(x, jnp.linalg.solve(a, b), atol=1e-6)
+    for _ in range(15):
+        x, s = step(x, s, 4.0)
+    chex.assert_trees_all_close(x, jnp.linalg.solve(4.0 * a, b), atol=1e-6)
