@@ -1,6 +1,7 @@
 """Tests for twophase.switch: two_phase, adam_cg, adam_lbfgs."""
 
 import itertools
+from types import SimpleNamespace
 
 import chex
 import jax
@@ -475,8 +476,13 @@ def test_adam_cg_fused_adam_equals_generic_two_phase(kwargs, value_fn):
     else:
         fallback = kwargs.pop("fallback", None)
         fused = tp.adam_cg(lr, policy=tp.from_detector(tp.switch_at(4), fallback), **kwargs)
+        # optax.adam with gated_adam's `resume` (momentum reset at a return), not fused.
+        adam = optax.adam(lr)
+        resuming = SimpleNamespace(
+            init=adam.init, update=adam.update, resume=tp.first_phase.reset_momentum
+        )
         generic = tp.two_phase(
-            optax.adam(lr),
+            resuming,
             tp.nonlinear_cg(preconditioner="state" if precondition else None),
             tp.switch_at(4),
             fallback=fallback,

@@ -35,6 +35,7 @@ __all__ = [
     "check_adam_constants",
     "gated_adam",
     "gated_adam_update",
+    "reset_momentum",
 ]
 
 
@@ -54,7 +55,9 @@ class GatedFirstPhase(Protocol):
       zeros as the update.
 
     It must use no loop or conditional over parameter-sized buffers (that is
-    the point: the step stays one fused elementwise pass).
+    the point: the step stays one fused elementwise pass). Optionally, a
+    ``resume(state) -> state`` that :func:`twophase.two_phase` applies at every
+    return from the second phase (see :func:`reset_momentum`).
     """
 
     def init(self, params: Any) -> Any: ...
@@ -195,6 +198,24 @@ def gated_adam_update(
     return updates, (moments._replace(count=count, mu=mu, nu=nu), lr_state)
 
 
+def reset_momentum(adam_state: Any) -> Any:
+    """``adam_state`` with its first moment (``optax.ScaleByAdamState.mu``) at
+    zero, its second moment and step count kept: Adam's state when it resumes
+    after a second phase moved the parameters. The momentum points where Adam
+    was heading before; applied at the point the second phase left, it can
+    throw Adam uphill for several steps (a full-batch regression's loss rose
+    2.6x after a return), whereas a zero first moment restarts Adam with its
+    step sizes intact (``benchmarks/RESULTS.md``, section 15)."""
+
+    def reset(node):
+        if isinstance(node, optax.ScaleByAdamState):
+            return node._replace(mu=optax.tree.zeros_like(node.mu))
+        return node
+
+    is_adam = lambda node: isinstance(node, optax.ScaleByAdamState)
+    return jax.tree.map(reset, adam_state, is_leaf=is_adam)
+
+
 class GatedAdam(NamedTuple):
     """``optax.adam`` as a :class:`GatedFirstPhase` (built by :func:`gated_adam`).
 
@@ -204,12 +225,14 @@ class GatedAdam(NamedTuple):
         one Adam step with this module's dtype rules.
       gated_update: see :class:`GatedFirstPhase`.
       constants: the :class:`AdamConstants`.
+      resume: :func:`reset_momentum`, applied at a return from the second phase.
     """
 
     init: Any
     update: Any
     gated_update: Any
     constants: AdamConstants
+    resume: Any = None
 
 
 def gated_adam(
@@ -252,4 +275,4 @@ def gated_adam(
     def gated_update_fn(slot, state, active, pass_slot):
         return gated_adam_update(constants, slot, state, active, pass_slot)
 
-    return GatedAdam(init_fn, update_fn, gated_update_fn, constants)
+    return GatedAdam(init_fn, update_fn, gated_update_fn, constants, reset_momentum)

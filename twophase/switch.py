@@ -135,6 +135,8 @@ class StepContext(NamedTuple):
       value: the scalar mini-batch loss or ``None``.
       value_fn: ``params -> full-batch objective``.
       extra_args: further keyword arguments for the transformations.
+      resume: the first phase's ``resume`` (``first_state -> first_state`` at a
+        return; :class:`twophase.first_phase.GatedFirstPhase`), or ``None``.
     """
 
     first: Any
@@ -145,6 +147,7 @@ class StepContext(NamedTuple):
     value: Any
     value_fn: Callable
     extra_args: dict
+    resume: Callable | None = None
 
 
 def _strongly_typed(tree: PyTree) -> PyTree:
@@ -465,8 +468,12 @@ def _return_to_first_of(ctx: StepContext) -> Callable:
 
 def return_to_first(ctx: StepContext, state: TwoPhaseState) -> TwoPhaseState:
     """A return to phase 0: the second phase re-initialised, the policy re-armed,
-    the first phase's state as it was kept."""
+    the first phase's state kept, or passed through its ``resume`` where it
+    has one (:func:`twophase.first_phase.gated_adam` resets its momentum)."""
+    resume = ctx.resume
+    first_state = state.first_state if resume is None else resume(state.first_state)
     return state._replace(
+        first_state=first_state,
         second_state=fresh_second_state(ctx),
         phase=jnp.zeros([], jnp.int32),
         phase0_steps=jnp.zeros([], jnp.int32),
@@ -621,7 +628,9 @@ def two_phase(
       (``foreign_updates``).
     * **Return**: after each phase-1 step the policy may return to phase 0
       (``fallbacks``, ``return_step``); the first transformation's state was
-      kept, the second's is re-initialised and the policy re-armed.
+      kept (passed through its ``resume`` where it has one:
+      :func:`twophase.gated_adam` zeroes its momentum), the second's is
+      re-initialised and the policy re-armed.
 
     Inside ``optax.masked`` / ``optax.partition``, ``params`` (and so what
     ``value_fn`` receives in phase 1) is the masked tree, with
@@ -669,6 +678,7 @@ def two_phase(
     """
     _check_transformations(first, second, fallback, handover)
     policy = _as_policy(detector, fallback)
+    resume = getattr(first, "resume", None)
     if not isinstance(first, GatedFirstPhase):
         first = optax.with_extra_args_support(first)
     second = optax.with_extra_args_support(second)
@@ -691,7 +701,7 @@ def two_phase(
         # the second phase gets the full-batch one from value_fn.
         extra_args.pop("grad", None)
         ctx = StepContext(
-            first, second_for(params), policy, handover, params, value, value_fn, extra_args
+            first, second_for(params), policy, handover, params, value, value_fn, extra_args, resume
         )
         # Second-phase `aux` fields get their structure from value_fn (the same in
         # every branch); no-op for a value_fn without aux.

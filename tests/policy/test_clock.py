@@ -8,7 +8,7 @@ import numpy as np
 from jax import lax
 
 from twophase.policy import SafeResortConfig, clock, safe_resort
-from twophase.policy.safe_resort import count_step, judge_trial
+from twophase.policy.safe_resort import configure, count_step, judge_trial
 
 SPE, EPOCHS = 937, 1000  # the paper's mnist run: 937 steps per epoch, 1000 epochs
 
@@ -38,7 +38,10 @@ def test_the_policy_account_equals_train_s_count_over_1000_epochs_with_trials():
     against tp.train's count: an epoch of steps costs 1, a second-phase step its
     evaluations plus 1.5 per Hessian-vector product (rational sums)."""
     config = SafeResortConfig()
-    policy_state = safe_resort(steps_per_epoch=SPE).init(None)
+    # As tp.train configures it: no gradient of the caller's in phase 1.
+    policy_state = (
+        safe_resort(steps_per_epoch=SPE).init(None)._replace(charges_incoming=jnp.asarray(False))
+    )
     trial_costs = jnp.asarray([3.0, 1.5, 2.0, 4.5, 1.0], jnp.float32)  # every 10th epoch
 
     def phase0_epoch(state):
@@ -74,3 +77,25 @@ def test_the_policy_account_equals_train_s_count_over_1000_epochs_with_trials():
     assert whole == train_count and int(state.clock.steps) == 0
     assert int(state.epochs) == EPOCHS  # every epoch's end was seen
     np.testing.assert_allclose(float(state.cost), float(train_count), rtol=1e-7)
+
+
+def test_in_your_own_loop_a_second_phase_step_also_costs_the_callers_gradient():
+    """Your own loop computes the (mini-batch or full-batch) gradient at every
+    step, also in phase 1 where the second phase ignores it: the policy charges
+    one phase-0 step for it on top of the second phase's evaluations; under
+    tp.train (configure) it does not."""
+    config = SafeResortConfig()
+    for told, charged in ((None, 1.0 / SPE), (SPE, 0.0)):
+        state = safe_resort(steps_per_epoch=SPE).init(None)
+        if told is not None:
+            state = configure(state, budget=None, steps_per_epoch=told)
+        new, _ = judge_trial(
+            state,
+            value=jnp.float32(1.0),
+            cost=jnp.float32(2.0),
+            failures=jnp.int32(0),
+            finite=jnp.bool_(True),
+            config=config,
+            max_failures=2,
+        )
+        np.testing.assert_allclose(float(new.cost) - float(state.cost), 2.0 + charged, rtol=1e-6)

@@ -304,7 +304,9 @@ def _judging(budget=1000.0, trial_start=200.0, adam_pace=0.01, epochs=40):
     """safe_resort's state inside a trial: the switch at ``trial_start`` with the
     switch point's loss 1 (log 0), Adam's pace frozen at ``adam_pace``."""
     policy = safe_resort(STEPS, budget=budget)
+    # tp.train's account (no caller's gradient in phase 1; test_clock.py tests that charge).
     state = policy.init(PARAMS)._replace(
+        charges_incoming=jnp.asarray(False),
         **_at_cost(trial_start),
         epochs=jnp.int32(epochs),
         adam_pace=jnp.float32(adam_pace),
@@ -463,7 +465,7 @@ def _two_trials(hopeless, gains):
     0.05 per epoch-equivalent, each trial one step of 4 epoch-equivalents that gains
     ``gains`` in loss since the switch point), each returned from."""
     policy = safe_resort(STEPS, budget=1000.0, config=SafeResortConfig(hopeless=hopeless))
-    state = policy.init(PARAMS)._replace(wait=jnp.float32(8.0))
+    state = policy.init(PARAMS)._replace(wait=jnp.float32(8.0), charges_incoming=jnp.asarray(False))
     for start, gain in zip((20.0, 40.0), gains, strict=True):
         state, switch, _ = _end_epoch(policy, state, start, adam_pace=0.05)
         assert switch

@@ -137,6 +137,10 @@ class SafeResortState(NamedTuple):
         returned from, of a trial's gain to Adam's credit in its cost.
       exploring: bool, False once two trials have been returned from with none
         above ``hopeless`` (budget known).
+      charges_incoming: bool, a second-phase step also costs one phase-0 step:
+        the caller's loop computed the gradient that the second phase ignores
+        (True by default; :func:`configure`, as :func:`twophase.train` calls
+        it, sets False, since ``train`` skips that gradient in phase 1).
     """
 
     budget: jax.Array
@@ -163,6 +167,7 @@ class SafeResortState(NamedTuple):
     trial_spent: jax.Array
     best_gain_ratio: jax.Array
     exploring: jax.Array
+    charges_incoming: jax.Array
 
 
 def initial_state(
@@ -198,6 +203,7 @@ def initial_state(
         trial_spent=zero,
         best_gain_ratio=zero,
         exploring=jnp.ones([], bool),
+        charges_incoming=jnp.ones([], bool),
     )
 
 
@@ -329,9 +335,11 @@ def start_trial(state, switch, gave_up, step, config: SafeResortConfig) -> SafeR
     """The state after a phase-0 step that ``switch``-es (or not)."""
     known = state.budget > 0
     # The switch point's loss is estimated from the last epoch's mean, which
-    # sits half an epoch behind it: half of Adam's pace is taken off.
+    # sits half an epoch behind it (half of Adam's pace is taken off); a
+    # full-batch step's loss is the one before its update, a whole step behind.
     last = state.values[jnp.mod(state.epochs - 1, config.history)]
-    start_value = last - 0.5 * state.adam_pace
+    lag = jnp.where(state.full_batch == 1, 1.0, 0.5)
+    start_value = last - lag * state.adam_pace
     # A late polish is measured from its first accepted point instead: its first
     # iteration removes the mini-batch noise Adam leaves, a one-off gain that the
     # final polish collects anyway.
@@ -407,7 +415,8 @@ def judge_trial(state, *, value, cost, failures, finite, config, max_failures):
     ``history // 2`` epochs (too noisy to judge by), are never judged.
     """
     steps = steps_in_use(state, config)
-    clock = _clock.spend(state.clock, cost)
+    incoming = jnp.where(state.charges_incoming, 1.0 / steps.astype(_F32), 0.0)
+    clock = _clock.spend(state.clock, cost + incoming)
     cost_now = _clock.elapsed(clock, steps)
     value = jnp.reshape(jnp.asarray(value, _F32), ())
     usable = jnp.isfinite(value)
@@ -593,12 +602,14 @@ def _configured(node: SafeResortState, budget: float | None, steps_per_epoch: in
     return node._replace(
         budget=node.budget if budget is None else jnp.asarray(budget, _F32),
         epoch_steps=jnp.asarray(steps_per_epoch, jnp.int32),
+        charges_incoming=jnp.zeros([], bool),
     )
 
 
 def configure(state: PyTree, *, budget: float | None, steps_per_epoch: int) -> PyTree:
     """``state`` with every :class:`SafeResortState` in it told the run's budget
-    and epoch length (what :func:`twophase.train` does with ``cost_budget``).
+    and epoch length (what :func:`twophase.train` does with ``cost_budget``),
+    and that the caller computes no gradient in phase 1 (as ``train``).
 
     A value the policy was built with (``safe_resort(budget=...,
     steps_per_epoch=...)``) must agree; one set by an earlier ``configure`` (a
