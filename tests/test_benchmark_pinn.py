@@ -111,6 +111,7 @@ def check_runs(runs: dict, budget: int = 24) -> None:
     assert runs["Adam"]["cost"] == budget  # one evaluation a step
 
 
+@pytest.mark.slow
 def test_suite_runs_end_to_end_on_the_smallest_problem(tmp_path):
     # One process: the tuning seed 0, then the validation seed 2 with its choices; two
     # training loops compile (Adam's and the default policy's): ~20 s of CPU.

@@ -89,6 +89,7 @@ def run_grid(tmp_path, *options: str, epochs: int = 2) -> tuple[str, dict]:
     return out, result
 
 
+@pytest.mark.slow
 def test_experiment_grid_records(tmp_path):
     out, result = run_grid(tmp_path, "--splits", "0.3", epochs=10)
     assert table_rows(out, "mlp"), out
@@ -133,6 +134,7 @@ def test_overhead_state_sizes():
     assert float(lbfgs[2]) > float(default[2])
 
 
+@pytest.mark.slow
 def test_cg_suite_converges_on_rosenbrock():
     out = run_script("cg_suite.py", "--quick", "--problems", "rosenbrock-2", "--starts", "1")
     (row,) = table_rows(out, "rosenbrock-2")
@@ -158,6 +160,7 @@ def test_full_batch_memory_rows():
         assert float(row[2]) >= 0, row
 
 
+@pytest.mark.slow
 def test_second_phase_memory_rows():
     out = run_script("second_phase_memory.py", "--n", "65536")
     # State sizes follow from the states' documented fields: Newton-CG keeps `grad`, CG
@@ -370,6 +373,7 @@ def test_cg_suite_newton_cg_rows():
     assert 0 < float(row[-2]) <= 1.5, row  # cost ratio to scipy's Newton-CG
 
 
+@pytest.mark.slow
 def test_policy_rows_within_budget_and_report_roundtrip(tmp_path):
     budget, saved = 8, tmp_path / "runs.jsonl"
     out = run_script(

@@ -237,6 +237,7 @@ def test_loss_plateau_matches_a_scipy_oracle(seed):
     np.testing.assert_allclose(float(state.slope_stderr), fit.stderr, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 @given(
     seed=st.integers(0, 10_000),
     window=st.integers(1, 4),

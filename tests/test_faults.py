@@ -448,6 +448,7 @@ def _generic(learning_rate):
     return tp.two_phase(optax.adam(learning_rate), tp.nonlinear_cg(), tp.switch_at(100))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [tp.adam_cg, _generic], ids=["adam_cg", "two_phase"])
 @pytest.mark.parametrize("jit_step", [False, True], ids=["eager", "jit-inside-grad"])
 def test_meta_gradient_wrt_learning_rate_matches_optax_adam(make, jit_step):
@@ -477,6 +478,7 @@ def test_derivative_through_a_cg_step_is_nan_not_wrong():
     assert np.isnan(float(got))
 
 
+@pytest.mark.slow
 def test_vmap_over_learning_rates_matches_optax_adam():
     f = _quadratic()
     lrs = jnp.asarray([1e-3, 1e-2, 1e-1], F32)

@@ -164,6 +164,7 @@ def steps(tmp_path_factory):
     return multi, single
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opt", ["adam_cg", "adam_lbfgs"])
 def test_steps_match_one_process(steps, opt):
     multi, single = steps
@@ -253,6 +254,7 @@ def _without_wall_time(history):
     return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in history]
 
 
+@pytest.mark.slow
 def test_train_interrupted_and_resumed_matches_one_process(train_runs):
     first, resumed, ref, _ = train_runs
     # The reference crosses the switch and stops at the strict budget.

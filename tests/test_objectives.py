@@ -178,6 +178,7 @@ def test_full_batch_chunks_never_exceed_batch_size():
     assert max(seen) <= 10 and 3 in seen
 
 
+@pytest.mark.slow
 @given(n=st.integers(1, 60), batch_size=st.integers(1, 80), seed=st.integers(0, 2**16))
 def test_full_batch_property_equals_direct_mean(n, batch_size, seed):
     data, params = make_data(n, features=3, seed=seed), make_params(features=3, hidden=4)

@@ -184,6 +184,7 @@ def test_noisy_objective_never_increases_in_phase1():
     assert all_finite(x)
 
 
+@pytest.mark.slow
 @settings(max_examples=10)  # each example compiles its own step (~5 s on 2 shared cores)
 @given(seed=st.integers(0, 10_000), switch=st.integers(1, 6), width=st.integers(2, 8))
 def test_property_full_batch_loss_non_increasing_over_phase1(seed, switch, width):
@@ -213,6 +214,7 @@ def test_property_full_batch_loss_non_increasing_over_phase1(seed, switch, width
 # 3. Properties
 
 
+@pytest.mark.slow
 @settings(max_examples=10)  # each example compiles its own step
 @given(
     n=st.integers(2, 50),
@@ -265,6 +267,7 @@ trees = st.recursive(
 )
 
 
+@pytest.mark.slow
 @given(tree=trees)
 def test_property_arbitrary_pytrees_keep_their_structure(tree):
     def f(p):

@@ -84,6 +84,7 @@ def two_phase_run(digits, params0):
     return result, dict(CALLS)
 
 
+@pytest.mark.slow
 def test_history_keys_and_columns(two_phase_run):
     result, _ = two_phase_run
     assert isinstance(result, TrainResult)
@@ -142,6 +143,7 @@ def test_stop_on_cost_budget(digits, params0):
     assert costs[-1] >= 4.5 > costs[-2]
 
 
+@pytest.mark.slow
 def test_strict_budget_discards_the_epoch_that_would_exceed_it(digits, params0):
     """After the switch each epoch is one CG iteration costing its evaluations (> 1 here):
     with ``strict_budget`` the iteration that would end above the budget is discarded, and
@@ -185,6 +187,7 @@ def test_strict_budget_keeps_the_first_epoch_and_needs_a_budget(digits, params0)
         train(plain_loss, params0, digits[0], ADAM, cost_budget=3, strict_budget=1)
 
 
+@pytest.mark.slow
 def test_adam_lbfgs_epochs_are_charged_their_evaluations(digits, params0):
     opt = tp.adam_lbfgs(1e-2, policy=tp.switch_at(SWITCH_EPOCHS * STEPS))
     result = train(

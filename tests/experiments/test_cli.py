@@ -30,6 +30,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_outputs_written(run_dir):
     for name in ("results.json", "history.csv", "grad_norm_vs_loss.png", "loss_vs_cost.png"):
         assert (run_dir / name).is_file(), name
@@ -53,6 +54,7 @@ def test_results_json(run_dir):
     assert records[2]["switch_epoch"] is None
 
 
+@pytest.mark.slow
 def test_precondition_flag_reaches_adam_cg(tmp_path, capsys, run_dir):
     out = tmp_path / "pre"
     assert cli.main([*FAST, "--switch", "2", "--precondition", "--out", str(out)]) == 0

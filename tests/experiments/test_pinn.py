@@ -17,6 +17,12 @@ from twophase.experiments import pinn
 
 SMALL = {"n_x": 21, "n_t": 11, "n_residual": 60}
 
+# Every problem; reaction and burgers in the fast suite (the others are marked slow).
+SLOW_BUT_TWO = [
+    pytest.param(name, marks=() if name in ("reaction", "burgers") else pytest.mark.slow)
+    for name in pinn.PROBLEM_NAMES
+]
+
 
 def interior_points(problem, n=64, seed=0):
     """``(n, n_inputs)`` random points inside the domain."""
@@ -459,7 +465,7 @@ def test_train_rejects_a_non_finite_budget():
             pinn.train(pinn.make_loss(problem, points), params, optax.adam(1e-3), budget=bad)
 
 
-@pytest.mark.parametrize("name", pinn.PROBLEM_NAMES)
+@pytest.mark.parametrize("name", SLOW_BUT_TWO)
 def test_gauss_newton_loss_is_the_loss_and_its_products_are_jtj(name):
     problem = pinn.make_problem(name)
     points = pinn.collocation(problem, n_x=9, n_t=7, n_residual=12)
@@ -479,7 +485,7 @@ def test_gauss_newton_loss_is_the_loss_and_its_products_are_jtj(name):
     )
 
 
-@pytest.mark.parametrize("name", pinn.PROBLEM_NAMES)
+@pytest.mark.parametrize("name", SLOW_BUT_TWO)
 def test_pointwise_jacobian_is_the_jacobian_of_the_scaled_residuals(name):
     # Oracle: forward mode over the whole residual vector of make_gauss_newton_loss (whose
     # half sum of squares is the loss), against reverse mode per point under vmap.
