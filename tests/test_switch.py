@@ -476,13 +476,8 @@ def test_adam_cg_fused_adam_equals_generic_two_phase(kwargs, value_fn):
     else:
         fallback = kwargs.pop("fallback", None)
         fused = tp.adam_cg(lr, policy=tp.from_detector(tp.switch_at(4), fallback), **kwargs)
-        # optax.adam with gated_adam's `resume` (momentum reset at a return), not fused.
-        adam = optax.adam(lr)
-        resuming = SimpleNamespace(
-            init=adam.init, update=adam.update, resume=tp.first_phase.reset_momentum
-        )
         generic = tp.two_phase(
-            resuming,
+            optax.adam(lr),
             tp.nonlinear_cg(preconditioner="state" if precondition else None),
             tp.switch_at(4),
             fallback=fallback,
@@ -551,3 +546,39 @@ def test_train_charges_newton_cg_hessian_vector_products():
     phase1 = sum(r["epoch_cost"] for r in result.history if r["phase"] == 1)
     np.testing.assert_allclose(phase1, float(info.cost), rtol=1e-6)
     assert float(info.cost) > int(info.value_and_grad_evals)  # HVPs are charged
+
+
+def test_a_first_phase_resume_is_applied_at_every_return():
+    """A first phase with ``resume`` (optax.adam with
+    twophase.first_phase.reset_momentum): at a return its state passes through
+    it (first moment zero, second moment and count as at the switch); without
+    ``resume`` Adam's state comes back as it was."""
+    adam = optax.adam(1e-2)
+    resuming = SimpleNamespace(
+        init=adam.init, update=adam.update, resume=tp.first_phase.reset_momentum
+    )
+    lying = _lying_objective()
+    for first, reset in ((resuming, True), (adam, False)):
+        opt = tp.two_phase(first, tp.nonlinear_cg(), tp.switch_at(2), fallback=1)
+
+        @jax.jit
+        def step(p, s, opt=opt):
+            u, s = opt.update(jax.grad(FULL)(p), s, p, value=FULL(p), value_fn=lying)
+            return optax.apply_updates(p, u), s
+
+        p, s = PARAMS, opt.init(PARAMS)
+        at_switch = None
+        while int(s.fallbacks) == 0 and int(s.step) < 20:
+            p, s = step(p, s)
+            if int(s.phase) == 1 and at_switch is None:
+                at_switch = s.first_state[0]
+        assert int(s.fallbacks) == 1 and at_switch is not None
+        back = s.first_state[0]
+        chex.assert_trees_all_equal(back.nu, at_switch.nu)
+        chex.assert_trees_all_equal(back.count, at_switch.count)
+        moved = any(float(jnp.max(jnp.abs(m))) > 0 for m in jax.tree.leaves(at_switch.mu))
+        assert moved
+        if reset:
+            assert all(float(jnp.max(jnp.abs(m))) == 0 for m in jax.tree.leaves(back.mu))
+        else:
+            chex.assert_trees_all_equal(back.mu, at_switch.mu)

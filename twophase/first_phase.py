@@ -200,12 +200,12 @@ def gated_adam_update(
 
 def reset_momentum(adam_state: Any) -> Any:
     """``adam_state`` with its first moment (``optax.ScaleByAdamState.mu``) at
-    zero, its second moment and step count kept: Adam's state when it resumes
-    after a second phase moved the parameters. The momentum points where Adam
-    was heading before; applied at the point the second phase left, it can
-    throw Adam uphill for several steps (a full-batch regression's loss rose
-    2.6x after a return), whereas a zero first moment restarts Adam with its
-    step sizes intact (``benchmarks/RESULTS.md``, section 15)."""
+    zero, its second moment and step count kept: a ``resume`` for a first
+    phase (:class:`GatedFirstPhase`) that should restart its momentum after a
+    return from the second phase. Not :func:`gated_adam`'s default: on the
+    tuning half it removed one blow-up after a return (a full-batch regression,
+    1.28x to 1.04x Adam) but cost others more, and the CLI experiment
+    (1.016x to 1.055x Adam; ``benchmarks/RESULTS.md``, section 15)."""
 
     def reset(node):
         if isinstance(node, optax.ScaleByAdamState):
@@ -225,7 +225,8 @@ class GatedAdam(NamedTuple):
         one Adam step with this module's dtype rules.
       gated_update: see :class:`GatedFirstPhase`.
       constants: the :class:`AdamConstants`.
-      resume: :func:`reset_momentum`, applied at a return from the second phase.
+      resume: ``None`` (Adam's state is kept as it is at a return), or e.g.
+        :func:`reset_momentum`.
     """
 
     init: Any
@@ -275,4 +276,4 @@ def gated_adam(
     def gated_update_fn(slot, state, active, pass_slot):
         return gated_adam_update(constants, slot, state, active, pass_slot)
 
-    return GatedAdam(init_fn, update_fn, gated_update_fn, constants, reset_momentum)
+    return GatedAdam(init_fn, update_fn, gated_update_fn, constants)

@@ -469,7 +469,7 @@ def _return_to_first_of(ctx: StepContext) -> Callable:
 def return_to_first(ctx: StepContext, state: TwoPhaseState) -> TwoPhaseState:
     """A return to phase 0: the second phase re-initialised, the policy re-armed,
     the first phase's state kept, or passed through its ``resume`` where it
-    has one (:func:`twophase.first_phase.gated_adam` resets its momentum)."""
+    has one (:func:`twophase.first_phase.reset_momentum`)."""
     resume = ctx.resume
     first_state = state.first_state if resume is None else resume(state.first_state)
     return state._replace(
@@ -628,8 +628,8 @@ def two_phase(
       (``foreign_updates``).
     * **Return**: after each phase-1 step the policy may return to phase 0
       (``fallbacks``, ``return_step``); the first transformation's state was
-      kept (passed through its ``resume`` where it has one:
-      :func:`twophase.gated_adam` zeroes its momentum), the second's is
+      kept (passed through its ``resume`` where it has one, e.g.
+      :func:`twophase.first_phase.reset_momentum`), the second's is
       re-initialised and the policy re-armed.
 
     Inside ``optax.masked`` / ``optax.partition``, ``params`` (and so what
