@@ -394,3 +394,13 @@ def test_policy_rows_within_budget_and_report_roundtrip(tmp_path):
         again.split("## Summary")[1].split("## All runs")[0]
         == (out.split("## Summary")[1].split("## All runs")[0])
     )
+
+
+def test_trace_policy_prints_the_policy_account_per_step():
+    out = run_script("trace_policy.py", "iris", "--steps", "4")
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("iris seed 0")
+    steps = [line for line in lines[1:] if "policy: cost" in line]
+    assert len(steps) == 4
+    # a full-batch loop is recognised: the policy's account advances one per Adam step
+    assert "cost 1 " in steps[0].split("|")[1] or "cost 1 pace" in steps[0]
