@@ -498,7 +498,7 @@ def _resume(checkpoint_dir, params, opt_state, key, replicated) -> _Start:
     return _Start(params, restored, key, epoch, history, history[-1]["cost"] if history else 0.0)
 
 
-CONFIGURATION_FIELDS = ("budget", "epoch_steps")
+CONFIGURATION_FIELDS = ("budget", "epoch_steps", "charges_incoming")
 """The fields of a :class:`twophase.policy.SafeResortState` that hold the run's
 configuration (what :func:`twophase.policy.configure` sets), as opposed to its
 statistics. A restored state takes these from the new run."""
