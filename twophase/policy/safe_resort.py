@@ -15,7 +15,10 @@ full-batch value-and-gradient evaluation (a Hessian-vector product counts
   where the loss passed as ``value`` equals it, the loop is full-batch and a
   step costs one evaluation, whatever ``steps_per_epoch`` says. Otherwise a
   step costs ``1 / steps_per_epoch`` (:func:`twophase.train` sets it), or
-  ``1 / config.assumed_steps_per_epoch`` when told nothing.
+  ``1 / config.assumed_steps_per_epoch`` when told nothing. In your own
+  loop a second-phase step also costs one such step: the gradient the loop
+  computed and the second phase ignored (``charges_incoming``; not under
+  :func:`twophase.train`, which skips it).
 * **Adam's pace**: the least-squares decrease of the epoch-mean loss per
   epoch over the last ``min(history, judge * budget)`` epochs (at least 3)
   since Adam last took over. No trial starts before it is defined (a
