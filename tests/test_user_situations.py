@@ -56,6 +56,21 @@ PRESETS = {
 }
 
 
+def every_second_phase(switch: int) -> list:
+    """The bare second phases and the presets (switching after ``switch`` Adam
+    steps; the default policy told an epoch of ``switch`` steps), as pytest params."""
+    return [
+        pytest.param(tp.nonlinear_cg, id="nonlinear_cg"),
+        pytest.param(tp.newton_cg, id="newton_cg"),
+        pytest.param(lambda: tp.adam_cg(0.1, policy=tp.switch_at(switch)), id="adam_cg"),
+        pytest.param(lambda: tp.adam_lbfgs(0.1, policy=tp.switch_at(switch)), id="adam_lbfgs"),
+        pytest.param(
+            lambda: tp.adam_newton_cg(0.1, policy=tp.switch_at(switch)), id="adam_newton_cg"
+        ),
+        pytest.param(lambda: tp.adam_cg(0.1, steps_per_epoch=switch), id="default"),
+    ]
+
+
 def _maxdiff(a, b):
     return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
 
@@ -109,25 +124,7 @@ def test_vmap_over_seeds_across_the_switch_equals_a_loop(preset):
 
 # 3. optimistix#47, pytorch#5953, jaxopt#492: starting exactly at a minimum
 #    (zero gradient) and running many second-phase steps: no 0/0, no motion.
-@pytest.mark.parametrize(
-    "make",
-    [
-        tp.nonlinear_cg,
-        tp.newton_cg,
-        lambda: tp.adam_cg(0.1, policy=tp.switch_at(1)),
-        lambda: tp.adam_lbfgs(0.1, policy=tp.switch_at(1)),
-        lambda: tp.adam_newton_cg(0.1, policy=tp.switch_at(1)),
-        lambda: tp.adam_cg(0.1, steps_per_epoch=1),
-    ],
-    ids=[
-        "nonlinear_cg",
-        "newton_cg",
-        "adam_cg",
-        "adam_lbfgs",
-        "adam_newton_cg",
-        "default",
-    ],
-)
+@pytest.mark.parametrize("make", every_second_phase(switch=1))
 def test_exact_minimum_many_second_phase_steps_stay_put(make):
     def sq(p):
         return jnp.sum(p["w"] ** 2)
@@ -261,25 +258,7 @@ def test_x64_with_float32_params_keeps_dtypes_and_converges():
 # 9. DeepXDE#215, #1085, #1953: loss weights changed mid-run (adaptive
 #    weighting, or resampled collocation points). After the change every
 #    optimizer should minimise the NEW objective, whose minimiser is known.
-@pytest.mark.parametrize(
-    "make",
-    [
-        tp.nonlinear_cg,
-        tp.newton_cg,
-        lambda: tp.adam_cg(0.1, policy=tp.switch_at(2)),
-        lambda: tp.adam_newton_cg(0.1, policy=tp.switch_at(2)),
-        lambda: tp.adam_lbfgs(0.1, policy=tp.switch_at(2)),
-        lambda: tp.adam_cg(0.1, steps_per_epoch=2),
-    ],
-    ids=[
-        "nonlinear_cg",
-        "newton_cg",
-        "adam_cg",
-        "adam_newton_cg",
-        "adam_lbfgs",
-        "default",
-    ],
-)
+@pytest.mark.parametrize("make", every_second_phase(switch=2))
 def test_changed_loss_weight_mid_run_is_minimised(make):
     opt = make()
 
