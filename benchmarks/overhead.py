@@ -23,9 +23,14 @@ run). Optimizer-state bytes are the sum of ``nbytes`` over the state's leaves, a
 parameter-sized buffers (bytes / parameter bytes). Compile time is ``jit(...).lower(...).compile()``
 wall time of a freshly built train step (median of 3, interleaved).
 
+``--hidden W [W ...]`` changes the hidden widths (default 1024 256): the overhead grows with the
+model (RESULTS.md, section 19). With the train-step table comes each variant's XLA temporary
+allocation (``compile().memory_analysis().temp_size_in_bytes``): XLA:CPU allocates it afresh on
+every call, sized for the whole step, the second phase's code included even while it does not run.
+
 Usage::
 
-    python benchmarks/overhead.py [--quick] [--rounds N] [--batch B]
+    python benchmarks/overhead.py [--quick] [--rounds N] [--batch B] [--hidden W [W ...]]
         [--train-only | --state-only]
 """
 
@@ -51,6 +56,12 @@ SIZES = (784, 1024, 256, 10)
 BATCH = 128
 FULL = 1024
 LR = 1e-3
+
+
+def set_hidden(widths) -> None:
+    """The MLP's hidden widths (``SIZES`` is module state: the scripts' helpers read it)."""
+    global SIZES
+    SIZES = (SIZES[0], *widths, SIZES[-1])
 
 
 def variants() -> dict[str, Callable[[], optax.GradientTransformationExtraArgs]]:
@@ -197,6 +208,21 @@ def time_variants(
     return interleaved(calls, rounds)
 
 
+def temp_rows(data, batch: int) -> list[list[str]]:
+    """Each variant's XLA temporary allocation for the train step, in MiB."""
+    x, y = data
+    params = mlp_init(1, SIZES)
+    rows = []
+    for name, make in variants().items():
+        opt = make()
+        lowered = jax.jit(train_step_fn(opt), donate_argnums=(0, 1)).lower(
+            params, opt.init(params), x[:batch], y[:batch], data
+        )
+        temp = lowered.compile().memory_analysis().temp_size_in_bytes
+        rows.append([name, f"{temp / 2**20:.1f}"])
+    return rows
+
+
 def timing_rows(times: dict[str, list[float]]) -> list[list[str]]:
     base = times["optax.adam"]
     rows = []
@@ -287,7 +313,18 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--state-only", action="store_true", help="only the optimizer-state table (no timing)"
     )
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        nargs="+",
+        default=list(SIZES[1:-1]),
+        metavar="W",
+        help=f"hidden widths (default {' '.join(map(str, SIZES[1:-1]))})",
+    )
     args = parser.parse_args(argv)
+    if any(w < 1 for w in args.hidden):
+        parser.error(f"--hidden widths must be >= 1, got {args.hidden}")
+    set_hidden(args.hidden)
     if args.train_only and args.state_only:
         parser.error("--train-only and --state-only exclude each other")
     if not 1 <= args.batch <= FULL:
@@ -309,6 +346,8 @@ def main(argv=None) -> None:
     print(
         markdown_table(header, timing_rows(time_variants("train", rounds, data, batch=args.batch)))
     )
+    print("\n### XLA temporary allocation of the train step\n")
+    print(markdown_table(["variant", "temp MiB"], temp_rows(data, args.batch)))
     if args.train_only:
         return
     print(f"\n### Update alone (update + apply), {5 * rounds} interleaved rounds\n")

@@ -181,15 +181,22 @@ def test_second_phase_memory_rows():
 
 @pytest.mark.slow  # the timing path; test_overhead_state_sizes runs the script fast
 def test_overhead_train_only_at_another_batch():
-    out = run_script("overhead.py", "--rounds", "1", "--batch", "64", "--train-only")
-    assert "batch 64," in out
-    assert len(table_rows(out, "tp.adam_cg (default detector)")) == 1  # the train-step table only
+    out = run_script(
+        "overhead.py", "--rounds", "1", "--batch", "64", "--hidden", "32", "--train-only"
+    )
+    assert "batch 64," in out and "MLP 784-32-10 " in out
+    timing, temp = table_rows(out, "tp.adam_cg (default detector)")  # train step, temp sizes
+    assert len(timing) == 4 and float(temp[1]) > 0, (timing, temp)
     assert "Optimizer state" not in out
 
 
 @pytest.mark.parametrize(
     "args, named",
-    [(["--batch", "0"], "--batch"), (["--train-only", "--state-only"], "--state-only")],
+    [
+        (["--batch", "0"], "--batch"),
+        (["--train-only", "--state-only"], "--state-only"),
+        (["--hidden", "0"], "--hidden"),
+    ],
 )
 def test_overhead_rejects_bad_options(args, named):
     done = subprocess.run(
