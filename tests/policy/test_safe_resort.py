@@ -11,7 +11,12 @@ import pytest
 
 import twophase as tp
 from twophase.policy import SafeResortConfig, clock
-from twophase.policy.safe_resort import configure, least_squares_pace, safe_resort
+from twophase.policy.safe_resort import (
+    configure,
+    final_reserve,
+    least_squares_pace,
+    safe_resort,
+)
 
 N, D = 256, 4
 STEPS = 8  # mini-batch steps per epoch
@@ -379,7 +384,8 @@ def test_polish_is_judged_on_a_reliable_pace_and_the_final_polish_is_not():
     state, backs = _trial(policy, state, [-0.01], cost=6.0)
     assert backs == [True]
     rearmed = policy.rearm(state, PARAMS)
-    assert float(rearmed.polish_after) == 1000.0 - 5.0  # max(2 * min_judge, 0.5%) left
+    # The final polish: max(2 * min_judge, 0.5%, two iterations of cost 6) left.
+    assert float(rearmed.polish_after) == 1000.0 - 12.0
     # On a pace of 5 epochs the polish stays (the late polish of small budgets).
     policy, state = _judging(trial_start=900.0, adam_pace=0.01, epochs=5)
     _, backs = _trial(policy, state, [-0.01], cost=6.0)
@@ -495,6 +501,27 @@ def test_two_hopeless_trials_end_the_exploration_and_the_judged_polish(hopeless)
     assert switch
 
 
+def test_an_expensive_second_phase_gets_two_iterations_of_final_polish_within_the_budget():
+    # Iterations of cost 18 (Levenberg-Marquardt: a Jacobian is about 17 evaluations).
+    # The final polish is two of them (the last 36 of 1000, not the last 5, shorter
+    # than one iteration), and nothing starts with less than one iteration left: an
+    # iteration past the budget is discarded under a strict budget.
+    policy = safe_resort(STEPS, budget=1000.0)
+    state = policy.init(PARAMS)._replace(wait=jnp.float32(8.0), charges_incoming=jnp.asarray(False))
+    state, switch, _ = _end_epoch(policy, state, 20.0, adam_pace=0.05)
+    assert switch
+    worse = float(state.reference_value) + 0.5
+    state, backs = _trial(policy, state, [worse, worse], cost=18.0, raw=True)
+    assert backs == [False, True]  # a costly first step is judged with the next
+    assert float(state.iteration_cost) == pytest.approx(18.0)
+    state = policy.rearm(state, PARAMS)
+    assert float(final_reserve(state, SafeResortConfig())) == pytest.approx(36.0)
+    _, switch, _ = _end_epoch(policy, state, 966.0)
+    assert switch  # the final polish, two iterations before the end
+    _, switch, _ = _end_epoch(policy, state, 990.0)
+    assert not switch  # 10 left: not one iteration
+
+
 def test_one_trial_above_hopeless_keeps_the_exploration():
     # 0.03 from the switch at 40: -log(1 - 0.03 / (0.05 * 40)) / 0.1 = 0.151 > 0.1.
     policy, state = _two_trials(0.1, gains=[0.004, 0.03])
@@ -593,7 +620,7 @@ def test_a_mini_batch_loop_is_not_taken_for_a_full_batch_one():
 # Any loss offset
 
 
-@pytest.mark.parametrize("second", ["slow", "cg"])
+@pytest.mark.parametrize("second", [pytest.param("slow", marks=pytest.mark.slow), "cg"])
 def test_a_shifted_loss_gives_the_same_decisions(second):
     """A loss shifted by -5 (negative: a log-likelihood, an energy) switches and
     returns at the same steps as the unshifted one."""

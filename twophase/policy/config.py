@@ -32,7 +32,9 @@ class SafeResortConfig(NamedTuple):
         evaluations, and a single iteration says little about a method's pace.
         A trial is started only while ``1.5 * min_judge`` of the exploration
         allowance is left, and the final polish is the last ``max(2 * min_judge,
-        judge / 10 * budget)``.
+        judge / 10 * budget)``, and at least two iterations of the second phase
+        (the largest cost of one so far: ~18 evaluations for
+        Levenberg-Marquardt).
       explore: the cost that trials returned from may spend in all, as a
         fraction of a known budget (of the cost so far without one). Three
         percent: the no-harm line is 1.03 x Adam's loss at equal cost, and a

@@ -144,6 +144,11 @@ class SafeResortState(NamedTuple):
         the caller's loop computed the gradient that the second phase ignores
         (True by default; :func:`configure`, as :func:`twophase.train` calls
         it, sets False, since ``train`` skips that gradient in phase 1).
+      iteration_cost: float32, the largest cost of one second-phase step so
+        far (0 before one): a few evaluations for CG or L-BFGS with their line
+        searches, ``JACOBIAN_COST`` and more for Levenberg-Marquardt (whose
+        cheap steps reuse a Jacobian). It only grows, so a trial started as the
+        final polish stays one.
     """
 
     budget: jax.Array
@@ -171,6 +176,7 @@ class SafeResortState(NamedTuple):
     best_gain_ratio: jax.Array
     exploring: jax.Array
     charges_incoming: jax.Array
+    iteration_cost: jax.Array
 
 
 def initial_state(
@@ -207,6 +213,7 @@ def initial_state(
         best_gain_ratio=zero,
         exploring=jnp.ones([], bool),
         charges_incoming=jnp.ones([], bool),
+        iteration_cost=zero,
     )
 
 
@@ -296,9 +303,13 @@ def count_step(state: SafeResortState, value: jax.Array, config: SafeResortConfi
     return state, epoch_end
 
 
-def final_reserve(budget: jax.Array, config: SafeResortConfig) -> jax.Array:
-    """The final polish's share of a known budget (see :class:`SafeResortConfig`)."""
-    return jnp.maximum(2.0 * config.min_judge, 0.1 * config.judge * budget)
+def final_reserve(state: SafeResortState, config: SafeResortConfig) -> jax.Array:
+    """The final polish's share of a known budget (see :class:`SafeResortConfig`),
+    and at least two second-phase iterations: a polish shorter than one
+    iteration of an expensive second phase (Levenberg-Marquardt) would end past
+    the budget, where a strict budget discards it."""
+    share = jnp.maximum(2.0 * config.min_judge, 0.1 * config.judge * state.budget)
+    return jnp.maximum(share, 2.0 * state.iteration_cost)
 
 
 def trial_due(state: SafeResortState, step: jax.Array, config: SafeResortConfig):
@@ -321,16 +332,17 @@ def trial_due(state: SafeResortState, step: jax.Array, config: SafeResortConfig)
         _clock.elapsed_since(
             state.clock,
             steps_in_use(state, config),
-            state.budget - final_reserve(state.budget, config),
+            state.budget - final_reserve(state, config),
         )
         >= 0
     )
     judged_polish = pace_points(state.budget, config) >= config.history // 2
     polishing &= ~(gave_up & judged_polish) | at_final
     due = ((state.epochs >= 3) & (cost >= state.next_trial) & affordable) | polishing
-    # No switch without room for a judged segment: an iteration past the budget
-    # is wasted (twophase.train discards it under a strict budget).
-    room = ~known | (state.budget - cost >= config.min_judge)
+    # No switch without room for a judged segment and one iteration: an
+    # iteration past the budget is wasted (a strict budget discards it).
+    needed = jnp.maximum(config.min_judge, state.iteration_cost)
+    room = ~known | (state.budget - cost >= needed)
     return due & room, gave_up
 
 
@@ -437,7 +449,7 @@ def judge_trial(state, *, value, cost, failures, finite, config, max_failures):
     credit = adam_credit(spent, reference_cost, state.adam_pace)
     behind = ~(gain >= credit)
     polishing = known & (cost_now >= config.polish * state.budget)
-    final = known & (state.trial_start >= state.budget - final_reserve(state.budget, config))
+    final = known & (state.trial_start >= state.budget - final_reserve(state, config))
     reliable = jnp.minimum(state.epochs, pace_points(state.budget, config)) >= config.history // 2
     loses = judged & behind & ~(final | (polishing & ~reliable))
     back = loses | ~finite | ~usable | ((failures >= max_failures) & behind)
@@ -451,6 +463,7 @@ def judge_trial(state, *, value, cost, failures, finite, config, max_failures):
     state = state._replace(
         clock=clock,
         cost=cost_now,
+        iteration_cost=jnp.maximum(state.iteration_cost, cost_now - state.cost),
         segment_cost=jnp.where(~started | judged, cost_now, state.segment_cost),
         reference_cost=reference_cost,
         reference_value=jnp.where(usable, reference_value, state.reference_value),
@@ -466,7 +479,7 @@ def rearm(state: SafeResortState, config: SafeResortConfig) -> SafeResortState:
     next polish is the final one (none once that was returned from)."""
     unset = jnp.asarray(_UNSET, _F32)
     in_polish = (state.budget > 0) & (state.cost >= config.polish * state.budget)
-    final_start = state.budget - final_reserve(state.budget, config)
+    final_start = state.budget - final_reserve(state, config)
     after = jnp.where(state.cost < final_start, final_start, state.cost + state.wait)
     return state._replace(
         polish_after=jnp.where(in_polish, after, state.polish_after),
