@@ -295,6 +295,23 @@ def test_structure_mismatch(tmp_path):
         restore_checkpoint(tmp_path, renamed)
 
 
+def test_a_field_added_since_the_save_takes_the_targets_value(tmp_path):
+    # A checkpoint written before a state field existed (a policy's new statistic):
+    # the saved leaves come back, the new field keeps the target's value, with a warning.
+    saved = {"w": jnp.arange(3.0), "count": jnp.int32(5)}
+    save_checkpoint(tmp_path, 4, saved)
+    target = {"w": jnp.zeros(3), "count": jnp.int32(0), "added": jnp.float32(7.0)}
+    with pytest.warns(UserWarning, match=r"predates `\['added'\]`"):
+        step, restored = restore_checkpoint(tmp_path, target)
+    assert step == 4
+    np.testing.assert_array_equal(restored["w"], np.arange(3.0))
+    assert int(restored["count"]) == 5 and float(restored["added"]) == 7.0
+    # Without a value for the new field (an abstract target) it is an error naming it.
+    abstract = dict(target, added=jax.ShapeDtypeStruct((), jnp.float32))
+    with pytest.raises(ValueError, match=r"only in the target: `\['added'\]`"):
+        restore_checkpoint(tmp_path, abstract)
+
+
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 def test_save_failing_midway_keeps_previous(tmp_path, monkeypatch):
     import orbax.checkpoint as ocp

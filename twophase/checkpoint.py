@@ -21,6 +21,7 @@ imported when a function is called.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -122,6 +123,21 @@ def _mismatch(saved: dict, paths: list[str], shapes: list[list[int]]) -> str | N
         if wrong:
             problems.append("shapes differ: " + "; ".join(wrong[:_MAX_LISTED]))
     return "; ".join(problems) or None
+
+
+def _added_fields(saved: dict, paths: list[str], leaves: list[Any]) -> list[str]:
+    """The target's leaves that a checkpoint written before they existed lacks
+    (a state field added by a later version), when every saved leaf is in the
+    target and the target gives each missing one a value; else ``[]``."""
+    saved_paths = set(saved["paths"])
+    added = [p for p in paths if p not in saved_paths]
+    if not added or not saved_paths <= set(paths):
+        return []
+    concrete = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
+    by_path = dict(zip(paths, leaves, strict=True))
+    if not all(isinstance(by_path[p], concrete) for p in added):
+        return []
+    return added
 
 
 def _restore_spec(leaf: Any) -> Any:
@@ -253,8 +269,11 @@ def restore_checkpoint(
         dtypes (values are cast to them), and shardings (``jax.Array`` /
         ``jax.ShapeDtypeStruct`` leaves; a single local device when a
         ``ShapeDtypeStruct`` has none) are those of the result. Its values are
-        not used. Weakly typed scalars come back weakly typed as saved, so a
-        jitted step sees the avals it was traced with and does not retrace.
+        not used, except for leaves that a checkpoint written by an earlier
+        version lacks (a state field added since): those keep the target's
+        values, with a warning naming them. Weakly typed scalars come back
+        weakly typed as saved, so a jitted step sees the avals it was traced
+        with and does not retrace.
       step: a non-negative int, or ``None`` for the latest step.
 
     Returns:
@@ -290,18 +309,27 @@ def restore_checkpoint(
                 f"step {step} in {os.fspath(directory)!r} was not written by "
                 "twophase.save_checkpoint."
             )
-        why = _mismatch(layout, paths, shapes)
+        added = _added_fields(layout, paths, target_leaves)
+        kept = [i for i, p in enumerate(paths) if p not in set(added)]
+        why = _mismatch(layout, [paths[i] for i in kept], [shapes[i] for i in kept])
         if why is not None:
+            why = _mismatch(layout, paths, shapes)
             raise ValueError(
                 f"`target` does not match checkpoint step {step} in "
                 f"{os.fspath(directory)!r}: {why}."
             )
-        specs = [_restore_spec(x) for x in target_leaves]
+        specs = [_restore_spec(target_leaves[i]) for i in kept]
         restored = manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(specs))
         ).state
+    if added:
+        warnings.warn(
+            f"checkpoint step {step} in {os.fspath(directory)!r} predates "
+            f"{_listing(added)}: those fields take `target`'s values.",
+            stacklevel=2,
+        )
     weak_types = layout.get("weak_types", [False] * len(restored))
-    leaves = [
-        _restored_leaf(*args) for args in zip(restored, target_leaves, weak_types, strict=True)
-    ]
+    leaves = list(target_leaves)
+    for i, value, weak in zip(kept, restored, weak_types, strict=True):
+        leaves[i] = _restored_leaf(value, target_leaves[i], weak)
     return step, jax.tree.unflatten(treedef, leaves)
