@@ -57,6 +57,37 @@ settings.register_profile(
 settings.load_profile("twophase")
 
 
+# Parametrized tests whose first K variants (in collection order) run in the fast suite and
+# the rest in the slow one (`-m slow`): each variant compiles its own programs, and the
+# first ones already exercise the code path. Keeps `-m "not slow"` near 10 minutes on 2 cores.
+_FAST_VARIANTS = {
+    "tests/test_donation.py::test_donated_step_from_a_fresh_init": 4,
+    "tests/experiments/test_pinn.py::test_loss_terms_are_nonnegative_and_sum_to_the_total": 3,
+    "tests/experiments/test_pinn.py::test_loss_is_not_trivially_zero_at_init_and_zero_at_the_solution": 2,  # noqa: E501
+    "tests/experiments/test_models.py::test_builds_and_outputs_finite_logits": 4,
+    "tests/second_phase/test_faults.py::test_float32_scaled_least_squares_converges_to_the_closed_form": 2,  # noqa: E501
+    "tests/second_phase/test_levenberg_marquardt.py::test_linearize_matches_jacfwd": 3,
+    "tests/second_phase/test_levenberg_marquardt.py::test_matches_scipy_lm": 2,
+    "tests/second_phase/test_newton_cg.py::test_agrees_with_scipy_newton_cg": 2,
+    "tests/test_eager_and_chains.py::test_eager_update_compiles_once": 3,
+    "tests/second_phase/test_cg.py::test_agrees_with_scipy_cg": 2,
+    "tests/test_objectives.py::test_full_batch_matches_direct_mean_and_gradient": 8,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks slow the variants beyond the first ``_FAST_VARIANTS[test]`` of a test."""
+    seen: dict[str, int] = {}
+    for item in items:
+        base = item.nodeid.split("[", 1)[0]
+        keep = _FAST_VARIANTS.get(base)
+        if keep is None or "[" not in item.nodeid:
+            continue
+        seen[base] = seen.get(base, 0) + 1
+        if seen[base] > keep:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def count_traces():
     """Returns a decorator counting how often a function is traced."""

@@ -44,7 +44,14 @@ def _run(opt, value_fn, steps, params=PARAMS):
     return params, state
 
 
-@pytest.mark.parametrize("name", sorted(SECOND_PHASES))
+@pytest.mark.parametrize(
+    "name",
+    # ~7 s each: nonlinear_cg stays in the fast suite.
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n != "nonlinear_cg" else n
+        for n in sorted(SECOND_PHASES)
+    ],
+)
 def test_every_second_phase_returns_the_aux_of_its_accepted_point(name):
     params, state = _run(SECOND_PHASES[name](), terms, 6)
     ref_params, _ = _run(SECOND_PHASES[name](), scalar, 6)
@@ -76,7 +83,9 @@ def test_aux_is_none_without_one():
     [
         lambda: tp.adam_cg(0.05, policy=tp.switch_at(3)),
         lambda: tp.adam_lbfgs(0.05, policy=tp.switch_at(3)),
-        lambda: tp.adam_newton_cg(0.05, policy=tp.switch_at(3)),
+        pytest.param(
+            lambda: tp.adam_newton_cg(0.05, policy=tp.switch_at(3)), marks=pytest.mark.slow
+        ),
     ],
     ids=["adam_cg", "adam_lbfgs", "adam_newton_cg"],
 )

@@ -106,6 +106,7 @@ def test_experiment_grid_records(tmp_path):
     assert records["adam+cg after 3"]["switch_epoch"] == 4  # 3 Adam epochs, CG from epoch 4
 
 
+@pytest.mark.slow  # ~9 s
 def test_experiment_grid_skip_auto(tmp_path):
     out, result = run_grid(tmp_path, "--splits", "--skip-cg", "--skip-auto")
     (row,) = table_rows(out, "mlp")[-1:]
@@ -370,6 +371,7 @@ def test_gpu_repro_bounded_dry_run_and_bad_options():
         assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
+@pytest.mark.slow  # ~6 s
 def test_cg_suite_newton_cg_rows():
     out = run_script(
         "cg_suite.py", "--quick", "--newton-cg", "--skip-hvp-cost", "--problems", "rosenbrock-2"
@@ -403,6 +405,7 @@ def test_policy_rows_within_budget_and_report_roundtrip(tmp_path):
     )
 
 
+@pytest.mark.slow  # ~17 s
 def test_trace_policy_prints_the_policy_account_per_step():
     out = run_script("trace_policy.py", "iris", "--steps", "4")
     lines = out.strip().splitlines()

@@ -104,9 +104,10 @@ def avals(tree):
     "kind, dtype",
     [
         ("adam_cg", jnp.float32),
-        ("adam_cg", jnp.float64),
-        ("adam_lbfgs", jnp.float32),
-        ("adam_newton_cg", jnp.float64),
+        # The other presets and dtypes in the slow suite (~10 s each to run and compile).
+        pytest.param("adam_cg", jnp.float64, marks=pytest.mark.slow),
+        pytest.param("adam_lbfgs", jnp.float32, marks=pytest.mark.slow),
+        pytest.param("adam_newton_cg", jnp.float64, marks=pytest.mark.slow),
         ("adam_newton_cg_nystrom", jnp.float64),
     ],
 )

@@ -307,6 +307,7 @@ def test_switch_at_and_combinators():
     assert tp.any_of(tp.switch_at(1), tp.norm_loss_slope(estimator="window")).needs_value
 
 
+@pytest.mark.slow  # a property test: ~7 s
 @given(
     peak=st.integers(3, 12),
     noise=st.floats(0.0, 0.2),

@@ -202,6 +202,7 @@ def test_masked_tree_without_fill_masked_names_the_fix():
         opt.update(grads, state, PARAMS, value=loss, value_fn=tp.full_batch(_loss, data))
 
 
+@pytest.mark.slow  # ~8 s
 def test_weight_decay_in_the_loss_reaches_the_regularised_optimum_across_the_switch():
     data = _regression_data()
     wd = 0.5
@@ -391,8 +392,9 @@ def test_train_with_two_two_phase_optimizers_in_a_partition():
 @pytest.mark.parametrize(
     "wrap",
     [
-        lambda o: optax.MultiSteps(o, every_k_schedule=1),
-        lambda o: optax.masked(o, {"w": True, "emb": True}),
+        # ~8 s each: the plain case stays in the fast suite.
+        pytest.param(lambda o: optax.MultiSteps(o, every_k_schedule=1), marks=pytest.mark.slow),
+        pytest.param(lambda o: optax.masked(o, {"w": True, "emb": True}), marks=pytest.mark.slow),
         lambda o: o,
     ],
     ids=["multisteps", "masked", "plain"],

@@ -276,6 +276,7 @@ def test_train_interrupted_and_resumed_matches_one_process(train_runs):
         assert (run["phase"], run["switch_step"]) == (ref["phase"], ref["switch_step"])
 
 
+@pytest.mark.slow  # the train_runs fixture: ~70 s of multi-process training
 def test_train_history_identical_on_every_process(train_runs):
     first, resumed, _, _ = train_runs
     for runs in (first, resumed):
@@ -284,6 +285,7 @@ def test_train_history_identical_on_every_process(train_runs):
         assert all(run["params"] == runs[0]["params"] for run in runs)
 
 
+@pytest.mark.slow
 def test_train_compiles_once_on_every_process(train_runs):
     first, resumed, _, _ = train_runs
     for run in first:
@@ -292,6 +294,7 @@ def test_train_compiles_once_on_every_process(train_runs):
         assert run["executables"] == {"phase0": 0, "phase1": 1, "evaluate": 1}
 
 
+@pytest.mark.slow
 def test_train_progress_bar_on_process_0_only(train_runs):
     *_, logs = train_runs
     # tqdm writes "training: 4/12 epoch-equivalent ..." on stderr (a log: no bar).

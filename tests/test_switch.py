@@ -136,6 +136,7 @@ def _plateau(window):
     return tp.loss_plateau(window, patience=5, history=10, z_score=1.0)
 
 
+@pytest.mark.slow  # ~11 s
 def test_loss_plateau_waits_while_adam_progresses_and_fires_when_it_stalls():
     # lr 5e-3: the full-batch loss falls steadily for 40 epochs; no switch, no
     # full-batch evaluation (the detector is free).
@@ -456,10 +457,13 @@ def test_adam_lbfgs_accepts_optax_lbfgs_grad_keyword():
     "kwargs, value_fn",
     [
         (dict(), FULL),
-        (dict(precondition=True), FULL),
-        (dict(learning_rate=optax.linear_schedule(1e-2, 1e-3, 6)), FULL),
+        # ~8 s each: the plain and fallback cases stay in the fast suite.
+        pytest.param(dict(precondition=True), FULL, marks=pytest.mark.slow),
+        pytest.param(
+            dict(learning_rate=optax.linear_schedule(1e-2, 1e-3, 6)), FULL, marks=pytest.mark.slow
+        ),
         (dict(fallback=2), _lying_objective()),
-        (dict(lbfgs=True), FULL),
+        pytest.param(dict(lbfgs=True), FULL, marks=pytest.mark.slow),
     ],
     ids=["plain", "precondition", "schedule", "fallback", "adam_lbfgs"],
 )

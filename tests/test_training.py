@@ -200,6 +200,7 @@ def test_adam_lbfgs_epochs_are_charged_their_evaluations(digits, params0):
     assert sum(phase1) == int(tp.info(result.opt_state).value_and_grad_evals)
 
 
+@pytest.mark.slow  # ~15 s; MultiSteps under train: also test_multisteps_... in test_faults
 def test_multisteps_wrapper_gets_value_fn(digits, params0):
     # optax.MultiSteps forwards extra arguments; train must not drop them.
     opt = optax.MultiSteps(tp.adam_cg(1e-2, policy=tp.switch_at(2)), every_k_schedule=2)
@@ -221,6 +222,7 @@ def _policy_states(state):
     return [n for n in jax.tree.leaves(state, is_leaf=is_policy) if is_policy(n)]
 
 
+@pytest.mark.slow  # ~9 s
 def test_multisteps_policy_counts_inner_steps(digits, params0):
     # Default policy: with k = 2, an epoch of STEPS mini-batches is STEPS / 2 inner steps.
     opt = optax.MultiSteps(tp.adam_cg(1e-2), every_k_schedule=2)

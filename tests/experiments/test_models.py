@@ -183,6 +183,7 @@ def test_cross_entropy_and_accuracy():
     assert float(cross_entropy_loss(logits, labels)) == pytest.approx(float(expected))
 
 
+@pytest.mark.slow  # 5-9 s a model
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_adam_steps_lower_mse(name):
     x = images(16, (8, 8, 1), seed=1)

@@ -18,8 +18,8 @@ from twophase.experiments import pinn
 SMALL = {"n_x": 21, "n_t": 11, "n_residual": 60}
 
 # Every problem; reaction and burgers in the fast suite (the others are marked slow).
-SLOW_BUT_TWO = [
-    pytest.param(name, marks=() if name in ("reaction", "burgers") else pytest.mark.slow)
+SLOW_BUT_ONE = [
+    pytest.param(name, marks=() if name == "burgers" else pytest.mark.slow)
     for name in pinn.PROBLEM_NAMES
 ]
 
@@ -310,9 +310,14 @@ def _counting_loss(problem, points, counter):
     "make",
     [
         lambda: optax.adam(1e-2),
-        lambda: optax.lbfgs(memory_size=20),
-        lambda: tp.adam_lbfgs(1e-2, second=optax.lbfgs(memory_size=20), policy=tp.switch_at(10)),
-        lambda: tp.adam_cg(1e-2, policy=tp.switch_at(10)),
+        pytest.param(lambda: optax.lbfgs(memory_size=20), marks=pytest.mark.slow),
+        pytest.param(
+            lambda: tp.adam_lbfgs(
+                1e-2, second=optax.lbfgs(memory_size=20), policy=tp.switch_at(10)
+            ),
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(lambda: tp.adam_cg(1e-2, policy=tp.switch_at(10)), marks=pytest.mark.slow),
     ],
     ids=["adam", "lbfgs", "adam_lbfgs", "adam_cg"],
 )
@@ -349,6 +354,7 @@ def test_train_rejects_a_bad_budget():
         pinn.train(pinn.make_loss(problem, points), params, optax.adam(1e-3), budget=0)
 
 
+@pytest.mark.slow  # ~20 s
 def test_hyperparameter_sweeps_compile_once():
     problem = pinn.make_problem("reaction")
     points = pinn.collocation(problem, **SMALL)
@@ -465,7 +471,7 @@ def test_train_rejects_a_non_finite_budget():
             pinn.train(pinn.make_loss(problem, points), params, optax.adam(1e-3), budget=bad)
 
 
-@pytest.mark.parametrize("name", SLOW_BUT_TWO)
+@pytest.mark.parametrize("name", SLOW_BUT_ONE)
 def test_gauss_newton_loss_is_the_loss_and_its_products_are_jtj(name):
     problem = pinn.make_problem(name)
     points = pinn.collocation(problem, n_x=9, n_t=7, n_residual=12)
@@ -485,7 +491,7 @@ def test_gauss_newton_loss_is_the_loss_and_its_products_are_jtj(name):
     )
 
 
-@pytest.mark.parametrize("name", SLOW_BUT_TWO)
+@pytest.mark.parametrize("name", SLOW_BUT_ONE)
 def test_pointwise_jacobian_is_the_jacobian_of_the_scaled_residuals(name):
     # Oracle: forward mode over the whole residual vector of make_gauss_newton_loss (whose
     # half sum of squares is the loss), against reverse mode per point under vmap.

@@ -35,6 +35,7 @@ def test_problem_is_pure_and_counts_params(problem):
     assert value.shape == () and math.isfinite(float(value))
 
 
+@pytest.mark.slow  # the comparison fixture: ~40 s; the CLI tests run the runner
 def test_records_schema_and_values(comparison):
     assert [r.record["optimizer"] for r in comparison] == list(runner.OPTIMIZERS)
     for r in comparison:
@@ -49,6 +50,7 @@ def test_records_schema_and_values(comparison):
         assert r.stop_reason == "cost_budget"
 
 
+@pytest.mark.slow
 def test_equal_cost_never_above_the_budget(comparison):
     for r in comparison:
         cost = r.record["cost_epochs"]
@@ -62,6 +64,7 @@ def test_equal_cost_never_above_the_budget(comparison):
     assert adam_cg.record["cost_epochs"] == 7
 
 
+@pytest.mark.slow
 def test_fixed_switch_convention(comparison):
     adam, adam_cg, cg = comparison
     assert adam.record["switch_epoch"] is None
@@ -140,6 +143,7 @@ def test_split_epochs():
     assert runner.split_epochs(3, (0.01, 0.99)) == [1, 2]
 
 
+@pytest.mark.slow
 def test_markdown_table(comparison):
     table = runner.markdown_table([r.record for r in comparison])
     lines = [line for line in table.splitlines() if line.startswith("|")]

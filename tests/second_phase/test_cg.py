@@ -58,7 +58,15 @@ def test_agrees_with_scipy_cg(name, f, x0):
 
 
 @pytest.mark.parametrize("rule", RULES)
-@pytest.mark.parametrize("n,condition", [(10, 10.0), (50, 1e2), (100, 1e2)])
+@pytest.mark.parametrize(
+    "n,condition",
+    # Each size compiles anew (~5 s a variant): the largest runs fast, the others slow.
+    [
+        pytest.param(10, 10.0, marks=pytest.mark.slow),
+        pytest.param(50, 1e2, marks=pytest.mark.slow),
+        (100, 1e2),
+    ],
+)
 @pytest.mark.parametrize("c2,bound", [(0.01, 1.5), (None, 3.0)])
 def test_spd_quadratic_converges_in_about_n_iterations(rule, n, condition, c2, bound):
     f, a, b = problems.spd_quadratic(n, condition, seed=n)
