@@ -17,7 +17,7 @@ from twophase.experiments import pinn
 
 SMALL = {"n_x": 21, "n_t": 11, "n_residual": 60}
 
-# Every problem; reaction and burgers in the fast suite (the others are marked slow).
+# Every problem; burgers in the fast suite (the others, reaction included, are marked slow).
 SLOW_BUT_ONE = [
     pytest.param(name, marks=() if name == "burgers" else pytest.mark.slow)
     for name in pinn.PROBLEM_NAMES
