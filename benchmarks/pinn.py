@@ -218,7 +218,7 @@ def adam_newton_cg_short_at(h: Hyperparams) -> optax.GradientTransformation:
     # Cheaper outer iterations: at most SHORT_INNER products per inner solve (default 100).
     return tp.adam_newton_cg(
         h["lr"],
-        second=tp.newton_cg(max_inner_iterations=SHORT_INNER),
+        second=tp.newton_cg(max_inner_iterations=SHORT_INNER, preconditioner="state"),
         policy=tp.switch_at(h["switch"]),
         precondition=True,
     )
