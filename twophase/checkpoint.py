@@ -310,7 +310,8 @@ def restore_checkpoint(
                 "twophase.save_checkpoint."
             )
         added = _added_fields(layout, paths, target_leaves)
-        kept = [i for i, p in enumerate(paths) if p not in set(added)]
+        new_fields = set(added)
+        kept = [i for i, p in enumerate(paths) if p not in new_fields]
         why = _mismatch(layout, [paths[i] for i in kept], [shapes[i] for i in kept])
         if why is not None:
             why = _mismatch(layout, paths, shapes)

@@ -202,10 +202,9 @@ def reset_momentum(adam_state: Any) -> Any:
     """``adam_state`` with its first moment (``optax.ScaleByAdamState.mu``) at
     zero, its second moment and step count kept: a ``resume`` for a first
     phase (:class:`GatedFirstPhase`) that should restart its momentum after a
-    return from the second phase. Not :func:`gated_adam`'s default: on the
-    tuning half it removed one blow-up after a return (a full-batch regression,
-    1.28x to 1.04x Adam) but cost others more, and the CLI experiment
-    (1.016x to 1.055x Adam; ``benchmarks/RESULTS.md``, section 15)."""
+    return from the second phase. Not :func:`gated_adam`'s default: it removed
+    one blow-up after a return but cost other workloads more
+    (``benchmarks/RESULTS.md``, section 15)."""
 
     def reset(node):
         if isinstance(node, optax.ScaleByAdamState):
